@@ -1,0 +1,3 @@
+from noded.cli import main
+
+raise SystemExit(main())

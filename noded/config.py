@@ -1,0 +1,569 @@
+"""TOML -> frozen, validated settings.
+
+Every problem is reported at once, each naming its key (and the line where it can be found) and what
+is expected, so an operator fixes a config in one round. Unknown keys are errors: a typo must never be
+silently ignored. Schema checks (pydantic) are separate from checks of the machine (directories,
+filesystem size, ports), which `check_environment` performs.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import re
+import shutil
+import socket
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from noded.units import parse_rate, parse_size
+
+EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus uses it
+
+
+def _http_url(v: str) -> str:
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+    return v.rstrip("/")
+
+
+def _host_port(v: str) -> str:
+    host, sep, port = v.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port (e.g. 203.0.113.7:6881), got {v!r}")
+    return v
+
+
+def _ip(v: str) -> str:
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        raise ValueError(f"expected an IP address such as 127.0.0.1 or ::1, got {v!r}") from None
+    return v
+
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def _name(v: str) -> str:
+    if not _NAME_RE.match(v):
+        raise ValueError(f"expected a lowercase name of letters, digits, '-' or '_' (max 63), got {v!r}")
+    return v
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+Rate = Annotated[int | None, BeforeValidator(parse_rate)]
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+HostPort = Annotated[str, AfterValidator(_host_port)]
+IPAddr = Annotated[str, AfterValidator(_ip)]
+Name = Annotated[str, AfterValidator(_name)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+Seconds = Annotated[float, Field(gt=0, le=7 * 86400)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class NodeConfig(_Section):
+    name: Name
+    region: str = Field(min_length=1, max_length=64)
+
+
+class PathsConfig(_Section):
+    cache_dir: Path
+    state_dir: Path
+
+
+class CacheConfig(_Section):
+    budget: ByteSize
+    high_watermark: float = Field(0.95, gt=0, le=1)
+    low_watermark: float = Field(0.85, gt=0, le=1)
+    free_space_floor: ByteSize = 1_000_000_000
+
+    @model_validator(mode="after")
+    def _order(self) -> CacheConfig:
+        if self.low_watermark >= self.high_watermark:
+            raise ValueError("low_watermark must be below high_watermark")
+        if self.budget <= 0:
+            raise ValueError("budget must be positive")
+        return self
+
+
+class ApiConfig(_Section):
+    bind: IPAddr = "127.0.0.1"
+    port: Port = 8470
+    max_body_bytes: ByteSize = 64 * 1024
+    # The bearer token for write endpoints: a systemd credential of this name, else this env var.
+    token_credential: str = "api-token"  # noqa: S105 - a name, not a secret
+    token_env: str = "NODED_API_TOKEN"  # noqa: S105 - a name, not a secret
+    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+
+
+class HttpMirrorConfig(_Section):
+    enabled: bool = True
+    bind: IPAddr = "127.0.0.1"
+    port: Port = 8471
+
+
+class LogConfig(_Section):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class SourceCoopConfig(_Section):
+    enabled: bool = False
+    # Path-style S3 endpoint: the data.source.coop proxy or a regional bucket host.
+    endpoint: HttpUrl = "https://data.source.coop"
+    bucket: str = ""  # empty with the proxy: the account is the first path segment
+    prefixes: list[str] = Field(default_factory=list)
+    max_keys_per_page: int = Field(1000, ge=1, le=1000)
+
+
+class ZenodoConfig(_Section):
+    enabled: bool = False
+    base_url: HttpUrl = "https://zenodo.org"
+    records: list[int] = Field(default_factory=list)
+    concepts: list[int] = Field(default_factory=list)
+    communities: list[str] = Field(default_factory=list)
+    requests_per_minute: int = Field(60, ge=1, le=10_000)
+
+
+class InternetArchiveConfig(_Section):
+    enabled: bool = False
+    base_url: HttpUrl = "https://archive.org"
+    identifiers: list[str] = Field(default_factory=list)
+    include_derivatives: bool = False
+    requests_per_minute: int = Field(60, ge=1, le=10_000)
+
+
+class InboxConfig(_Section):
+    enabled: bool = True
+    dir: Path = Path("inbox")
+    stable_seconds: Seconds = 5.0
+
+
+class TorrentImportConfig(_Section):
+    files: list[Path] = Field(default_factory=list)
+    magnets: list[str] = Field(default_factory=list)
+
+
+class R2OriginConfig(_Section):
+    enabled: bool = False
+
+
+class OriginsConfig(_Section):
+    refresh_interval: Seconds = 3600.0
+    # Order in which origins are tried for a pull; healthy ones not listed follow.
+    preference: list[str] = Field(default_factory=lambda: ["sourcecoop", "r2", "zenodo", "ia"])
+    max_items_per_origin: int = Field(200_000, ge=1)
+    max_item_size: ByteSize = 5 * 1000**4
+    sourcecoop: SourceCoopConfig = SourceCoopConfig()
+    zenodo: ZenodoConfig = ZenodoConfig()
+    ia: InternetArchiveConfig = InternetArchiveConfig()
+    inbox: InboxConfig = InboxConfig()
+    torrents: TorrentImportConfig = TorrentImportConfig()
+    r2: R2OriginConfig = R2OriginConfig()
+
+    @model_validator(mode="after")
+    def _known(self) -> OriginsConfig:
+        known = {"sourcecoop", "zenodo", "ia", "inbox", "torrents", "r2", "peer"}
+        bad = [p for p in self.preference if p not in known]
+        if bad:
+            raise ValueError(f"preference names unknown origins {bad}; known: {sorted(known)}")
+        return self
+
+
+class FetchConfig(_Section):
+    max_concurrent_items: int = Field(4, ge=1, le=256)
+    max_items_per_origin: int = Field(2, ge=1, le=256)
+    max_connections_per_host: int = Field(4, ge=1, le=64)
+    segment_size: ByteSize = 64 * 1024**2
+    segments_per_item: int = Field(4, ge=1, le=64)
+    connect_timeout: Seconds = 15.0
+    read_timeout: Seconds = 60.0
+    max_attempts: int = Field(8, ge=1, le=100)
+    # How long a node waits for the rendezvous owner of an item before pulling from the origin itself.
+    peer_wait: Seconds = 600.0
+    user_agent: str = "noded (+https://github.com/dataforcanada; Data for Canada Smart Node)"
+
+
+class R2Config(_Section):
+    enabled: bool = False
+    endpoint: HttpUrl = "https://ACCOUNT.r2.cloudflarestorage.com"
+    bucket: str = "dataforcanada"
+    prefix: str = ""
+    region: str = "auto"
+    public_url: HttpUrl | None = None
+    # Names, not values: the secrets come from $CREDENTIALS_DIRECTORY/<name> or the environment.
+    access_key_id_credential: str = "r2-access-key-id"
+    secret_access_key_credential: str = "r2-secret-access-key"  # noqa: S105 - a name, not a secret
+    access_key_id_env: str = "R2_ACCESS_KEY_ID"
+    secret_access_key_env: str = "R2_SECRET_ACCESS_KEY"  # noqa: S105 - a name, not a secret
+    multipart_threshold: ByteSize = 64 * 1024**2
+    max_concurrency: int = Field(8, ge=1, le=64)
+    create_only: bool = False
+
+
+class PeerConfig(_Section):
+    name: Name
+    api_url: HttpUrl
+    bittorrent: HostPort
+
+
+class SeedTargetConfig(_Section):
+    name: Name
+    bittorrent: HostPort
+    http_url: HttpUrl | None = None
+
+
+class BitTorrentConfig(_Section):
+    enabled: bool = True
+    listen_interfaces: str = "0.0.0.0:6881"
+    dht: bool = False
+    lsd: bool = False
+    upnp: bool = False
+    natpmp: bool = False
+    utp: bool = False  # uTP caps throughput on fast links (17.5 MB/s measured vs 250+ MB/s TCP)
+    trackers: list[HttpUrl] = Field(default_factory=list)
+    # BEP 19 web seeds; {name} is the file name, {key} the item key.
+    web_seed_templates: list[str] = Field(default_factory=list)
+    source_tag: str = "Data for Canada"
+    resume_save_interval: Seconds = 300.0
+
+    @model_validator(mode="after")
+    def _listen(self) -> BitTorrentConfig:
+        for part in self.listen_interfaces.split(","):
+            _host_port(part.strip())
+        for t in self.web_seed_templates:
+            if "{name}" not in t and "{key}" not in t:
+                raise ValueError(f"web_seed_templates entry {t!r} has neither {{name}} nor {{key}}")
+            _http_url(t.replace("{name}", "x").replace("{key}", "x"))
+        return self
+
+
+_DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+def parse_days(spec: str) -> frozenset[int]:
+    """'mon-fri', 'sat,sun', 'all' -> weekday numbers (Monday = 0)."""
+    spec = spec.strip().lower()
+    if spec in ("all", "*", "daily"):
+        return frozenset(range(7))
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        lo, _, hi = part.partition("-")
+        if lo not in _DAYS or (hi and hi not in _DAYS):
+            raise ValueError(f"expected days like 'mon-fri' or 'sat,sun', got {spec!r}")
+        a, b = _DAYS.index(lo), _DAYS.index(hi or lo)
+        out.update(range(a, b + 1) if a <= b else [*range(a, 7), *range(0, b + 1)])
+    return frozenset(out)
+
+
+def parse_hours(spec: str) -> frozenset[int]:
+    """'08-18' (start inclusive, end exclusive; may wrap midnight), '22-06', 'all'."""
+    spec = spec.strip().lower()
+    if spec in ("all", "*"):
+        return frozenset(range(24))
+    m = re.fullmatch(r"(\d{1,2})\s*-\s*(\d{1,2})", spec)
+    if not m or int(m.group(1)) > 23 or int(m.group(2)) > 24 or m.group(1) == m.group(2):
+        raise ValueError(f"expected hours like '08-18' or '22-06' (0-24), got {spec!r}")
+    a, b = int(m.group(1)), int(m.group(2)) % 24
+    return frozenset(range(a, b) if a < b else [*range(a, 24), *range(0, b)])
+
+
+class ScheduleSlot(_Section):
+    days: str
+    hours: str
+    down: Rate = None
+    up: Rate = None
+
+    @model_validator(mode="after")
+    def _parse(self) -> ScheduleSlot:
+        parse_days(self.days)
+        parse_hours(self.hours)
+        return self
+
+
+class ScheduleConfig(_Section):
+    timezone: str = "UTC"
+    default_down: Rate = None
+    default_up: Rate = None
+    slots: list[ScheduleSlot] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _tz(self) -> ScheduleConfig:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {self.timezone!r}") from None
+        return self
+
+
+class ProbeConfig(_Section):
+    enabled: bool = True
+    interval: Seconds = 60.0
+    timeout: Seconds = 10.0
+    jitter: float = Field(0.1, ge=0, le=1)
+    fail_threshold: int = Field(3, ge=1, le=100)
+    success_threshold: int = Field(2, ge=1, le=100)
+    slow_seconds: Seconds = 2.0
+
+
+class ReportsConfig(_Section):
+    per_client_per_hour: int = Field(10, ge=1, le=10_000)
+    max_open: int = Field(10_000, ge=1)
+
+
+class Config(_Section):
+    node: NodeConfig
+    paths: PathsConfig
+    cache: CacheConfig
+    api: ApiConfig = ApiConfig()
+    http_mirror: HttpMirrorConfig = HttpMirrorConfig()
+    log: LogConfig = LogConfig()
+    origins: OriginsConfig = OriginsConfig()
+    fetch: FetchConfig = FetchConfig()
+    r2: R2Config = R2Config()
+    peers: list[PeerConfig] = Field(default_factory=list)
+    seed_targets: list[SeedTargetConfig] = Field(default_factory=list)
+    bittorrent: BitTorrentConfig = BitTorrentConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    probe: ProbeConfig = ProbeConfig()
+    reports: ReportsConfig = ReportsConfig()
+
+    @model_validator(mode="after")
+    def _unique(self) -> Config:
+        names = [p.name for p in self.peers] + [s.name for s in self.seed_targets]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"peer/seed target names must be unique; repeated: {dup}")
+        if self.node.name in names:
+            raise ValueError(f"node.name {self.node.name!r} is also listed as a peer")
+        return self
+
+    @property
+    def inbox_dir(self) -> Path:
+        return self.origins.inbox.dir
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f" (line {self.line})" if self.line else ""
+        return f"{self.key}{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """Raised with every problem found; `str()` lists them one per line."""
+
+    def __init__(self, problems: list[Problem], path: Path | None = None) -> None:
+        self.problems = problems
+        self.path = path
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def _line_index(text: str) -> dict[str, int]:
+    """Map dotted key paths to the line that defines them (best effort; arrays of tables get [i])."""
+    index: dict[str, int] = {}
+    table: list[str] = []
+    counters: dict[str, int] = {}
+    key_re = re.compile(r'^\s*("?)([A-Za-z0-9_.-]+)\1\s*=')
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if line.startswith("[["):
+            name = line.strip("[] ")
+            counters[name] = counters.get(name, -1) + 1
+            table = [*name.split("."), str(counters[name])]
+            index.setdefault(".".join(table), lineno)
+            index.setdefault(name, lineno)
+        elif line.startswith("["):
+            table = line.strip("[] ").split(".")
+            index.setdefault(".".join(table), lineno)
+        else:
+            m = key_re.match(raw)
+            if m:
+                index.setdefault(".".join([*table, *m.group(2).split(".")]), lineno)
+    return index
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative paths in the file are relative to the file's directory, not the caller's cwd."""
+
+    def fix(section: dict[str, Any] | None, key: str) -> None:
+        if isinstance(section, dict) and isinstance(section.get(key), str):
+            p = Path(section[key]).expanduser()
+            section[key] = str(p if p.is_absolute() else (base / p))
+
+    paths = data.get("paths")
+    fix(paths, "cache_dir")
+    fix(paths, "state_dir")
+    origins = data.get("origins")
+    if isinstance(origins, dict):
+        inbox = origins.get("inbox")
+        if isinstance(inbox, dict):
+            fix(inbox, "dir")
+        torrents = origins.get("torrents")
+        if isinstance(torrents, dict) and isinstance(torrents.get("files"), list):
+            torrents["files"] = [
+                str(Path(f) if Path(f).is_absolute() else base / f) if isinstance(f, str) else f
+                for f in torrents["files"]
+            ]
+    # A relative inbox dir defaults under the state dir's parent when not given.
+    if isinstance(paths, dict) and isinstance(paths.get("state_dir"), str):
+        origins = data.setdefault("origins", {})
+        if isinstance(origins, dict):
+            inbox = origins.setdefault("inbox", {})
+            if isinstance(inbox, dict) and "dir" not in inbox:
+                inbox["dir"] = str(Path(paths["state_dir"]).parent / "inbox")
+
+
+def parse_config(text: str, source: Path | None = None) -> Config:
+    base = source.parent.resolve() if source else Path.cwd()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"line (\d+)", str(e))
+        raise ConfigError(
+            [Problem("<file>", f"not valid TOML: {e}", int(m.group(1)) if m else None)], source
+        ) from None
+    _resolve_paths(data, base)
+    lines = _line_index(text)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = [str(x) for x in err["loc"]]
+            key = ".".join(loc) or "<root>"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see config.example.toml)"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            # The line of the key itself, else of its nearest enclosing table.
+            line = None
+            for i in range(len(loc), 0, -1):
+                line = lines.get(".".join(loc[:i]))
+                if line:
+                    break
+            problems.append(Problem(key, msg, line))
+        raise ConfigError(problems, source) from None
+
+
+def load_config(path: Path) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([Problem("<file>", f"config file {path} does not exist")], path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([Problem("<file>", f"cannot read {path}: {e}")], path) from None
+    return parse_config(text, path)
+
+
+def _check_dir(key: str, path: Path) -> Iterable[Problem]:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        yield Problem(key, f"cannot create directory {path}: {e.strerror}")
+        return
+    if not os.access(path, os.W_OK | os.X_OK):
+        yield Problem(key, f"directory {path} is not writable by this user (uid {os.getuid()})")
+
+
+def _check_port(key: str, bind: str, port: int) -> Iterable[Problem]:
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((bind, port))
+        except OSError as e:
+            why = "already in use" if e.errno == errno.EADDRINUSE else e.strerror
+            yield Problem(key, f"cannot listen on {bind}:{port}: {why}")
+
+
+def check_environment(cfg: Config, *, check_ports: bool = True) -> list[Problem]:
+    """Checks against this machine: directories, filesystem capacity, listening ports."""
+    problems: list[Problem] = []
+    problems += _check_dir("paths.cache_dir", cfg.paths.cache_dir)
+    problems += _check_dir("paths.state_dir", cfg.paths.state_dir)
+    if cfg.origins.inbox.enabled:
+        problems += _check_dir("origins.inbox.dir", cfg.origins.inbox.dir)
+    if cfg.paths.cache_dir.is_dir():
+        total = shutil.disk_usage(cfg.paths.cache_dir).total
+        if cfg.cache.budget > total:
+            problems.append(
+                Problem(
+                    "cache.budget",
+                    f"{cfg.cache.budget} bytes is larger than the filesystem of {cfg.paths.cache_dir} "
+                    f"({total} bytes)",
+                )
+            )
+    for f in cfg.origins.torrents.files:
+        if not f.is_file():
+            problems.append(Problem("origins.torrents.files", f"torrent file {f} does not exist"))
+    if check_ports:
+        problems += _check_port("api.port", cfg.api.bind, cfg.api.port)
+        if cfg.http_mirror.enabled:
+            problems += _check_port("http_mirror.port", cfg.http_mirror.bind, cfg.http_mirror.port)
+            if (cfg.http_mirror.bind, cfg.http_mirror.port) == (cfg.api.bind, cfg.api.port):
+                problems.append(Problem("http_mirror.port", "must differ from api.port"))
+    return problems
+
+
+def load_and_check(path: Path, *, check_ports: bool = True) -> Config:
+    cfg = load_config(path)
+    problems = check_environment(cfg, check_ports=check_ports)
+    if problems:
+        lines = _line_index(path.read_text(encoding="utf-8"))
+        raise ConfigError([Problem(p.key, p.message, p.line or lines.get(p.key)) for p in problems], path)
+    return cfg
+
+
+# Sections a SIGHUP can change in place; anything else needs a restart.
+RELOADABLE = frozenset({"schedule", "origins", "log", "probe", "reports", "peers", "seed_targets"})
+
+
+def diff_sections(old: Config, new: Config) -> tuple[list[str], list[str]]:
+    """(reloadable sections that changed, sections that changed but need a restart)."""
+    changed = [name for name in Config.model_fields if getattr(old, name) != getattr(new, name)]
+    return [c for c in changed if c in RELOADABLE], [c for c in changed if c not in RELOADABLE]
+
+
+def read_secret(credential: str, env: str) -> str | None:
+    """A secret from $CREDENTIALS_DIRECTORY/<credential> (systemd LoadCredential=), else env var."""
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and credential:
+        p = Path(cred_dir) / credential
+        try:
+            return p.read_text(encoding="utf-8").strip() or None
+        except OSError:
+            pass
+    value = os.environ.get(env) if env else None
+    return value.strip() if value and value.strip() else None

@@ -1,0 +1,208 @@
+"""The composition root: builds the components, starts them in order, stops them in reverse.
+
+Signals: SIGTERM/SIGINT stop gracefully within `STOP_TIMEOUT`; SIGHUP reloads what can be reloaded.
+systemd: READY=1 once the store is open and the API listens, STATUS= every few seconds, WATCHDOG=1
+at half of WATCHDOG_USEC only while the loop is healthy, STOPPING=1 on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from noded.api.app import ApiServer, RouteSetup
+from noded.component import Component, Node, Reloadable
+from noded.config import Config, ConfigError, diff_sections, load_config, read_secret
+from noded.logs import configure as configure_logging
+from noded.logs import get_logger
+from noded.sdnotify import Notifier, watchdog_interval
+from noded.store import Store
+from noded.units import format_size
+
+log = get_logger("noded.daemon")
+
+STOP_TIMEOUT = 8.0  # seconds for all components together; systemd's TimeoutStopSec is larger
+STATUS_INTERVAL = 2.0
+LAG_PROBE_INTERVAL = 0.25
+UNHEALTHY_LAG = 5.0  # seconds of loop lag at which watchdog pings stop
+
+
+class StoreComponent:
+    name = "store"
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def start(self) -> None:
+        await self.store.open()
+
+    async def stop(self) -> None:
+        await self.store.close()
+
+    def status(self) -> dict[str, Any]:
+        return {"state": "running" if self.store.is_open else "stopped", "path": str(self.store.path)}
+
+
+def api_token(cfg: Config) -> str | None:
+    return read_secret(cfg.api.token_credential, cfg.api.token_env)
+
+
+class Daemon:
+    def __init__(self, cfg: Config, config_path: Path | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.store = Store(cfg.paths.state_dir / "noded.sqlite3")
+        self.node = Node(cfg=cfg, store=self.store)
+        self.notifier = Notifier()
+        self._stop = asyncio.Event()
+        self._started: list[Component] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.routes: list[RouteSetup] = []
+        self.components: list[Component] = self.build()
+
+    # -- composition -------------------------------------------------------------------------
+    def build(self) -> list[Component]:
+        """Every component in start order. The store first, the API last (READY means serving)."""
+        comps: list[Component] = [StoreComponent(self.store)]
+        comps.append(ApiServer(self.node, self.routes, api_token(self.cfg)))
+        return comps
+
+    # -- run ---------------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        try:
+            await self._start_all()
+        except Exception as e:
+            log.error("daemon.start_failed", error=str(e), exc_info=True)
+            await self._stop_all()
+            return 1
+        self.node.ready = True
+        self.notifier.ready(self.status_line())
+        log.info("daemon.ready", node=self.cfg.node.name, components=[c.name for c in self._started])
+        self._tasks = [
+            asyncio.create_task(self._lag_monitor(), name="lag-monitor"),
+            asyncio.create_task(self._status_loop(), name="status-loop"),
+        ]
+        wd = watchdog_interval()
+        if wd:
+            self._tasks.append(asyncio.create_task(self._watchdog_loop(wd), name="watchdog"))
+        await self._stop.wait()
+        self.node.stopping = True
+        self.notifier.stopping()
+        log.info("daemon.stopping")
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._stop_all()
+        log.info("daemon.stopped")
+        self.notifier.close()
+        return 0
+
+    def request_stop(self, sig: signal.Signals | None = None) -> None:
+        if not self._stop.is_set():
+            log.info("daemon.signal", signal=sig.name if sig else None)
+        self._stop.set()
+
+    async def _start_all(self) -> None:
+        for comp in self.components:
+            t0 = time.monotonic()
+            await comp.start()
+            self._started.append(comp)
+            self.node.components[comp.name] = comp
+            log.info("component.started", component=comp.name, seconds=round(time.monotonic() - t0, 3))
+
+    async def _stop_all(self) -> None:
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for comp in reversed(self._started):
+            remaining = max(0.5, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(comp.stop(), timeout=remaining)
+                log.info("component.stopped", component=comp.name)
+            except TimeoutError:
+                log.error("component.stop_timeout", component=comp.name, seconds=round(remaining, 1))
+            except Exception as e:
+                log.error("component.stop_failed", component=comp.name, error=str(e), exc_info=True)
+        self._started.clear()
+
+    # -- reload ------------------------------------------------------------------------------
+    async def reload(self) -> None:
+        if self.config_path is None:
+            log.warning("config.reload_skipped", reason="no config file")
+            return
+        self.notifier.reloading()
+        try:
+            new = await asyncio.get_running_loop().run_in_executor(None, load_config, self.config_path)
+        except ConfigError as e:
+            log.error("config.reload_rejected", problems=[str(p) for p in e.problems])
+            self.notifier.ready(self.status_line())
+            return
+        reloadable, restart = diff_sections(self.cfg, new)
+        # Keep the running values of sections that need a restart; apply the others.
+        applied = new.model_copy(update={name: getattr(self.cfg, name) for name in restart})
+        self.cfg = self.node.cfg = applied
+        if "log" in reloadable:
+            configure_logging(applied.log.format, applied.log.level)
+        for comp in self._started:
+            if isinstance(comp, Reloadable):
+                try:
+                    await comp.reload(applied)
+                except Exception as e:
+                    log.error("component.reload_failed", component=comp.name, error=str(e))
+        log.info("config.reloaded", applied=reloadable, restart_required=restart)
+        self.notifier.ready(self.status_line())
+
+    # -- health ------------------------------------------------------------------------------
+    async def _lag_monitor(self) -> None:
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(LAG_PROBE_INTERVAL)
+            self.node.loop_lag = max(0.0, time.monotonic() - t0 - LAG_PROBE_INTERVAL)
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        while True:
+            # Only a loop that is running these lines, and is not lagging badly, is healthy.
+            if self.node.loop_lag < UNHEALTHY_LAG:
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def _status_loop(self) -> None:
+        while True:
+            try:
+                summary = await self.store.run(self.store.cache_summary)
+                self._summary = summary
+                self.notifier.status(self.status_line())
+            except Exception as e:
+                log.warning("status.failed", error=str(e))
+            await asyncio.sleep(STATUS_INTERVAL)
+
+    _summary: dict[str, int] | None = None
+
+    def status_line(self) -> str:
+        s = self._summary or {}
+        cache = self.node.get("cache")
+        used = cache.status().get("used_bytes") if cache else s.get("cached_disk_bytes", 0)
+        peers = self.node.get("sync")
+        up = peers.status().get("peers_up", 0) if peers else 0
+        rin = self.node.traffic.total_rate("in")
+        rout = self.node.traffic.total_rate("out")
+        problems = f"; {len(self.node.problems)} problem(s)" if self.node.problems else ""
+        return (
+            f"{s.get('cached_items', 0)} cached, {format_size(used or 0)}/{format_size(self.cfg.cache.budget)}, "
+            f"peers up {up}/{len(self.cfg.peers)}, in {format_size(rin)}/s out {format_size(rout)}/s{problems}"
+        )
+
+
+async def run_daemon(cfg: Config, config_path: Path | None) -> int:
+    daemon = Daemon(cfg, config_path)
+    try:
+        return await daemon.run()
+    finally:
+        with contextlib.suppress(Exception):
+            daemon.notifier.close()

@@ -1,0 +1,84 @@
+"""Byte counters per channel and direction, with short-window rates.
+
+Channels are low-cardinality names: each origin ("sourcecoop", "zenodo", "ia", "r2"), each peer
+("peer:<name>"), "netcup"-style seed targets ("seed:<name>"), "webseed" (our HTTP mirror) and "api".
+Counting is a dict update on the loop (cheap); persistence into hourly buckets happens in batches.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+Direction = Literal["in", "out"]
+
+
+@dataclass
+class Counter:
+    bytes: int = 0
+    requests: int = 0
+    errors: int = 0
+
+
+@dataclass
+class Traffic:
+    window: float = 10.0  # seconds over which current rates are averaged
+    totals: dict[tuple[str, str], Counter] = field(default_factory=dict)
+    # Not yet flushed to the store: (hour, channel, direction) -> Counter
+    pending: dict[tuple[int, str, str], Counter] = field(default_factory=dict)
+    _samples: deque[tuple[float, str, str, int]] = field(default_factory=deque)
+    # Counters are bumped from libtorrent's and boto3's threads too.
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, channel: str, direction: Direction, nbytes: int = 0, *, requests: int = 0,
+            errors: int = 0, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        hour = int(now // 3600)
+        with self._lock:
+            for key, table in (((channel, direction), self.totals),):
+                c = table.setdefault(key, Counter())
+                c.bytes += nbytes
+                c.requests += requests
+                c.errors += errors
+            p = self.pending.setdefault((hour, channel, direction), Counter())
+            p.bytes += nbytes
+            p.requests += requests
+            p.errors += errors
+            if nbytes:
+                self._samples.append((now, channel, direction, nbytes))
+            self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        cutoff = now - self.window
+        while self._samples and self._samples[0][0] < cutoff:
+            self._samples.popleft()
+
+    def rates(self, now: float | None = None) -> dict[str, dict[str, float]]:
+        """Bytes per second per channel and direction over the window."""
+        now = time.time() if now is None else now
+        out: dict[str, dict[str, float]] = {}
+        with self._lock:
+            self._trim(now)
+            for _, ch, d, n in self._samples:
+                out.setdefault(ch, {"in": 0.0, "out": 0.0})[d] += n / self.window
+        return out
+
+    def total_rate(self, direction: Direction, now: float | None = None) -> float:
+        return sum(v[direction] for v in self.rates(now).values())
+
+    def take_pending(self) -> dict[tuple[int, str, str], Counter]:
+        with self._lock:
+            p, self.pending = self.pending, {}
+        return p
+
+    def restore_pending(self, p: dict[tuple[int, str, str], Counter]) -> None:
+        """Put back counts a failed flush did not write, so none are lost."""
+        with self._lock:
+            for k, c in p.items():
+                mine = self.pending.setdefault(k, Counter())
+                mine.bytes += c.bytes
+                mine.requests += c.requests
+                mine.errors += c.errors
