@@ -54,8 +54,10 @@ def load_or_exit(args: argparse.Namespace, *, check_env: bool = True, check_port
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_or_exit(args, check_ports=not args.skip_ports)
-    print(f"noded: configuration {_config_path(args)} is valid (node {cfg.node.name}, "
-          f"budget {format_size(cfg.cache.budget)})")
+    print(
+        f"noded: configuration {_config_path(args)} is valid (node {cfg.node.name}, "
+        f"budget {format_size(cfg.cache.budget)})"
+    )
     return 0
 
 
@@ -89,8 +91,7 @@ def api_base(args: argparse.Namespace) -> str:
     return f"http://{host}:{cfg.api.port}"
 
 
-def api_call(args: argparse.Namespace, method: str, path: str, body: Any = None,
-             token: str | None = None) -> Any:
+def api_call(args: argparse.Namespace, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
     url = api_base(args) + path
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - our own local API
@@ -138,8 +139,15 @@ def render_status(st: dict[str, Any]) -> str:
         rows: list[tuple[Any, ...]] = [("mirror", "status", "latency ms", "uptime 24h", "reason")]
         for m in mirrors:
             up = m.get("uptime_24h")
-            rows.append((m["name"], m["status"], m.get("latency_ms") or "-",
-                         "-" if up is None else f"{up * 100:.1f}%", m.get("reason") or ""))
+            rows.append(
+                (
+                    m["name"],
+                    m["status"],
+                    m.get("latency_ms") or "-",
+                    "-" if up is None else f"{up * 100:.1f}%",
+                    m.get("reason") or "",
+                )
+            )
         lines += ["", _table(rows)]
     if st["rates"]:
         rows = [("channel", "in/s", "out/s")]

@@ -448,9 +448,7 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"line (\d+)", str(e))
-        raise ConfigError(
-            [Problem("<file>", f"not valid TOML: {e}", int(m.group(1)) if m else None)], source
-        ) from None
+        raise ConfigError([Problem("<file>", f"not valid TOML: {e}", int(m.group(1)) if m else None)], source) from None
     _resolve_paths(data, base)
     lines = _line_index(text)
     try:
@@ -521,8 +519,7 @@ def check_environment(cfg: Config, *, check_ports: bool = True) -> list[Problem]
             problems.append(
                 Problem(
                     "cache.budget",
-                    f"{cfg.cache.budget} bytes is larger than the filesystem of {cfg.paths.cache_dir} "
-                    f"({total} bytes)",
+                    f"{cfg.cache.budget} bytes is larger than the filesystem of {cfg.paths.cache_dir} ({total} bytes)",
                 )
             )
     for f in cfg.origins.torrents.files:

@@ -52,8 +52,11 @@ class Checksums:
     sha256: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in (("size", self.size), ("md5", self.md5), ("sha1", self.sha1),
-                                   ("sha256", self.sha256)) if v is not None}
+        return {
+            k: v
+            for k, v in (("size", self.size), ("md5", self.md5), ("sha1", self.sha1), ("sha256", self.sha256))
+            if v is not None
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,10 +114,27 @@ class StoreError(RuntimeError):
 
 def _row_to_item(r: Sequence[Any]) -> Item:
     return Item(
-        id=r[0], key=r[1], version=r[2], origin=r[3], state=State(r[4]), size=r[5], md5=r[6],
-        sha1=r[7], sha256=r[8], etag=r[9], urls=json.loads(r[10]), infohash=r[11],
-        pinned=bool(r[12]), pushed=bool(r[13]), seeding=bool(r[14]), last_access=r[15],
-        disk_bytes=r[16], mtime_ns=r[17], error=r[18], created_at=r[19], updated_at=r[20],
+        id=r[0],
+        key=r[1],
+        version=r[2],
+        origin=r[3],
+        state=State(r[4]),
+        size=r[5],
+        md5=r[6],
+        sha1=r[7],
+        sha256=r[8],
+        etag=r[9],
+        urls=json.loads(r[10]),
+        infohash=r[11],
+        pinned=bool(r[12]),
+        pushed=bool(r[13]),
+        seeding=bool(r[14]),
+        last_access=r[15],
+        disk_bytes=r[16],
+        mtime_ns=r[17],
+        error=r[18],
+        created_at=r[19],
+        updated_at=r[20],
     )
 
 
@@ -231,8 +248,10 @@ class Store:
 
     def set_meta(self, name: str, value: str) -> None:
         with self.tx() as c:
-            c.execute("INSERT INTO meta(name, value) VALUES(?, ?) ON CONFLICT(name) DO UPDATE "
-                      "SET value=excluded.value", (name, value))
+            c.execute(
+                "INSERT INTO meta(name, value) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                (name, value),
+            )
 
     # -- items -----------------------------------------------------------------------------
     def get_item(self, item_id: int) -> Item | None:
@@ -253,8 +272,7 @@ class Store:
         ).fetchone()
         return None if r is None else _row_to_item(r)
 
-    def items(self, *, states: Sequence[State] | None = None, after_id: int = 0,
-              limit: int = 1000) -> list[Item]:
+    def items(self, *, states: Sequence[State] | None = None, after_id: int = 0, limit: int = 1000) -> list[Item]:
         q = f"SELECT {_ITEM_COLS} FROM items WHERE id > ?"
         args: list[Any] = [after_id]
         if states:
@@ -295,18 +313,43 @@ class Store:
             c.execute(
                 "INSERT INTO items(key, version, origin, state, size, md5, sha1, sha256, etag, urls, "
                 "infohash, last_access, created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (e.key, version, e.origin, State.WANTED.value, e.size, e.md5, e.sha1, e.sha256, e.etag,
-                 json.dumps(list(e.urls)), e.infohash, now, now, now),
+                (
+                    e.key,
+                    version,
+                    e.origin,
+                    State.WANTED.value,
+                    e.size,
+                    e.md5,
+                    e.sha1,
+                    e.sha256,
+                    e.etag,
+                    json.dumps(list(e.urls)),
+                    e.infohash,
+                    now,
+                    now,
+                    now,
+                ),
             )
             new = self.get_current(e.key)
             assert new is not None
             return new, cur is not None
 
-    def set_state(self, item_id: int, new: State, *, error: str | None = None,
-                  **fields: Any) -> Item:
+    def set_state(self, item_id: int, new: State, *, error: str | None = None, **fields: Any) -> Item:
         """Move an item to a new state (validated), updating any extra columns in the same write."""
-        allowed = {"size", "md5", "sha1", "sha256", "etag", "infohash", "pushed", "seeding",
-                   "disk_bytes", "mtime_ns", "last_access", "pinned"}
+        allowed = {
+            "size",
+            "md5",
+            "sha1",
+            "sha256",
+            "etag",
+            "infohash",
+            "pushed",
+            "seeding",
+            "disk_bytes",
+            "mtime_ns",
+            "last_access",
+            "pinned",
+        }
         bad = set(fields) - allowed
         if bad:
             raise StoreError(f"cannot set columns {sorted(bad)}")
@@ -328,8 +371,20 @@ class Store:
 
     def update_item(self, item_id: int, **fields: Any) -> None:
         """Set flags/columns that are not a state change (pushed, seeding, pinned, last_access...)."""
-        allowed = {"pushed", "seeding", "pinned", "last_access", "infohash", "disk_bytes", "mtime_ns",
-                   "error", "sha256", "md5", "sha1", "urls"}
+        allowed = {
+            "pushed",
+            "seeding",
+            "pinned",
+            "last_access",
+            "infohash",
+            "disk_bytes",
+            "mtime_ns",
+            "error",
+            "sha256",
+            "md5",
+            "sha1",
+            "urls",
+        }
         bad = set(fields) - allowed
         if bad:
             raise StoreError(f"cannot set columns {sorted(bad)}")
@@ -348,8 +403,7 @@ class Store:
         """Record an access (LRU) for several items in one write."""
         when = time.time() if when is None else when
         with self.tx() as c:
-            c.executemany("UPDATE items SET last_access=MAX(last_access, ?) WHERE id=?",
-                          [(when, i) for i in item_ids])
+            c.executemany("UPDATE items SET last_access=MAX(last_access, ?) WHERE id=?", [(when, i) for i in item_ids])
 
     def counts_by_state(self) -> dict[str, int]:
         out = {s.value: 0 for s in State}
@@ -365,14 +419,18 @@ class Store:
             "COALESCE(SUM(seeding),0), COALESCE(SUM(pinned),0) FROM items WHERE state=?",
             (State.CACHED.value,),
         ).fetchone()
-        return {"cached_items": r[0], "cached_disk_bytes": r[1], "unpushed_items": r[2],
-                "unpushed_bytes": r[3], "seeding_items": r[4], "pinned_items": r[5]}
+        return {
+            "cached_items": r[0],
+            "cached_disk_bytes": r[1],
+            "unpushed_items": r[2],
+            "unpushed_bytes": r[3],
+            "seeding_items": r[4],
+            "pinned_items": r[5],
+        }
 
     def replicas(self, key: str) -> list[dict[str, Any]]:
-        rows = self.conn.execute(
-            "SELECT location, size, md5, sha256, etag, seen_at FROM replicas WHERE key=?", (key,))
-        return [dict(zip(("location", "size", "md5", "sha256", "etag", "seen_at"), r, strict=True))
-                for r in rows]
+        rows = self.conn.execute("SELECT location, size, md5, sha256, etag, seen_at FROM replicas WHERE key=?", (key,))
+        return [dict(zip(("location", "size", "md5", "sha256", "etag", "seen_at"), r, strict=True)) for r in rows]
 
 
 def _changed(cur: Item, e: CatalogEntry) -> bool:

@@ -33,8 +33,16 @@ class Traffic:
     # Counters are bumped from libtorrent's and boto3's threads too.
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, channel: str, direction: Direction, nbytes: int = 0, *, requests: int = 0,
-            errors: int = 0, now: float | None = None) -> None:
+    def add(
+        self,
+        channel: str,
+        direction: Direction,
+        nbytes: int = 0,
+        *,
+        requests: int = 0,
+        errors: int = 0,
+        now: float | None = None,
+    ) -> None:
         now = time.time() if now is None else now
         hour = int(now // 3600)
         with self._lock:

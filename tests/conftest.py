@@ -45,8 +45,11 @@ def _toml_value(v: Any) -> str:
 
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:
     """A tiny TOML writer for test configs (tables, arrays of tables, scalars, lists)."""
-    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)
-               and not (isinstance(v, list) and v and all(isinstance(x, dict) for x in v))}
+    scalars = {
+        k: v
+        for k, v in data.items()
+        if not isinstance(v, dict) and not (isinstance(v, list) and v and all(isinstance(x, dict) for x in v))
+    }
     out = []
     if prefix and scalars:
         out.append(f"[{prefix}]")
@@ -82,8 +85,13 @@ def base_config(tmp: Path, name: str = "toronto", **overrides: Any) -> dict[str,
         "http_mirror": {"bind": "127.0.0.1", "port": free_port()},
         "log": {"format": "json", "level": "debug"},
         "origins": {"inbox": {"dir": str(tmp / "inbox")}},
-        "bittorrent": {"listen_interfaces": f"127.0.0.1:{free_port()}", "dht": False, "lsd": False,
-                       "upnp": False, "natpmp": False},
+        "bittorrent": {
+            "listen_interfaces": f"127.0.0.1:{free_port()}",
+            "dht": False,
+            "lsd": False,
+            "upnp": False,
+            "natpmp": False,
+        },
         "probe": {"enabled": False},
     }
     return deep_merge(cfg, overrides)
@@ -104,8 +112,9 @@ def noded_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def http_json(url: str, method: str = "GET", body: Any = None, headers: dict[str, str] | None = None,
-              timeout: float = 10) -> tuple[int, Any]:
+def http_json(
+    url: str, method: str = "GET", body: Any = None, headers: dict[str, str] | None = None, timeout: float = 10
+) -> tuple[int, Any]:
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     if data is not None and "Content-Type" not in (headers or {}):
@@ -113,8 +122,7 @@ def http_json(url: str, method: str = "GET", body: Any = None, headers: dict[str
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             raw = r.read()
-            return r.status, (json.loads(raw) if raw and r.headers.get_content_type() == "application/json"
-                              else raw)
+            return r.status, (json.loads(raw) if raw and r.headers.get_content_type() == "application/json" else raw)
     except urllib.error.HTTPError as e:
         raw = e.read()
         try:
@@ -141,7 +149,10 @@ class NodedProcess:
         self._logf = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "noded", "-c", str(self.config), "run"],
-            stdout=self._logf, stderr=subprocess.STDOUT, env=self.env, cwd=str(ROOT),
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=str(ROOT),
         )
         if wait_ready:
             self.wait_ready(timeout)
@@ -205,8 +216,9 @@ def noded_factory(tmp_path: Path) -> Iterator[Any]:
     """Make and start nodes; every node left running is killed at teardown."""
     procs: list[NodedProcess] = []
 
-    def make(name: str = "toronto", start: bool = True, env: dict[str, str] | None = None,
-             **overrides: Any) -> NodedProcess:
+    def make(
+        name: str = "toronto", start: bool = True, env: dict[str, str] | None = None, **overrides: Any
+    ) -> NodedProcess:
         d = tmp_path / name
         cfg = base_config(d, name=name, **overrides)
         p = NodedProcess(write_config(d, cfg), env=env)

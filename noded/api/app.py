@@ -54,8 +54,11 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     ok = node.ready and not node.stopping and node.store.is_open
-    body = {"ready": ok, "node": node.cfg.node.name,
-            "components": {n: c.status().get("state", "unknown") for n, c in node.components.items()}}
+    body = {
+        "ready": ok,
+        "node": node.cfg.node.name,
+        "components": {n: c.status().get("state", "unknown") for n, c in node.components.items()},
+    }
     return web.json_response(body, status=200 if ok else 503)
 
 

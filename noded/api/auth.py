@@ -14,8 +14,10 @@ TOKEN_KEY = web.AppKey("api_token", str)
 def require_token(request: web.Request) -> None:
     token = request.app.get(TOKEN_KEY)
     if not token:
-        raise ApiError(403, "write endpoints are disabled: no API token configured "
-                       "(systemd credential api-token or NODED_API_TOKEN)")
+        raise ApiError(
+            403,
+            "write endpoints are disabled: no API token configured (systemd credential api-token or NODED_API_TOKEN)",
+        )
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not given:
