@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -45,6 +46,25 @@ class Node:
     # Why fetches are waiting, why R2 is failing, ...: one short reason per subsystem for /v1/status.
     problems: dict[str, str] = field(default_factory=dict)
     loop_lag: float = 0.0  # seconds, most recent measurement
+    _signals: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    def notify(self, topic: str) -> None:
+        """Wake components waiting on a topic ("cached", "wanted", "pushed", "evicted", ...).
+
+        Components keep their work in the store and only use these as hints, so a lost wake-up costs
+        at most one polling interval, and a crash loses nothing.
+        """
+        self._signals.setdefault(topic, asyncio.Event()).set()
+
+    async def wait(self, topic: str, timeout: float) -> bool:
+        ev = self._signals.setdefault(topic, asyncio.Event())
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            ev.clear()
+        return True
 
     def get(self, name: str) -> Any:
         return self.components.get(name)

@@ -59,6 +59,21 @@ class Checksums:
         }
 
 
+PIECE_LENGTH = 16 * 1024 * 1024  # the organisation's torrents use 16 MiB pieces
+
+
+@dataclass(frozen=True, slots=True)
+class HashResult:
+    """What one pass over an item's bytes yields."""
+
+    size: int
+    md5: str
+    sha256: str
+    pieces: bytes  # concatenated sha1 digests of each PIECE_LENGTH piece (the torrent's `pieces`)
+    piece_length: int = PIECE_LENGTH
+    sha1: str | None = None  # whole-file sha1, when computed (the Internet Archive publishes it)
+
+
 @dataclass(frozen=True, slots=True)
 class CatalogEntry:
     """One file as an origin lists it. Produced by catalog adapters from untrusted listings."""

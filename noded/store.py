@@ -98,6 +98,14 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX reports_mirror_status ON reports(mirror, status);
     """,
+    # 3: torrent piece hashes taken from the pull stream, so a torrent needs no second read
+    """
+    CREATE TABLE pieces (
+        item_id INTEGER PRIMARY KEY REFERENCES items(id) ON DELETE CASCADE,
+        piece_length INTEGER NOT NULL,
+        hashes BLOB NOT NULL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -427,6 +435,18 @@ class Store:
             "seeding_items": r[4],
             "pinned_items": r[5],
         }
+
+    def set_pieces(self, item_id: int, piece_length: int, hashes: bytes) -> None:
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO pieces(item_id, piece_length, hashes) VALUES(?,?,?) ON CONFLICT(item_id) "
+                "DO UPDATE SET piece_length=excluded.piece_length, hashes=excluded.hashes",
+                (item_id, piece_length, hashes),
+            )
+
+    def get_pieces(self, item_id: int) -> tuple[int, bytes] | None:
+        r = self.conn.execute("SELECT piece_length, hashes FROM pieces WHERE item_id=?", (item_id,)).fetchone()
+        return None if r is None else (int(r[0]), bytes(r[1]))
 
     def replicas(self, key: str) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT location, size, md5, sha256, etag, seen_at FROM replicas WHERE key=?", (key,))

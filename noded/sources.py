@@ -1,0 +1,36 @@
+"""Where the bytes of an item can come from: a peer over BitTorrent, an origin over HTTP, R2.
+
+The pull pipeline asks each source in order whether it offers an item, then lets the first that does
+write the complete file into the partial path. A source returns the hashes it took from the stream
+(md5, sha256, and the sha1 of each torrent piece), so nothing is read twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from noded.model import HashResult, Item
+
+
+class FetchError(Exception):
+    """This source could not deliver the item now. `retryable` False means: do not try it again soon."""
+
+    def __init__(self, message: str, *, retryable: bool = True, suspect: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        # The source served bytes that did not verify: its copy is suspect (mark it, try the next one).
+        self.suspect = suspect
+
+
+@runtime_checkable
+class Source(Protocol):
+    name: str
+
+    async def offers(self, item: Item) -> bool:
+        """Cheap check (no transfer): can this source serve the item right now?"""
+        ...
+
+    async def fetch(self, item: Item, partial: Path) -> HashResult:
+        """Write the complete item to `partial`; return the hashes taken from the stream."""
+        ...
