@@ -175,6 +175,8 @@ class OriginsConfig(_Section):
     preference: list[str] = Field(default_factory=lambda: ["sourcecoop", "r2", "zenodo", "ia"])
     max_items_per_origin: int = Field(200_000, ge=1)
     max_item_size: ByteSize = 5 * 1000**4
+    max_page_bytes: ByteSize = 64 * 1024**2  # one listing page (XML/JSON) larger than this is refused
+    failed_retry_after: Seconds = 3600.0  # a failed item becomes wanted again after this long
     sourcecoop: SourceCoopConfig = SourceCoopConfig()
     zenodo: ZenodoConfig = ZenodoConfig()
     ia: InternetArchiveConfig = InternetArchiveConfig()
@@ -200,6 +202,12 @@ class FetchConfig(_Section):
     connect_timeout: Seconds = 15.0
     read_timeout: Seconds = 60.0
     max_attempts: int = Field(8, ge=1, le=100)
+    # First retry wait and its cap (exponential with jitter); Retry-After from a server overrides them.
+    retry_initial: Seconds = 1.0
+    retry_max: Seconds = 300.0
+    # Consecutive failures after which a whole host is backed off; a longer wait makes a pull try the next origin.
+    host_failure_threshold: int = Field(3, ge=1, le=100)
+    host_backoff_max_wait: Seconds = 120.0
     # How long a node waits for the rendezvous owner of an item before pulling from the origin itself.
     peer_wait: Seconds = 600.0
     user_agent: str = "noded (+https://github.com/dataforcanada; Data for Canada Smart Node)"

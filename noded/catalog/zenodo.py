@@ -1,0 +1,123 @@
+"""Zenodo: single records, the latest version of a concept, and all records of a community.
+
+Record JSON: `files[]` with `key`, `size`, `checksum` ("md5:<hex>") and `links.self` (the content
+link). Community search pages: `hits.hits[]` of records and `links.next`. The guest rate limit (60
+requests/min) and `X-RateLimit-*` headers are honoured by the shared HTTP client per host.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from noded.catalog.base import CatalogError, EntryCollector, HttpGetter, Limits, Listing
+from noded.config import ZenodoConfig
+
+NAME = "zenodo"
+PAGE_SIZE = 25  # Zenodo's guest maximum for search pages
+
+
+def _json(body: bytes, what: str) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CatalogError(f"{what}: malformed JSON: {e}") from None
+
+
+class ZenodoAdapter:
+    name = NAME
+
+    def __init__(self, cfg: ZenodoConfig, http: HttpGetter, limits: Limits) -> None:
+        self.cfg = cfg
+        self.http = http
+        self.limits = limits
+        self._host = urlsplit(cfg.base_url).netloc
+
+    def owns(self, url: str) -> bool:
+        return urlsplit(url).netloc == self._host
+
+    async def _get(self, url: str, what: str, params: dict[str, str] | None = None) -> Any:
+        if urlsplit(url).netloc != self._host:
+            raise CatalogError(f"{what}: link {url[:200]!r} leaves {self._host}")
+        reply = await self.http.get_bytes(
+            url,
+            channel=NAME,
+            params=params,
+            headers={"Accept": "application/json"},
+            max_bytes=self.limits.max_page_bytes,
+        )
+        if reply.status != 200:
+            raise CatalogError(f"{what} answered HTTP {reply.status}")
+        return reply.body
+
+    async def list(self) -> Listing:
+        out = EntryCollector(NAME, self.limits)
+        for rid in self.cfg.records:
+            body = await self._get(f"{self.cfg.base_url}/api/records/{rid}", f"record {rid}")
+            out.page(len(body))
+            self._record(out, _json(body, f"record {rid}"), f"record {rid}")
+        for cid in self.cfg.concepts:
+            # Resolves (by redirect) to the newest published version of the concept.
+            url = f"{self.cfg.base_url}/api/records/{cid}/versions/latest"
+            body = await self._get(url, f"concept {cid}")
+            out.page(len(body))
+            self._record(out, _json(body, f"concept {cid}"), f"concept {cid}")
+        for slug in self.cfg.communities:
+            await self._community(out, slug)
+        return out.listing
+
+    async def _community(self, out: EntryCollector, slug: str) -> None:
+        what = f"community {slug}"
+        next_url: str | None = f"{self.cfg.base_url}/api/communities/{quote(slug)}/records"
+        params: dict[str, str] | None = {"page": "1", "size": str(PAGE_SIZE), "sort": "newest"}
+        seen: set[str] = set()
+        while next_url:
+            body = await self._get(next_url, what, params)
+            out.page(len(body))
+            page = _json(body, what)
+            hits = page.get("hits") if isinstance(page, dict) else None
+            records = hits.get("hits") if isinstance(hits, dict) else None
+            if not isinstance(records, list):
+                raise CatalogError(f"{what}: page has no hits.hits list")
+            for rec in records:
+                self._record(out, rec, what)
+            links = page.get("links")
+            nxt = links.get("next") if isinstance(links, dict) else None
+            if nxt is not None and not isinstance(nxt, str):
+                raise CatalogError(f"{what}: links.next is not a string")
+            if nxt in seen:
+                raise CatalogError(f"{what}: links.next repeats: the listing would never end")
+            if nxt:
+                seen.add(nxt)
+            next_url, params = nxt, None  # the next link carries its own query
+
+    def _record(self, out: EntryCollector, rec: Any, what: str) -> None:
+        if not isinstance(rec, dict):
+            raise CatalogError(f"{what}: a record is not a JSON object")
+        files = rec.get("files", [])
+        if isinstance(files, dict):  # InvenioRDM embeds {"entries": [...]} in some responses
+            files = files.get("entries", [])
+        if not isinstance(files, list):
+            raise CatalogError(f"{what}: files is not a list")
+        rid = rec.get("id")
+        for f in files:
+            if not isinstance(f, dict):
+                out.reject(f, "file entry is not an object")
+                continue
+            key = f.get("key", f.get("filename"))
+            links = f.get("links")
+            url = (links.get("self") or links.get("content")) if isinstance(links, dict) else None
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                out.reject(key, "file entry has no http(s) links.self")
+                continue
+            checksum = f.get("checksum")
+            md5 = None
+            if isinstance(checksum, str) and ":" in checksum:
+                algo, _, digest = checksum.partition(":")
+                if algo.lower() == "md5":
+                    md5 = digest
+            elif checksum is not None:
+                out.reject(key, f"checksum {str(checksum)[:80]!r} is not 'algo:hex'")
+                continue
+            out.add(key, urls=(url,), size=f.get("size"), md5=md5, extra={"record": rid})

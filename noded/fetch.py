@@ -1,0 +1,660 @@
+"""The HTTP pull engine: ranges, segments, resume across restarts, retries, per-host politeness.
+
+One `HttpClient` per node holds an aiohttp session and the state of every host it talks to: a cap
+on concurrent connections, an optional request pacing (Zenodo and the Internet Archive throttle
+guests), the `X-RateLimit-*`/`Retry-After` waits a host asked for, and a backoff for hosts that keep
+failing, so a bad host is backed off as a whole instead of being hammered once per file.
+
+`download()` writes an item into its partial file in fixed-size segments fetched in parallel
+(Range + If-Range), checkpoints which bytes are durably on disk into `<partial>.state` (fdatasync
+first, then an atomic JSON write), and on the next start resumes from there: a resource whose
+ETag/Last-Modified changed restarts cleanly from zero. The hashes follow the contiguous written
+prefix of the file, so each byte is hashed exactly once while the transfer runs (the bytes are read
+back from the page cache right after they were written; after a restart, the bytes kept on disk are
+hashed once at resume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import os
+import random
+import re
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+
+from noded.catalog.base import HttpReply
+from noded.config import FetchConfig
+from noded.hashing import StreamHasher, feed_range
+from noded.layout import atomic_write
+from noded.logs import get_logger
+from noded.model import HashResult
+from noded.schedule import TokenBucket
+from noded.sources import FetchError
+from noded.traffic import Traffic
+
+log = get_logger("noded.fetch")
+
+CHUNK = 1024 * 1024  # read/write unit of a segment stream
+CHECKPOINT_SECONDS = 1.0  # how often durable progress is recorded (bounds re-download after a crash)
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+MAX_RETRY_AFTER = 3600.0
+MAX_RESTARTS = 2  # restarts from zero when the resource changes under us
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+class Retryable(Exception):
+    """A transient failure of one request; `retry_after` is what the server asked for, if anything."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ChangedUpstream(Exception):
+    """The resource changed (If-Range answered with the full body, or a different validator)."""
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), bounded."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return min(max(0.0, when - (time.time() if now is None else now)), MAX_RETRY_AFTER)
+
+
+@dataclass
+class HostState:
+    """Politeness towards one host (netloc), shared by catalog requests and downloads."""
+
+    sem: asyncio.Semaphore
+    min_interval: float = 0.0  # seconds between request starts (requests-per-minute pacing)
+    next_slot: float = 0.0
+    not_before: float = 0.0  # monotonic time before which no request starts
+    failures: int = 0  # consecutive
+    active: int = 0
+    requests: int = 0
+
+    def status(self) -> dict[str, Any]:
+        wait = max(0.0, self.not_before - time.monotonic())
+        return {"active": self.active, "failures": self.failures, "backoff_seconds": round(wait, 1)}
+
+
+@dataclass
+class Segment:
+    start: int
+    end: int  # exclusive
+    done: int = 0  # bytes from `start` that are written
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    @property
+    def complete(self) -> bool:
+        return self.end >= 0 and self.done >= self.length  # end < 0: length unknown until the stream ends
+
+
+@dataclass
+class PullState:
+    """What `<partial>.state` records; `segments[i].done` only counts bytes known to be on disk."""
+
+    url: str
+    size: int | None
+    etag: str | None = None
+    last_modified: str | None = None
+    ranges: bool = True
+    segments: list[Segment] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> PullState:
+        d = json.loads(raw)
+        segs = [Segment(int(s["start"]), int(s["end"]), int(s["done"])) for s in d.pop("segments")]
+        return cls(**d, segments=segs)
+
+    def frontier(self) -> int:
+        """End of the contiguous written prefix."""
+        for s in self.segments:
+            if not s.complete:
+                return s.start + s.done
+        return self.segments[-1].end if self.segments else 0
+
+
+def state_path(partial: Path) -> Path:
+    return partial.with_name(partial.name + ".state")
+
+
+def plan_segments(size: int, segment_size: int) -> list[Segment]:
+    if size == 0:
+        return [Segment(0, 0)]
+    return [Segment(a, min(a + segment_size, size)) for a in range(0, size, segment_size)]
+
+
+class HttpClient:
+    def __init__(self, cfg: FetchConfig, traffic: Traffic, down: TokenBucket | None = None) -> None:
+        self.cfg = cfg
+        self.traffic = traffic
+        self.down = down or TokenBucket()
+        self.hosts: dict[str, HostState] = {}
+        self._pacing: dict[str, float] = {}
+        self._session: aiohttp.ClientSession | None = None
+        # File writes and syncs of all pulls; the store and hashing have their own threads.
+        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch-io")
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.cfg.connect_timeout, sock_read=self.cfg.read_timeout
+        )
+        # The semaphores cap requests per host; the connector caps sockets too (idle keep-alives included).
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.cfg.max_connections_per_host, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            timeout=timeout,
+            connector=connector,
+            headers={"User-Agent": self.cfg.user_agent},
+            auto_decompress=False,  # bytes on disk must be the bytes the checksum covers
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        self._io.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("HttpClient is not started")
+        return self._session
+
+    def pace_host(self, host_or_url: str, requests_per_minute: int) -> None:
+        """Space request starts to a host (e.g. Zenodo's guest limit of 60/min)."""
+        host = urlsplit(host_or_url).netloc or host_or_url
+        self._pacing[host] = 60.0 / requests_per_minute
+        if host in self.hosts:
+            self.hosts[host].min_interval = self._pacing[host]
+
+    def host(self, url: str) -> HostState:
+        netloc = urlsplit(url).netloc
+        st = self.hosts.get(netloc)
+        if st is None:
+            st = HostState(
+                sem=asyncio.Semaphore(self.cfg.max_connections_per_host),
+                min_interval=self._pacing.get(netloc, 0.0),
+            )
+            self.hosts[netloc] = st
+        return st
+
+    # -- politeness ---------------------------------------------------------------------------
+    async def _gate(self, h: HostState, url: str) -> None:
+        """Wait for the host's backoff/rate-limit window and pacing slot (inside the connection cap)."""
+        now = time.monotonic()
+        wait = h.not_before - now
+        if wait > self.cfg.host_backoff_max_wait:
+            raise FetchError(f"host {urlsplit(url).netloc} is backed off for {wait:.0f}s more", retryable=True)
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if h.min_interval:
+            now = time.monotonic()
+            slot = max(now, h.next_slot)
+            h.next_slot = slot + h.min_interval
+            if slot > now:
+                await asyncio.sleep(slot - now)
+        h.requests += 1
+
+    def _note_headers(self, h: HostState, headers: Mapping[str, str]) -> None:
+        remaining = headers.get("X-RateLimit-Remaining")
+        reset = headers.get("X-RateLimit-Reset")
+        if remaining is not None and remaining.strip() == "0" and reset and reset.strip().isdigit():
+            wait = min(max(0.0, int(reset) - time.time()), MAX_RETRY_AFTER)
+            h.not_before = max(h.not_before, time.monotonic() + wait)
+
+    def _failed(self, h: HostState, retry_after: float | None) -> None:
+        h.failures += 1
+        now = time.monotonic()
+        if retry_after is not None:
+            h.not_before = max(h.not_before, now + retry_after)
+        if h.failures >= self.cfg.host_failure_threshold:
+            # The whole host waits, growing with each further failure, with jitter against herds.
+            exp = h.failures - self.cfg.host_failure_threshold
+            delay = min(self.cfg.retry_max, self.cfg.retry_initial * 2**exp) * random.uniform(0.5, 1.0)
+            h.not_before = max(h.not_before, now + delay)
+
+    def _wait(self, rs: RetryCallState) -> float:
+        exc = rs.outcome.exception() if rs.outcome else None
+        if isinstance(exc, Retryable) and exc.retry_after is not None:
+            return 0.0  # the host gate already holds every request until Retry-After has passed
+        base = min(self.cfg.retry_max, self.cfg.retry_initial * 2 ** (rs.attempt_number - 1))
+        return float(base * random.uniform(0.5, 1.0))
+
+    def _retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.cfg.max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception_type(Retryable),
+            reraise=True,
+        )
+
+    def _classify(self, h: HostState, channel: str, e: BaseException) -> Retryable:
+        """Turn a transport failure into a retryable error, counting it against the host."""
+        self.traffic.add(channel, "in", errors=1)
+        retry_after = e.retry_after if isinstance(e, Retryable) else None
+        self._failed(h, retry_after)
+        if isinstance(e, Retryable):
+            return e
+        return Retryable(f"{type(e).__name__}: {e}")
+
+    # -- small bodies (catalog pages) ---------------------------------------------------------
+    async def get_bytes(
+        self,
+        url: str,
+        *,
+        channel: str,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        max_bytes: int,
+    ) -> HttpReply:
+        h = self.host(url)
+        try:
+            async for attempt in self._retrying():
+                with attempt:
+                    return await self._get_once(h, url, channel, params, headers, max_bytes)
+        except Retryable as e:
+            raise FetchError(f"GET {url} failed after {self.cfg.max_attempts} attempts: {e}") from None
+        raise AssertionError("unreachable")
+
+    async def _get_once(
+        self,
+        h: HostState,
+        url: str,
+        channel: str,
+        params: Mapping[str, str] | None,
+        headers: Mapping[str, str] | None,
+        max_bytes: int,
+    ) -> HttpReply:
+        async with h.sem:
+            await self._gate(h, url)
+            h.active += 1
+            try:
+                async with self.session.get(url, params=params, headers=headers) as resp:
+                    self.traffic.add(channel, "in", requests=1)
+                    self._note_headers(h, resp.headers)
+                    if resp.status in RETRYABLE_STATUS:
+                        raise Retryable(f"HTTP {resp.status}", parse_retry_after(resp.headers.get("Retry-After")))
+                    body = await resp.content.read(max_bytes + 1)
+                    self.traffic.add(channel, "in", len(body))
+                    if len(body) > max_bytes:
+                        raise FetchError(f"GET {url}: body exceeds {max_bytes} bytes", retryable=False)
+                    h.failures = 0
+                    return HttpReply(resp.status, dict(resp.headers), body, str(resp.url))
+            except (aiohttp.ClientError, TimeoutError, Retryable) as e:
+                raise self._classify(h, channel, e) from None
+            finally:
+                h.active -= 1
+
+    # -- downloads ----------------------------------------------------------------------------
+    async def download(
+        self,
+        url: str,
+        partial: Path,
+        *,
+        channel: str,
+        expected_size: int | None = None,
+        want_sha1: bool = False,
+    ) -> HashResult:
+        """Fetch `url` into `partial` (resuming if a matching state file exists); return its hashes."""
+        for _ in range(MAX_RESTARTS + 1):
+            try:
+                return await _Pull(self, url, partial, channel, expected_size, want_sha1).run()
+            except ChangedUpstream as e:
+                log.warning("fetch.changed_upstream", url=url, reason=str(e))
+                await self._run_io(_discard, partial)
+        raise FetchError(f"{url} kept changing during the download", retryable=True)
+
+    async def _run_io(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+
+def _discard(partial: Path) -> None:
+    for p in (partial, state_path(partial)):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _load_state(partial: Path) -> PullState | None:
+    try:
+        raw = state_path(partial).read_bytes()
+        if not partial.exists():
+            return None
+        return PullState.from_json(raw)
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        return None  # a damaged state file only costs a fresh start
+
+
+def _content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    m = _CONTENT_RANGE.match((value or "").strip())
+    if not m:
+        return None
+    total = None if m.group(3) == "*" else int(m.group(3))
+    return int(m.group(1)), int(m.group(2)), total
+
+
+class _Pull:
+    """One download attempt into one partial file."""
+
+    def __init__(
+        self, client: HttpClient, url: str, partial: Path, channel: str, expected_size: int | None, want_sha1: bool
+    ) -> None:
+        self.c = client
+        self.url = url
+        self.partial = partial
+        self.channel = channel
+        self.expected_size = expected_size
+        self.want_sha1 = want_sha1
+        self.h = client.host(url)
+        self.state: PullState | None = None
+        self.fd = -1
+        self.progress = asyncio.Event()
+        self.hashed = 0
+        self.finished = False
+
+    async def run(self) -> HashResult:
+        cfg = self.c.cfg
+        st = await self.c._run_io(_load_state, self.partial)
+        if st is not None and (
+            st.url != self.url or not st.ranges or (self.expected_size is not None and st.size != self.expected_size)
+        ):
+            st = None  # without range support nothing can be resumed
+        first: aiohttp.ClientResponse | None = None
+        if st is None:
+            await self.c._run_io(_discard, self.partial)
+            st, first = await self._probe()
+        else:
+            log.info("fetch.resume", url=self.url, have=sum(s.done for s in st.segments), size=st.size)
+        self.state = st
+        self.fd = await self.c._run_io(self._open, st.size)
+        hasher = StreamHasher(want_sha1=self.want_sha1)
+        hash_task = asyncio.create_task(self._hash(hasher))
+        ckpt_task = asyncio.create_task(self._checkpoint_loop())
+        try:
+            pending = [s for s in st.segments if not s.complete]
+            queue: asyncio.Queue[Segment] = asyncio.Queue()
+            for s in pending:
+                queue.put_nowait(s)
+            workers = max(1, min(cfg.segments_per_item, len(pending)) if st.ranges else 1)
+            tasks = [asyncio.create_task(self._worker(queue, first if i == 0 else None)) for i in range(workers)]
+            first = None
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            self.progress.set()
+            await hash_task
+            result = await hasher.finish()
+            if st.size is not None and result.size != st.size:
+                raise FetchError(f"{self.url}: got {result.size} bytes, expected {st.size}")
+            if self.expected_size is not None and result.size != self.expected_size:
+                raise FetchError(f"{self.url}: got {result.size} bytes, the listing says {self.expected_size}")
+            self.finished = True
+            await self.c._run_io(_finish, self.partial)
+            return result
+        finally:
+            if first is not None:
+                self._release_first(first)
+            ckpt_task.cancel()
+            hash_task.cancel()
+            await asyncio.gather(ckpt_task, hash_task, return_exceptions=True)
+            hasher.close()
+            if self.fd >= 0:
+                await self.c._run_io(self._final_checkpoint)
+                os.close(self.fd)
+                self.fd = -1
+
+    def _open(self, size: int | None) -> int:
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
+        if size is not None and os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)  # sparse: only written blocks take space
+        return fd
+
+    # -- first request: learn size, validators and whether ranges work -------------------------
+    async def _probe(self) -> tuple[PullState, aiohttp.ClientResponse | None]:
+        seg = self.c.cfg.segment_size
+        try:
+            async for attempt in self.c._retrying():
+                with attempt:
+                    return await self._probe_once(seg)
+        except Retryable as e:
+            raise FetchError(f"GET {self.url} failed after {self.c.cfg.max_attempts} attempts: {e}") from None
+        raise AssertionError("unreachable")
+
+    async def _probe_once(self, seg: int) -> tuple[PullState, aiohttp.ClientResponse | None]:
+        h = self.h
+        # The slot is held past this function when the response is handed to the first worker.
+        await h.sem.acquire()
+        h.active += 1
+        try:
+            await self.c._gate(h, self.url)
+            try:
+                resp = await self.c.session.get(self.url, headers={"Range": f"bytes=0-{seg - 1}"})
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise self.c._classify(h, self.channel, e) from None
+            self.c.traffic.add(self.channel, "in", requests=1)
+            self.c._note_headers(h, resp.headers)
+            etag = resp.headers.get("ETag")
+            modified = resp.headers.get("Last-Modified")
+            try:
+                if resp.status in RETRYABLE_STATUS:
+                    raise self.c._classify(
+                        h,
+                        self.channel,
+                        Retryable(f"HTTP {resp.status}", parse_retry_after(resp.headers.get("Retry-After"))),
+                    )
+                if resp.status == 416:
+                    cr = _content_range(resp.headers.get("Content-Range"))
+                    if cr is None and resp.headers.get("Content-Range", "").strip() == "bytes */0":
+                        resp.release()
+                        h.active -= 1
+                        h.sem.release()
+                        return PullState(self.url, 0, etag, modified, True, plan_segments(0, seg)), None
+                    raise FetchError(f"{self.url}: HTTP 416 for the first bytes", retryable=False)
+                if resp.status == 206:
+                    cr = _content_range(resp.headers.get("Content-Range"))
+                    if cr is None or cr[0] != 0 or cr[2] is None:
+                        raise FetchError(f"{self.url}: unusable Content-Range {resp.headers.get('Content-Range')!r}")
+                    size = cr[2]
+                    st = PullState(self.url, size, etag, modified, True, plan_segments(size, seg))
+                elif resp.status == 200:
+                    # No range support: one stream; a restart then begins again at zero.
+                    length = resp.content_length
+                    whole = Segment(0, length if length is not None else -1)
+                    st = PullState(self.url, length, etag, modified, False, [whole])
+                else:
+                    raise FetchError(
+                        f"{self.url}: HTTP {resp.status}", retryable=resp.status not in (400, 401, 403, 404, 410)
+                    )
+            except BaseException:
+                resp.release()
+                raise
+        except BaseException:
+            h.active -= 1
+            h.sem.release()
+            raise
+        h.failures = 0
+        return st, resp
+
+    # -- segment workers --------------------------------------------------------------------------
+    async def _worker(self, queue: asyncio.Queue[Segment], first: aiohttp.ClientResponse | None) -> None:
+        while True:
+            try:
+                seg = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                if first is not None:
+                    self._release_first(first)
+                return
+            try:
+                async for attempt in self.c._retrying():
+                    with attempt:
+                        if first is not None:
+                            resp, first = first, None
+                            await self._stream_first(seg, resp)
+                        else:
+                            await self._segment_once(seg)
+            except Retryable as e:
+                raise FetchError(f"{self.url}: segment at {seg.start} failed after retries: {e}") from None
+
+    def _release_first(self, resp: aiohttp.ClientResponse) -> None:
+        """Give back the probe's response and the connection slot it holds."""
+        resp.release()
+        self.h.active -= 1
+        self.h.sem.release()
+
+    async def _stream_first(self, seg: Segment, resp: aiohttp.ClientResponse) -> None:
+        try:
+            await self._consume(seg, resp)
+            self.h.failures = 0
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise self.c._classify(self.h, self.channel, e) from None
+        finally:
+            self._release_first(resp)
+
+    async def _segment_once(self, seg: Segment) -> None:
+        st = self.state
+        assert st is not None
+        h = self.h
+        headers: dict[str, str] = {}
+        if st.ranges:
+            last = f"{seg.end - 1}" if seg.end > 0 else ""
+            headers["Range"] = f"bytes={seg.start + seg.done}-{last}"
+            validator = st.etag if st.etag and not st.etag.startswith("W/") else st.last_modified
+            if validator:
+                headers["If-Range"] = validator
+        elif seg.done:
+            # Without ranges a retry starts at zero, and the hashes already taken are void.
+            raise ChangedUpstream("the server does not support ranges; starting again")
+        async with h.sem:
+            await self.c._gate(h, self.url)
+            h.active += 1
+            try:
+                async with self.c.session.get(self.url, headers=headers) as resp:
+                    self.c.traffic.add(self.channel, "in", requests=1)
+                    self.c._note_headers(h, resp.headers)
+                    if resp.status in RETRYABLE_STATUS:
+                        raise Retryable(f"HTTP {resp.status}", parse_retry_after(resp.headers.get("Retry-After")))
+                    if st.ranges:
+                        if resp.status == 200:
+                            raise ChangedUpstream("If-Range answered with the whole resource")
+                        if resp.status == 416:
+                            raise ChangedUpstream("range not satisfiable: the resource shrank")
+                        if resp.status != 206:
+                            raise FetchError(f"{self.url}: HTTP {resp.status}", retryable=resp.status >= 500)
+                        etag = resp.headers.get("ETag")
+                        if st.etag and etag and etag != st.etag:
+                            raise ChangedUpstream(f"ETag changed from {st.etag} to {etag}")
+                        cr = _content_range(resp.headers.get("Content-Range"))
+                        if cr is None or cr[0] != seg.start + seg.done or (cr[2] is not None and cr[2] != st.size):
+                            raise ChangedUpstream(f"unexpected Content-Range {resp.headers.get('Content-Range')!r}")
+                    elif resp.status != 200:
+                        raise FetchError(f"{self.url}: HTTP {resp.status}", retryable=resp.status >= 500)
+                    await self._consume(seg, resp)
+                    h.failures = 0
+            except (aiohttp.ClientError, TimeoutError, Retryable) as e:
+                raise self.c._classify(h, self.channel, e) from None
+            finally:
+                h.active -= 1
+
+    async def _consume(self, seg: Segment, resp: aiohttp.ClientResponse) -> None:
+        """Write the body into the segment's place; short bodies are retried from where they stopped."""
+        unknown = seg.end < 0
+        async for chunk in resp.content.iter_chunked(CHUNK):
+            pos = seg.start + seg.done
+            if not unknown and pos + len(chunk) > seg.end:
+                chunk = chunk[: seg.end - pos]  # never write past the segment
+            if chunk:
+                await self.c._run_io(os.pwrite, self.fd, chunk, pos)
+                seg.done += len(chunk)
+                self.c.traffic.add(self.channel, "in", len(chunk))
+                self.progress.set()
+                await self.c.down.take(len(chunk))
+            if not unknown and seg.complete:
+                break
+        if unknown:
+            seg.end = seg.start + seg.done  # a body without length ends where the stream ends
+            assert self.state is not None
+            self.state.size = seg.end
+        elif not seg.complete:
+            raise Retryable(f"body ended at {seg.start + seg.done} of {seg.end}")
+
+    # -- hashing and checkpoints ----------------------------------------------------------------
+    async def _hash(self, hasher: StreamHasher) -> None:
+        st = self.state
+        assert st is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            self.progress.clear()  # before looking, so a wake-up between look and wait is not lost
+            frontier = st.frontier()
+            if frontier > self.hashed:
+                upto = min(frontier, self.hashed + 16 * CHUNK)
+                await loop.run_in_executor(None, feed_range, hasher, self.fd, self.hashed, upto)
+                self.hashed = upto
+                continue
+            if all(s.complete for s in st.segments) and st.size is not None and self.hashed >= st.size:
+                return
+            await self.progress.wait()
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_SECONDS)
+            await self.c._run_io(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        st = self.state
+        if st is None or self.fd < 0:
+            return
+        # Take the counts before syncing: everything they cover is then surely on disk.
+        snapshot = PullState(
+            st.url,
+            st.size,
+            st.etag,
+            st.last_modified,
+            st.ranges,
+            [Segment(s.start, s.end, s.done) for s in st.segments],
+        )
+        os.fdatasync(self.fd)
+        atomic_write(state_path(self.partial), snapshot.to_json())
+
+    def _final_checkpoint(self) -> None:
+        """On failure or cancellation, record the progress made since the last checkpoint."""
+        if not self.finished and self.state is not None and self.state.ranges and self.partial.exists():
+            with contextlib.suppress(OSError):
+                self._checkpoint()
+
+
+def _finish(partial: Path) -> None:
+    """The bytes are complete: the state file is no longer needed (the caller publishes)."""
+    with contextlib.suppress(FileNotFoundError):
+        state_path(partial).unlink()

@@ -1,0 +1,110 @@
+"""Bandwidth timetable: weekday/hour slots with separate down/up limits, applied by token buckets.
+
+`rates_at` is the pure policy (first matching slot wins, else the defaults; None = unlimited). The
+`Schedule` component re-evaluates it at each hour boundary and on reload (SIGHUP), and adjusts the
+two shared buckets in place, so transfers already running slow down or speed up at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from noded.config import Config, ScheduleConfig, parse_days, parse_hours
+from noded.logs import get_logger
+
+log = get_logger("noded.schedule")
+
+
+def rates_at(cfg: ScheduleConfig, when: datetime) -> tuple[int | None, int | None]:
+    """(down, up) bytes per second in force at `when` (an aware datetime)."""
+    local = when.astimezone(ZoneInfo(cfg.timezone))
+    for slot in cfg.slots:
+        if local.weekday() in parse_days(slot.days) and local.hour in parse_hours(slot.hours):
+            return slot.down, slot.up
+    return cfg.default_down, cfg.default_up
+
+
+class TokenBucket:
+    """Bytes per second with a one-second burst; `rate=None` means unlimited (no waiting at all).
+
+    Takers may run the bucket into debt and then sleep it off, so one large chunk never starves and
+    the long-run rate over all takers is the configured one.
+    """
+
+    def __init__(self, rate: int | None = None, burst_seconds: float = 1.0) -> None:
+        self.burst_seconds = burst_seconds
+        self.rate: int | None = None
+        self._tokens = 0.0
+        self._stamp = time.monotonic()
+        self.set_rate(rate)
+
+    def set_rate(self, rate: int | None) -> None:
+        self._refill()
+        self.rate = rate if rate and rate > 0 else None
+        if self.rate is not None:
+            self._tokens = min(self._tokens, self._capacity())
+
+    def _capacity(self) -> float:
+        return max(float(self.rate or 0) * self.burst_seconds, 64 * 1024)
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        if self.rate is not None:
+            self._tokens = min(self._capacity(), self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    async def take(self, nbytes: int) -> None:
+        if self.rate is None:
+            return
+        self._refill()
+        self._tokens -= nbytes
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / self.rate)
+
+
+class Schedule:
+    """Component "schedule": owns the node-wide `down` and `up` buckets."""
+
+    name = "schedule"
+
+    def __init__(self, cfg: ScheduleConfig) -> None:
+        self.cfg = cfg
+        self.down = TokenBucket()
+        self.up = TokenBucket()
+        self._task: asyncio.Task[None] | None = None
+        self.apply()
+
+    def apply(self, now: datetime | None = None) -> None:
+        down, up = rates_at(self.cfg, now or datetime.now(UTC))
+        if (down, up) != (self.down.rate, self.up.rate):
+            log.info("schedule.rates", down=down, up=up)
+        self.down.set_rate(down)
+        self.up.set_rate(up)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="schedule")
+
+    async def _run(self) -> None:
+        while True:
+            now = datetime.now(UTC)
+            nxt = (now + timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
+            await asyncio.sleep(max(1.0, (nxt - now).total_seconds() + 0.5))
+            self.apply()
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def reload(self, cfg: Config) -> None:
+        self.cfg = cfg.schedule
+        self.apply()
+
+    def status(self) -> dict[str, Any]:
+        return {"state": "running" if self._task else "stopped", "down": self.down.rate, "up": self.up.rate}

@@ -1,0 +1,220 @@
+"""The HTTP pull engine against a real aiohttp origin with injected faults (server-side logs)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from noded.config import FetchConfig
+from noded.fetch import HttpClient, state_path
+from noded.sources import FetchError
+from noded.traffic import Traffic
+from tests.origin import Blob, Origin
+
+MiB = 1024 * 1024
+
+
+def fcfg(**kw: Any) -> FetchConfig:
+    base: dict[str, Any] = {
+        "segment_size": MiB,
+        "segments_per_item": 3,
+        "max_connections_per_host": 4,
+        "retry_initial": 0.05,
+        "retry_max": 0.2,
+        "max_attempts": 6,
+        "read_timeout": 5,
+        "connect_timeout": 5,
+        "host_failure_threshold": 50,
+    }
+    base.update(kw)
+    return FetchConfig(**base)
+
+
+async def serve(aiohttp_server: Any, origin: Origin) -> TestServer:
+    return await aiohttp_server(origin.app())
+
+
+async def pull(server: TestServer, path: str, partial: Path, cfg: FetchConfig | None = None, **kw: Any) -> Any:
+    traffic = Traffic()
+    client = HttpClient(cfg or fcfg(), traffic)
+    await client.start()
+    try:
+        return await client.download(str(server.make_url(path)), partial, channel="test", **kw), traffic
+    finally:
+        await client.close()
+
+
+def check(result: Any, data: bytes) -> None:
+    assert result.size == len(data)
+    assert result.md5 == hashlib.md5(data).hexdigest()
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    L = 16 * MiB
+    assert result.pieces == b"".join(hashlib.sha1(data[i : i + L]).digest() for i in range(0, len(data), L))
+
+
+async def test_segmented_download_hashes_every_byte_once(aiohttp_server: Any, tmp_path: Path) -> None:
+    data = os.urandom(5 * MiB + 17)
+    origin = Origin()
+    origin.add("/d/a.bin", data, rate=20 * MiB)
+    server = await serve(aiohttp_server, origin)
+    partial = tmp_path / "p" / "1-1"
+    result, traffic = await pull(server, "/d/a.bin", partial, expected_size=len(data))
+    check(result, data)
+    assert partial.read_bytes() == data
+    assert not state_path(partial).exists()
+    ranges = sorted(e.range for e in origin.log if e.range)
+    assert len(ranges) == 6 and all(e.status == 206 for e in origin.log)
+    assert origin.sent("/d/a.bin") == len(data)  # no byte served twice
+    assert origin.max_in_flight >= 2  # segments really ran in parallel
+    assert traffic.totals[("test", "in")].bytes == len(data)
+    assert traffic.totals[("test", "in")].requests == 6
+    assert all(e.user_agent and "noded" in e.user_agent for e in origin.log)
+
+
+@pytest.mark.parametrize("fault", ["truncate", "reset"])
+async def test_broken_body_resumes_from_the_break(aiohttp_server: Any, tmp_path: Path, fault: str) -> None:
+    data = os.urandom(3 * MiB)
+    origin = Origin()
+    # The 2nd request (segment at 1 MiB) breaks after 300 KiB.
+    origin.add("/a", data, fault=lambda b, r, n: f"{fault}:{300 * 1024}" if n == 2 else None)
+    server = await serve(aiohttp_server, origin)
+    result, traffic = await pull(server, "/a", tmp_path / "p", expected_size=len(data))
+    check(result, data)
+    again = [e for e in origin.log if e.range == f"bytes={MiB + 300 * 1024}-{2 * MiB - 1}"]
+    assert len(again) == 1, [e.range for e in origin.log]
+    assert origin.sent("/a") == len(data)
+    assert traffic.totals[("test", "in")].errors >= 1
+
+
+async def test_stalled_read_times_out_and_retries(aiohttp_server: Any, tmp_path: Path) -> None:
+    data = os.urandom(2 * MiB)
+    origin = Origin()
+    origin.add("/a", data, fault=lambda b, r, n: "stall:1000" if n == 1 else None)
+    server = await serve(aiohttp_server, origin)
+    result, _ = await pull(server, "/a", tmp_path / "p", cfg=fcfg(read_timeout=0.5), expected_size=len(data))
+    check(result, data)
+    assert any(e.range == "bytes=1000-1048575" for e in origin.log)
+
+
+async def test_429_retry_after_is_honoured(aiohttp_server: Any, tmp_path: Path) -> None:
+    data = os.urandom(MiB // 2)
+    origin = Origin()
+    origin.add("/a", data, fault=lambda b, r, n: "status:429:2" if n == 1 else None)
+    server = await serve(aiohttp_server, origin)
+    result, _ = await pull(server, "/a", tmp_path / "p")
+    check(result, data)
+    first, second = origin.log[0], origin.log[1]
+    assert first.status == 429 and second.status == 206
+    assert second.start - first.start >= 2.0  # measured by the server, not the client
+
+
+async def test_503_storm_then_recovery(aiohttp_server: Any, tmp_path: Path) -> None:
+    data = os.urandom(MiB)
+    origin = Origin()
+    origin.add("/a", data, fault=lambda b, r, n: "status:503" if n <= 4 else None)
+    server = await serve(aiohttp_server, origin)
+    result, traffic = await pull(server, "/a", tmp_path / "p")
+    check(result, data)
+    assert [e.status for e in origin.log] == [503, 503, 503, 503, 206]
+    assert traffic.totals[("test", "in")].errors == 4
+
+
+async def test_endless_503_fails_cleanly_and_backs_off_the_host(aiohttp_server: Any, tmp_path: Path) -> None:
+    origin = Origin()
+    origin.add("/a", os.urandom(MiB), fault=lambda b, r, n: "status:503")
+    server = await serve(aiohttp_server, origin)
+    cfg = fcfg(max_attempts=4, host_failure_threshold=2, retry_initial=0.1)
+    client = HttpClient(cfg, Traffic())
+    await client.start()
+    try:
+        with pytest.raises(FetchError):
+            await client.download(str(server.make_url("/a")), tmp_path / "p", channel="test")
+        host = client.hosts[f"127.0.0.1:{server.port}"]
+        assert host.failures == 4 and host.status()["backoff_seconds"] > 0
+    finally:
+        await client.close()
+    assert len(origin.log) == 4  # max_attempts, no more
+    # Host-level backoff: the gaps between attempts grow once the threshold is reached.
+    gaps = [b.start - a.start for a, b in zip(origin.log, origin.log[1:], strict=False)]
+    assert gaps[-1] >= 0.1
+
+
+async def test_etag_change_mid_download_restarts_cleanly(aiohttp_server: Any, tmp_path: Path) -> None:
+    old, new = os.urandom(3 * MiB), os.urandom(3 * MiB)
+
+    def swap(blob: Blob, request: Any, n: int) -> None:
+        if n == 2:  # the file is replaced upstream while we are in the middle of it
+            blob.data, blob.etag = new, '"v2"'
+        return None
+
+    origin = Origin()
+    origin.add("/a", old, etag='"v1"', last_modified="Thu, 02 Jan 2025 00:00:00 GMT", fault=swap)
+    server = await serve(aiohttp_server, origin)
+    result, _ = await pull(server, "/a", tmp_path / "p", cfg=fcfg(segments_per_item=1))
+    check(result, new)  # never a mix of both versions
+    assert any(e.if_range == '"v1"' and e.status == 200 for e in origin.log)
+
+
+async def test_per_host_cap_is_never_exceeded(aiohttp_server: Any, tmp_path: Path) -> None:
+    origin = Origin()
+    blobs = {f"/f{i}": os.urandom(2 * MiB) for i in range(4)}
+    for path, data in blobs.items():
+        origin.add(path, data, rate=8 * MiB)
+    server = await serve(aiohttp_server, origin)
+    client = HttpClient(fcfg(max_connections_per_host=2, segment_size=MiB // 2, segments_per_item=4), Traffic())
+    await client.start()
+    try:
+        results = await asyncio.gather(
+            *(client.download(str(server.make_url(p)), tmp_path / p.strip("/"), channel="t") for p in blobs)
+        )
+    finally:
+        await client.close()
+    for r, data in zip(results, blobs.values(), strict=True):
+        check(r, data)
+    assert origin.max_in_flight == 2
+
+
+async def test_resume_after_interruption_reuses_bytes_on_disk(aiohttp_server: Any, tmp_path: Path) -> None:
+    data = os.urandom(4 * MiB)
+    origin = Origin()
+    blob = origin.add("/a", data, rate=MiB // 2)
+    server = await serve(aiohttp_server, origin)
+    partial = tmp_path / "p"
+    task = asyncio.create_task(pull(server, "/a", partial, cfg=fcfg(segments_per_item=2)))
+    await asyncio.sleep(1.6)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert state_path(partial).exists()
+    served_before = origin.sent("/a")
+    assert 0 < served_before < len(data)
+    blob.rate = None
+    result, _ = await pull(server, "/a", partial, cfg=fcfg(segments_per_item=2))
+    check(result, data)
+    resumed = [e for e in origin.log[-4:] if e.if_range == blob.etag]
+    assert resumed and all(e.status == 206 for e in resumed)
+    assert origin.sent("/a") - len(data) < 2 * MiB  # less than 2 segments served twice
+
+
+async def test_server_without_ranges(aiohttp_server: Any, tmp_path: Path) -> None:
+    data = os.urandom(3 * MiB + 5)
+    origin = Origin()
+    origin.add("/a", data, ranges=False)
+    server = await serve(aiohttp_server, origin)
+    result, _ = await pull(server, "/a", tmp_path / "p")
+    check(result, data)
+    assert len(origin.log) == 1 and origin.log[0].status == 200
+
+
+async def test_missing_file_is_not_retried(aiohttp_server: Any, tmp_path: Path) -> None:
+    origin = Origin()
+    server = await serve(aiohttp_server, origin)
+    with pytest.raises(FetchError) as e:
+        await pull(server, "/nope", tmp_path / "p")
+    assert not e.value.retryable
