@@ -19,6 +19,8 @@ from noded.component import Component, Node, Reloadable
 from noded.config import Config, ConfigError, diff_sections, load_config, read_secret
 from noded.logs import configure as configure_logging
 from noded.logs import get_logger
+from noded.origins import Origins
+from noded.schedule import Schedule
 from noded.sdnotify import Notifier, watchdog_interval
 from noded.store import Store
 from noded.units import format_size
@@ -68,6 +70,12 @@ class Daemon:
     def build(self) -> list[Component]:
         """Every component in start order. The store first, the API last (READY means serving)."""
         comps: list[Component] = [StoreComponent(self.store)]
+        # -- origins (issue 3): bandwidth timetable, catalog refresh and the pull pipeline --------
+        # Peer/R2 sources plug in with origins.sources_first.append(...) / sources_last.append(...).
+        self.schedule = Schedule(self.cfg.schedule)
+        self.origins = Origins(self.node, down=self.schedule.down)
+        comps += [self.schedule, self.origins]
+        # -- end origins --------------------------------------------------------------------------
         comps.append(ApiServer(self.node, self.routes, api_token(self.cfg)))
         return comps
 

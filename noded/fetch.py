@@ -301,10 +301,15 @@ class HttpClient:
                     self._note_headers(h, resp.headers)
                     if resp.status in RETRYABLE_STATUS:
                         raise Retryable(f"HTTP {resp.status}", parse_retry_after(resp.headers.get("Retry-After")))
-                    body = await resp.content.read(max_bytes + 1)
-                    self.traffic.add(channel, "in", len(body))
-                    if len(body) > max_bytes:
-                        raise FetchError(f"GET {url}: body exceeds {max_bytes} bytes", retryable=False)
+                    if (resp.content_length or 0) > max_bytes:
+                        raise FetchError(f"GET {url}: body of {resp.content_length} bytes exceeds {max_bytes}")
+                    buf = bytearray()
+                    async for chunk in resp.content.iter_chunked(CHUNK):
+                        buf += chunk
+                        self.traffic.add(channel, "in", len(chunk))
+                        if len(buf) > max_bytes:
+                            raise FetchError(f"GET {url}: body exceeds {max_bytes} bytes", retryable=False)
+                    body = bytes(buf)
                     h.failures = 0
                     return HttpReply(resp.status, dict(resp.headers), body, str(resp.url))
             except (aiohttp.ClientError, TimeoutError, Retryable) as e:

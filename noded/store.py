@@ -106,6 +106,17 @@ MIGRATIONS: list[str] = [
         hashes BLOB NOT NULL
     );
     """,
+    # 4: origin copies whose bytes did not verify, per item version (the pull skips them)
+    """
+    CREATE TABLE suspects (
+        key TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        location TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (key, version, location)
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,465 @@
+"""Component "origins": periodic catalog refresh into the store, and the pull pipeline.
+
+Refresh: each enabled adapter lists its origin; every valid entry goes through `store.upsert_entry`
+(a changed checksum becomes a new version, nothing is ever deleted by a refresh), rejected entries and
+failed pages are logged per origin and leave what was known untouched.
+
+Pull: WANTED rows (and FETCHING rows left by a crash) are taken under a global cap; each tries its
+sources in order (`sources_first`, e.g. the peer over BitTorrent; then the HTTP origins by configured
+preference, healthy hosts first; then `sources_last`, e.g. R2), each source under a per-origin cap.
+Bytes are verified against every checksum the origins published, then renamed into place, and the
+row becomes CACHED (with piece hashes, disk bytes and mtime) in the same transaction. Bytes that do
+not verify go to quarantine, that origin's copy of this version is marked suspect, and the next
+source is tried. When none succeeds the row is FAILED with the reasons, and tried again later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from noded.catalog.base import Adapter, CatalogError, Limits
+from noded.catalog.ia import InternetArchiveAdapter
+from noded.catalog.sourcecoop import SourceCoopAdapter
+from noded.catalog.zenodo import ZenodoAdapter
+from noded.component import Node
+from noded.config import Config
+from noded.fetch import HttpClient, state_path
+from noded.hashing import hash_file
+from noded.layout import CacheLayout, UnsafePath, disk_bytes, publish
+from noded.logs import get_logger
+from noded.model import CatalogEntry, HashResult, Item, State
+from noded.schedule import TokenBucket
+from noded.sources import FetchError, Source
+from noded.store import Store
+
+log = get_logger("noded.origins")
+
+UPSERT_BATCH = 500  # entries per store transaction: keeps the store thread responsive for others
+POLL_SECONDS = 30.0  # pull loop wake-up when nobody notifies
+
+
+# -- pure policy ---------------------------------------------------------------------------------
+def mismatch(item: Item, got: HashResult) -> str | None:
+    """Why the bytes do not match what the origins published, or None when they do."""
+    if item.size is not None and got.size != item.size:
+        return f"size {got.size} != published {item.size}"
+    if item.md5 and got.md5 != item.md5.lower():
+        return f"md5 {got.md5} != published {item.md5}"
+    if item.sha256 and got.sha256 != item.sha256.lower():
+        return f"sha256 {got.sha256} != published {item.sha256}"
+    if item.sha1 and got.sha1 and got.sha1 != item.sha1.lower():
+        return f"sha1 {got.sha1} != published {item.sha1}"
+    return None
+
+
+def order_sources(
+    first: Sequence[Source],
+    middle: Sequence[Source],
+    last: Sequence[Source],
+    preference: Sequence[str],
+    healthy: Callable[[Source], bool],
+) -> list[Source]:
+    """`first` as given; then the configured preference, healthy ones ahead; then `last` as given."""
+
+    def rank(s: Source) -> tuple[int, int]:
+        pos = preference.index(s.name) if s.name in preference else len(preference)
+        return (0 if healthy(s) else 1, pos)
+
+    return [*first, *sorted(middle, key=rank), *last]
+
+
+# -- suspect copies (migration 4) ----------------------------------------------------------------
+def mark_suspect(store: Store, key: str, version: int, location: str, reason: str) -> None:
+    with store.tx() as c:
+        c.execute(
+            "INSERT INTO suspects(key, version, location, reason, at) VALUES(?,?,?,?,?) "
+            "ON CONFLICT(key, version, location) DO UPDATE SET reason=excluded.reason, at=excluded.at",
+            (key, version, location, reason[:500], time.time()),
+        )
+
+
+def suspects(store: Store, key: str, version: int) -> dict[str, str]:
+    rows = store.conn.execute("SELECT location, reason FROM suspects WHERE key=? AND version=?", (key, version))
+    return {str(r[0]): str(r[1]) for r in rows}
+
+
+# -- the HTTP origins as pull sources --------------------------------------------------------------
+class HttpOriginSource:
+    """Fetches an item from the URLs an origin's listing gave for it."""
+
+    def __init__(self, name: str, client: HttpClient, owns: Callable[[str], bool]) -> None:
+        self.name = name
+        self.client = client
+        self.owns = owns
+        self._hosts: dict[str, str] = {}  # netloc -> a URL on it, for each host this origin served from
+
+    def urls(self, item: Item) -> list[str]:
+        return [u for u in item.urls if self.owns(u)]
+
+    async def offers(self, item: Item) -> bool:
+        return bool(self.urls(item))
+
+    def healthy(self) -> bool:
+        """False while one of its hosts is backed off (failing, or asked us to wait)."""
+        now = time.monotonic()
+        return all(self.client.host(u).not_before <= now for u in self._hosts.values())
+
+    async def fetch(self, item: Item, partial: Path) -> HashResult:
+        last: FetchError | None = None
+        for url in self.urls(item):
+            self._hosts[urlsplit(url).netloc] = url
+            try:
+                return await self.client.download(
+                    url, partial, channel=self.name, expected_size=item.size, want_sha1=bool(item.sha1)
+                )
+            except FetchError as e:
+                last = e
+        raise last or FetchError(f"{self.name} lists no URL for {item.key}", retryable=False)
+
+
+def build_adapters(cfg: Config, client: HttpClient) -> list[Adapter]:
+    o = cfg.origins
+    limits = Limits(max_entries=o.max_items_per_origin, max_item_size=o.max_item_size, max_page_bytes=o.max_page_bytes)
+    out: list[Adapter] = []
+    if o.sourcecoop.enabled:
+        out.append(SourceCoopAdapter(o.sourcecoop, client, limits))
+    if o.zenodo.enabled:
+        client.pace_host(o.zenodo.base_url, o.zenodo.requests_per_minute)
+        out.append(ZenodoAdapter(o.zenodo, client, limits))
+    if o.ia.enabled:
+        client.pace_host(o.ia.base_url, o.ia.requests_per_minute)
+        out.append(InternetArchiveAdapter(o.ia, client, limits))
+    return out
+
+
+class Origins:
+    name = "origins"
+
+    def __init__(
+        self,
+        node: Node,
+        *,
+        down: TokenBucket | None = None,
+        sources_first: list[Source] | None = None,
+        sources_last: list[Source] | None = None,
+    ) -> None:
+        self.node = node
+        # Other components add their sources here before start (the peer first, R2 last).
+        self.sources_first: list[Source] = sources_first if sources_first is not None else []
+        self.sources_last: list[Source] = sources_last if sources_last is not None else []
+        self.client = HttpClient(node.cfg.fetch, node.traffic, down)
+        self.layout = CacheLayout(node.cfg.paths.cache_dir, node.cfg.paths.state_dir)
+        self.adapters: list[Adapter] = []
+        self.http_sources: list[HttpOriginSource] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._active: dict[int, asyncio.Task[None]] = {}
+        self._source_sems: dict[str, asyncio.Semaphore] = {}
+        self._refresh_now = asyncio.Event()
+        self.last_refresh: dict[str, dict[str, Any]] = {}
+        self.pulled = 0
+        self.failed = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Everything but the background loops (tests drive refresh() and pull() directly)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.layout.ensure)
+        await self.client.start()
+        self._configure(self.node.cfg)
+
+    async def start(self) -> None:
+        await self.open()
+        self._tasks = [
+            asyncio.create_task(self._refresh_loop(), name="catalog-refresh"),
+            asyncio.create_task(self._pull_loop(), name="pull-loop"),
+        ]
+
+    def _configure(self, cfg: Config) -> None:
+        self.adapters = build_adapters(cfg, self.client)
+        self.http_sources = [HttpOriginSource(a.name, self.client, a.owns) for a in self.adapters]
+
+    async def stop(self) -> None:
+        tasks = [*self._tasks, *self._active.values()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._active.clear()
+        await self.client.close()
+
+    async def reload(self, cfg: Config) -> None:
+        self._configure(cfg)
+        self._refresh_now.set()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": "running" if self._tasks else "stopped",
+            "active_pulls": len(self._active),
+            "pulled": self.pulled,
+            "failed": self.failed,
+            "origins": [a.name for a in self.adapters],
+            "last_refresh": self.last_refresh,
+            "hosts": {h: s.status() for h, s in self.client.hosts.items()},
+        }
+
+    def refresh_soon(self) -> None:
+        self._refresh_now.set()
+
+    # -- catalog refresh ------------------------------------------------------------------------
+    async def _refresh_loop(self) -> None:
+        while True:
+            await self.refresh_all()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._refresh_now.wait(), self.node.cfg.origins.refresh_interval)
+            self._refresh_now.clear()
+
+    async def refresh_all(self) -> None:
+        await asyncio.gather(*(self.refresh(a) for a in self.adapters))
+        await self._retry_failed()
+        self.node.notify("wanted")
+
+    async def refresh(self, adapter: Adapter) -> None:
+        t0 = time.monotonic()
+        try:
+            listing = await adapter.list()
+        except (CatalogError, FetchError) as e:
+            log.warning("catalog.refresh_failed", origin=adapter.name, reason=str(e))
+            self.node.problems[f"catalog:{adapter.name}"] = str(e)[:300]
+            self.last_refresh[adapter.name] = {"ok": False, "at": time.time(), "error": str(e)[:300]}
+            return
+        for r in listing.rejected:
+            log.warning("catalog.entry_rejected", origin=adapter.name, key=r.key, reason=r.reason)
+        new = 0
+        entries = listing.entries
+        for i in range(0, len(entries), UPSERT_BATCH):
+            new += await self.node.store.run(_upsert_batch, self.node.store, entries[i : i + UPSERT_BATCH])
+        self.node.problems.pop(f"catalog:{adapter.name}", None)
+        self.last_refresh[adapter.name] = {
+            "ok": True,
+            "at": time.time(),
+            "entries": len(entries),
+            "rejected": len(listing.rejected),
+            "new": new,
+            "pages": listing.pages,
+        }
+        log.info(
+            "catalog.refreshed",
+            origin=adapter.name,
+            entries=len(entries),
+            rejected=len(listing.rejected),
+            new=new,
+            pages=listing.pages,
+            seconds=round(time.monotonic() - t0, 3),
+        )
+
+    async def _retry_failed(self) -> None:
+        cutoff = time.time() - self.node.cfg.origins.failed_retry_after
+        store = self.node.store
+        failed = await store.run(store.items, states=[State.FAILED], limit=100_000)
+        for it in failed:
+            if it.updated_at <= cutoff:
+                await store.run(store.set_state, it.id, State.WANTED, error=it.error)
+
+    # -- pulls ------------------------------------------------------------------------------------
+    async def _pull_loop(self) -> None:
+        while True:
+            try:
+                await self._schedule()
+            except Exception as e:  # a store hiccup must not end the loop
+                log.error("pull.schedule_failed", error=str(e), exc_info=True)
+            await self.node.wait("wanted", POLL_SECONDS)
+
+    async def _schedule(self) -> None:
+        store = self.node.store
+        cap = self.node.cfg.fetch.max_concurrent_items
+        after = 0
+        while len(self._active) < cap:
+            batch = await store.run(store.items, states=[State.FETCHING, State.WANTED], after_id=after, limit=200)
+            if not batch:
+                return
+            after = batch[-1].id
+            for item in batch:
+                if len(self._active) >= cap:
+                    return
+                if item.id in self._active:
+                    continue
+                task = asyncio.create_task(self._pull_guarded(item), name=f"pull-{item.id}")
+                self._active[item.id] = task
+
+    async def _pull_guarded(self, item: Item) -> None:
+        try:
+            await self.pull(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.error("pull.crashed", key=item.key, error=str(e), exc_info=True)
+            with contextlib.suppress(Exception):
+                await self.node.store.run(self.node.store.set_state, item.id, State.FAILED, error=f"internal: {e}")
+        finally:
+            self._active.pop(item.id, None)
+            self.node.notify("wanted")  # a slot is free
+
+    def _sem(self, name: str) -> asyncio.Semaphore:
+        sem = self._source_sems.get(name)
+        if sem is None:
+            sem = self._source_sems[name] = asyncio.Semaphore(self.node.cfg.fetch.max_items_per_origin)
+        return sem
+
+    @staticmethod
+    def _healthy(src: Source) -> bool:
+        healthy = getattr(src, "healthy", None)
+        return bool(healthy()) if callable(healthy) else True
+
+    def sources(self) -> list[Source]:
+        return order_sources(
+            self.sources_first,
+            self.http_sources,
+            self.sources_last,
+            self.node.cfg.origins.preference,
+            self._healthy,
+        )
+
+    async def pull(self, item: Item) -> None:
+        store = self.node.store
+        loop = asyncio.get_running_loop()
+        current = await store.run(store.get_current, item.key)
+        if current is not None and current.version > item.version:
+            await store.run(store.set_state, item.id, State.FAILED, error=f"superseded by version {current.version}")
+            return
+        try:
+            final = self.layout.final_path(item.key)
+        except UnsafePath as e:  # listings are validated; this guards rows from anywhere else
+            await store.run(store.set_state, item.id, State.FAILED, error=str(e))
+            return
+        partial = self.layout.partial_path(item.id, item.version)
+        cache = self.node.get("cache")
+        reserve = getattr(cache, "reserve", None)
+        ctx: contextlib.AbstractAsyncContextManager[Any] = (
+            reserve(item.size or 0) if reserve is not None else contextlib.nullcontext()
+        )
+        async with ctx:
+            if item.state != State.FETCHING:
+                item = await store.run(store.set_state, item.id, State.FETCHING, error=None)
+            if await self._adopt_published(item, partial, final):
+                return
+            bad = await store.run(suspects, store, item.key, item.version)
+            reasons: list[str] = []
+            for src in self.sources():
+                if src.name in bad:
+                    continue
+                try:
+                    if not await src.offers(item):
+                        continue
+                except Exception as e:
+                    reasons.append(f"{src.name}: offers() failed: {e}")
+                    continue
+                log.info("pull.start", key=item.key, version=item.version, source=src.name, size=item.size)
+                t0 = time.monotonic()
+                try:
+                    async with self._sem(src.name):
+                        result = await src.fetch(item, partial)
+                except FetchError as e:
+                    reasons.append(f"{src.name}: {e}")
+                    log.warning("pull.source_failed", key=item.key, source=src.name, reason=str(e))
+                    if e.suspect:
+                        await self._quarantine(item, partial, src.name, str(e))
+                    continue
+                problem = mismatch(item, result)
+                if problem is not None:
+                    reasons.append(f"{src.name}: {problem} (quarantined)")
+                    log.warning("pull.checksum_mismatch", key=item.key, source=src.name, reason=problem)
+                    await self._quarantine(item, partial, src.name, problem)
+                    continue
+                st = await loop.run_in_executor(None, publish, partial, final)
+                await self._commit(item, result, st)
+                log.info(
+                    "pull.cached",
+                    key=item.key,
+                    version=item.version,
+                    source=src.name,
+                    size=result.size,
+                    seconds=round(time.monotonic() - t0, 3),
+                )
+                return
+            self.failed += 1
+            reason = "; ".join(reasons) or "no source offers it"
+            log.warning("pull.failed", key=item.key, version=item.version, reason=reason)
+            await store.run(store.set_state, item.id, State.FAILED, error=reason[:2000])
+
+    async def _adopt_published(self, item: Item, partial: Path, final: Path) -> bool:
+        """A crash between rename and commit leaves verified bytes at the final path: take them."""
+        if not (item.md5 or item.sha256):
+            return False
+        loop = asyncio.get_running_loop()
+
+        def look() -> bool:
+            return not partial.exists() and final.is_file() and (item.size is None or final.stat().st_size == item.size)
+
+        if not await loop.run_in_executor(None, look):
+            return False
+        result = await loop.run_in_executor(None, lambda: hash_file(final, want_sha1=bool(item.sha1)))
+        if mismatch(item, result) is not None:
+            return False  # an older version's bytes: fetch as usual (they stay until replaced)
+        st = await loop.run_in_executor(None, final.stat)
+        await self._commit(item, result, st)
+        log.info("pull.adopted", key=item.key, version=item.version)
+        return True
+
+    async def _commit(self, item: Item, result: HashResult, st: os.stat_result) -> None:
+        store = self.node.store
+
+        def commit() -> None:
+            with store.tx():
+                store.set_pieces(item.id, result.piece_length, result.pieces)
+                store.set_state(
+                    item.id,
+                    State.CACHED,
+                    error=None,
+                    size=result.size,
+                    md5=result.md5,
+                    sha256=result.sha256,
+                    sha1=result.sha1 or item.sha1,
+                    disk_bytes=disk_bytes(st),
+                    mtime_ns=st.st_mtime_ns,
+                )
+                # Older versions shared the final path: their bytes were just replaced.
+                rows = store.conn.execute(
+                    "SELECT id FROM items WHERE key=? AND version<? AND state=?",
+                    (item.key, item.version, State.CACHED.value),
+                ).fetchall()
+                for (old_id,) in rows:
+                    store.set_state(old_id, State.EVICTED, error=f"superseded by version {item.version}")
+
+        await store.run(commit)
+        self.pulled += 1
+        self.node.notify("cached")
+
+    async def _quarantine(self, item: Item, partial: Path, source: str, reason: str) -> None:
+        target = self.layout.quarantine_path(item.id, item.version)
+
+        def move() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                state_path(partial).unlink()
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(partial, target)
+
+        await asyncio.get_running_loop().run_in_executor(None, move)
+        await self.node.store.run(mark_suspect, self.node.store, item.key, item.version, source, reason)
+
+
+def _upsert_batch(store: Store, entries: Sequence[CatalogEntry]) -> int:
+    """Runs on the store thread: one transaction per batch. Returns how many rows were created."""
+    created = 0
+    with store.tx():
+        for e in entries:
+            before = store.get_current(e.key)
+            item, _ = store.upsert_entry(e)
+            if before is None or item.id != before.id:
+                created += 1
+    return created

@@ -1,0 +1,198 @@
+"""Real aiohttp servers speaking the shapes of the Zenodo and Internet Archive APIs (and raw S3 XML).
+
+The JSON follows the public APIs: Zenodo records carry `files[]` with `key`, `size`, `checksum`
+("md5:<hex>") and `links.self`; community searches answer `hits.hits[]` with `links.next`; concept
+ids redirect (`/versions/latest`) to the newest record; archive.org answers `/metadata/{id}` with
+`files[]` whose `size` and `mtime` are strings. Every request is logged with its arrival time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from xml.sax.saxutils import escape
+
+from aiohttp import web
+
+
+@dataclass
+class ApiLog:
+    requests: list[tuple[float, str]] = field(default_factory=list)
+
+    def add(self, request: web.Request) -> None:
+        self.requests.append((time.monotonic(), request.path_qs))
+
+
+def zenodo_file(base: str, rid: int, key: str, data: bytes | None = None, size: int | None = None) -> dict[str, Any]:
+    data = data if data is not None else key.encode()
+    return {
+        "id": hashlib.md5(key.encode()).hexdigest(),
+        "key": key,
+        "size": len(data) if size is None else size,
+        "checksum": "md5:" + hashlib.md5(data).hexdigest(),
+        "links": {"self": f"{base}/api/records/{rid}/files/{key}/content"},
+    }
+
+
+def zenodo_record(base: str, rid: int, files: list[dict[str, Any]], concept: int | None = None) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "recid": str(rid),
+        "conceptrecid": str(concept or rid - 1),
+        "doi": f"10.5281/zenodo.{rid}",
+        "metadata": {"title": f"Record {rid}", "resource_type": {"type": "dataset"}},
+        "files": files,
+        "links": {"self": f"{base}/api/records/{rid}", "latest": f"{base}/api/records/{rid}/versions/latest"},
+    }
+
+
+class ZenodoServer:
+    """`records` by id; `concepts` concept id -> latest record id; `communities` slug -> record ids."""
+
+    def __init__(self, page_size: int = 2) -> None:
+        self.records: dict[int, Any] = {}
+        self.concepts: dict[int, int] = {}
+        self.communities: dict[str, list[int]] = {}
+        self.raw: dict[str, bytes] = {}  # path_qs -> body to answer instead (malformed pages)
+        self.page_size = page_size
+        self.log = ApiLog()
+        self.rate_headers: dict[str, str] = {}
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/api/records/{rid}", self.record)
+        app.router.add_get("/api/records/{rid}/versions/latest", self.latest)
+        app.router.add_get("/api/communities/{slug}/records", self.community)
+        return app
+
+    def _json(self, request: web.Request, body: Any) -> web.Response:
+        raw = self.raw.get(request.path_qs)
+        headers = {"X-RateLimit-Limit": "60", "X-RateLimit-Remaining": "59", **self.rate_headers}
+        if raw is not None:
+            return web.Response(body=raw, content_type="application/json", headers=headers)
+        return web.json_response(body, headers=headers)
+
+    async def record(self, request: web.Request) -> web.Response:
+        self.log.add(request)
+        rid = int(request.match_info["rid"])
+        if rid not in self.records:
+            return web.json_response({"status": 404, "message": "PID does not exist."}, status=404)
+        return self._json(request, self.records[rid])
+
+    async def latest(self, request: web.Request) -> web.Response:
+        self.log.add(request)
+        rid = self.concepts.get(int(request.match_info["rid"]))
+        if rid is None:
+            return web.json_response({"status": 404}, status=404)
+        raise web.HTTPFound(f"/api/records/{rid}")
+
+    async def community(self, request: web.Request) -> web.Response:
+        self.log.add(request)
+        slug = request.match_info["slug"]
+        ids = self.communities.get(slug, [])
+        page = int(request.query.get("page", "1"))
+        size = min(int(request.query.get("size", "10")), self.page_size)
+        chunk = ids[(page - 1) * size : page * size]
+        base = f"{request.scheme}://{request.host}"
+        links = {"self": f"{base}/api/communities/{slug}/records?page={page}&size={size}"}
+        if page * size < len(ids):
+            links["next"] = f"{base}/api/communities/{slug}/records?page={page + 1}&size={size}"
+        body = {
+            "hits": {"hits": [self.records[i] for i in chunk], "total": len(ids)},
+            "links": links,
+            "sortBy": "newest",
+        }
+        return self._json(request, body)
+
+
+class ArchiveServer:
+    def __init__(self) -> None:
+        self.items: dict[str, Any] = {}
+        self.raw: dict[str, bytes] = {}
+        self.log = ApiLog()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metadata/{ident}", self.metadata)
+        return app
+
+    async def metadata(self, request: web.Request) -> web.Response:
+        self.log.add(request)
+        ident = request.match_info["ident"]
+        if ident in self.raw:
+            return web.Response(body=self.raw[ident], content_type="application/json")
+        return web.json_response(self.items.get(ident, {}))  # archive.org answers {} for unknown ids
+
+
+def ia_file(name: str, data: bytes | None, source: str = "original", with_size: bool = True) -> dict[str, Any]:
+    d: dict[str, Any] = {"name": name, "source": source, "mtime": "1735689600", "format": "Unknown"}
+    if data is not None:
+        d["md5"] = hashlib.md5(data).hexdigest()
+        d["sha1"] = hashlib.sha1(data).hexdigest()
+        d["crc32"] = "00000000"
+        if with_size:
+            d["size"] = str(len(data))
+    if source == "derivative":
+        d["original"] = "x"
+    return d
+
+
+def ia_metadata(ident: str, files: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "created": 1735689600,
+        "d1": "ia800000.us.archive.org",
+        "dir": f"/0/items/{ident}",
+        "files": files,
+        "files_count": len(files),
+        "item_size": 0,
+        "metadata": {"identifier": ident, "mediatype": "data", "collection": ["opensource"]},
+        "server": "ia800000.us.archive.org",
+    }
+
+
+def s3_page(keys: list[tuple[str, int, str]], token: str | None, next_token: str | None, name: str = "b") -> bytes:
+    """A ListObjectsV2 result, written by hand so hostile keys can be put in it."""
+    parts = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">',
+        f"<Name>{name}</Name><Prefix></Prefix><KeyCount>{len(keys)}</KeyCount><MaxKeys>1000</MaxKeys>",
+        f"<IsTruncated>{'true' if next_token else 'false'}</IsTruncated>",
+    ]
+    if token:
+        parts.append(f"<ContinuationToken>{token}</ContinuationToken>")
+    if next_token:
+        parts.append(f"<NextContinuationToken>{next_token}</NextContinuationToken>")
+    for key, size, etag in keys:
+        parts.append(
+            f"<Contents><Key>{escape(key)}</Key><LastModified>2025-01-01T00:00:00.000Z</LastModified>"
+            f"<ETag>&quot;{etag}&quot;</ETag><Size>{size}</Size><StorageClass>STANDARD</StorageClass></Contents>"
+        )
+    parts.append("</ListBucketResult>")
+    return "".join(parts).encode()
+
+
+class RawS3Server:
+    """Answers listing pages from `pages` (continuation token or "" -> body)."""
+
+    def __init__(self) -> None:
+        self.pages: dict[str, bytes] = {}
+        self.log = ApiLog()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/{bucket}", self.list)
+        return app
+
+    async def list(self, request: web.Request) -> web.Response:
+        self.log.add(request)
+        body = self.pages.get(request.query.get("continuation-token", ""))
+        if body is None:
+            return web.Response(status=400, text="bad token")
+        return web.Response(body=body, content_type="application/xml")
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj).encode()
