@@ -159,10 +159,11 @@ class HttpClient:
         self._pacing: dict[str, float] = {}
         self._session: aiohttp.ClientSession | None = None
         # File writes and syncs of all pulls; the store and hashing have their own threads.
-        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch-io")
+        self._io: ThreadPoolExecutor | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
+        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch-io")
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.cfg.connect_timeout, sock_read=self.cfg.read_timeout
         )
@@ -179,7 +180,9 @@ class HttpClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        self._io.shutdown(wait=True, cancel_futures=True)
+        if self._io is not None:
+            self._io.shutdown(wait=True, cancel_futures=True)
+            self._io = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -337,6 +340,8 @@ class HttpClient:
         raise FetchError(f"{url} kept changing during the download", retryable=True)
 
     async def _run_io(self, fn: Any, *args: Any) -> Any:
+        if self._io is None:
+            raise RuntimeError("HttpClient is not started")
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
 

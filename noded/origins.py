@@ -85,8 +85,11 @@ def mark_suspect(store: Store, key: str, version: int, location: str, reason: st
         )
 
 
-def suspects(store: Store, key: str, version: int) -> dict[str, str]:
-    rows = store.conn.execute("SELECT location, reason FROM suspects WHERE key=? AND version=?", (key, version))
+def suspects(store: Store, key: str, version: int, since: float = 0.0) -> dict[str, str]:
+    """Origins whose copy of this version did not verify since `since` (older marks have expired)."""
+    rows = store.conn.execute(
+        "SELECT location, reason FROM suspects WHERE key=? AND version=? AND at>=?", (key, version, since)
+    )
     return {str(r[0]): str(r[1]) for r in rows}
 
 
@@ -348,7 +351,9 @@ class Origins:
                 item = await store.run(store.set_state, item.id, State.FETCHING, error=None)
             if await self._adopt_published(item, partial, final):
                 return
-            bad = await store.run(suspects, store, item.key, item.version)
+            # A suspect copy gets another chance once failed items are retried (the origin may fix it).
+            since = time.time() - self.node.cfg.origins.failed_retry_after
+            bad = await store.run(suspects, store, item.key, item.version, since)
             reasons: list[str] = []
             for src in self.sources():
                 if src.name in bad:

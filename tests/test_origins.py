@@ -1,0 +1,248 @@
+"""The pull pipeline end to end in-process: real store, real HTTP origins, real files."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from noded.component import Node
+from noded.config import parse_config
+from noded.hashing import hash_file
+from noded.model import HashResult, Item, State
+from noded.origins import Origins, mismatch, order_sources, suspects
+from noded.store import Store
+from tests.catalog_servers import ArchiveServer, ZenodoServer, ia_file, ia_metadata, zenodo_file, zenodo_record
+from tests.conftest import base_config, to_toml
+from tests.origin import Origin
+
+MiB = 1024 * 1024
+
+
+class Servers:
+    """Zenodo and archive.org APIs plus their file downloads, on one aiohttp server."""
+
+    def __init__(self) -> None:
+        self.zenodo = ZenodoServer()
+        self.ia = ArchiveServer()
+        self.files = Origin()
+        self.base = ""
+
+    def app(self) -> web.Application:
+        app = self.zenodo.app()
+        app.router.add_get("/metadata/{ident}", self.ia.metadata)
+        app.router.add_route("GET", "/{tail:.*}", self.files.handle)
+        return app
+
+    def publish(self, key: str, data: bytes, *, zenodo_data: bytes | None = None, ia_data: bytes | None = None) -> None:
+        """List `key` with data's md5 at both origins; each may serve other bytes than it lists."""
+        rid = 7
+        z = zenodo_file(self.base, rid, key, data)
+        self.zenodo.records[rid] = zenodo_record(self.base, rid, [z])
+        self.files.add(f"/api/records/{rid}/files/{key}/content", zenodo_data if zenodo_data is not None else data)
+        self.ia.items["item"] = ia_metadata("item", [ia_file(key, data)])
+        self.files.add(f"/download/item/{key}", ia_data if ia_data is not None else data)
+
+
+@pytest.fixture
+async def servers(aiohttp_server: Any) -> Servers:
+    s = Servers()
+    server = await aiohttp_server(s.app())
+    s.base = str(server.make_url("")).rstrip("/")
+    return s
+
+
+Factory = Callable[..., Any]
+
+
+@pytest.fixture
+async def make(tmp_path: Path, servers: Servers) -> AsyncIterator[Factory]:
+    made: list[tuple[Origins, Store]] = []
+
+    async def factory(**kw: Any) -> Origins:
+        origins_cfg = {
+            "zenodo": {"enabled": True, "base_url": servers.base, "records": [7], "requests_per_minute": 6000},
+            "ia": {"enabled": True, "base_url": servers.base, "identifiers": ["item"], "requests_per_minute": 6000},
+            **kw.pop("origins", {}),
+        }
+        data = base_config(
+            tmp_path, origins=origins_cfg, fetch={"retry_initial": 0.05, "max_attempts": 3, "segment_size": "1MiB"}
+        )
+        cfg = parse_config(to_toml(data))
+        store = Store(cfg.paths.state_dir / "noded.sqlite3")
+        await store.open()
+        o = Origins(Node(cfg=cfg, store=store), **kw)
+        await o.open()
+        made.append((o, store))
+        return o
+
+    yield factory
+    for o, store in made:
+        await o.stop()
+        await store.close()
+
+
+async def one(o: Origins, key: str) -> Item:
+    item = await o.node.store.run(o.node.store.get_current, key)
+    assert item is not None
+    return item
+
+
+async def test_pull_publishes_verified_bytes_with_pieces(servers: Servers, make: Factory) -> None:
+    data = os.urandom(3 * MiB + 11)
+    servers.publish("census.parquet", data)
+    o = await make()
+    await o.refresh_all()
+    await o.pull(await one(o, "census.parquet"))
+    item = await one(o, "census.parquet")
+    assert item.state == State.CACHED and item.error is None
+    final = o.layout.final_path("census.parquet")
+    assert final.read_bytes() == data
+    assert item.sha256 == hashlib.sha256(data).hexdigest() and item.disk_bytes >= len(data)
+    assert item.mtime_ns == final.stat().st_mtime_ns
+    pieces = await o.node.store.run(o.node.store.get_pieces, item.id)
+    assert pieces == (16 * MiB, hashlib.sha1(data).digest())
+    assert list(o.layout.partial_dir.iterdir()) == []
+    # zenodo comes first in the default preference and served it; its traffic is counted under its name
+    assert o.node.traffic.totals[("zenodo", "in")].bytes >= len(data)
+
+
+async def test_checksum_mismatch_quarantines_and_tries_the_next_origin(servers: Servers, make: Factory) -> None:
+    data = os.urandom(2 * MiB)
+    bad = bytearray(data)
+    bad[MiB] ^= 0xFF
+    servers.publish("d.gpkg", data, zenodo_data=bytes(bad))
+    o = await make()
+    await o.refresh_all()
+    item = await one(o, "d.gpkg")
+    await o.pull(item)
+    item = await one(o, "d.gpkg")
+    assert item.state == State.CACHED
+    assert o.layout.final_path("d.gpkg").read_bytes() == data
+    assert o.layout.quarantine_path(item.id, item.version).read_bytes() == bytes(bad)
+    marked = await o.node.store.run(suspects, o.node.store, "d.gpkg", item.version)
+    assert set(marked) == {"zenodo"} and "md5" in marked["zenodo"]
+    assert o.node.traffic.totals[("ia", "in")].bytes >= len(data)
+
+
+async def test_every_origin_wrong_ends_failed_and_nothing_at_the_final_path(servers: Servers, make: Factory) -> None:
+    data = os.urandom(MiB)
+    servers.publish("x.bin", data, zenodo_data=os.urandom(MiB), ia_data=data[:-1])
+    o = await make()
+    await o.refresh_all()
+    await o.pull(await one(o, "x.bin"))
+    item = await one(o, "x.bin")
+    assert item.state == State.FAILED
+    assert "zenodo" in (item.error or "") and "ia" in (item.error or "")
+    assert not o.layout.final_path("x.bin").exists()
+
+
+async def test_new_upstream_version_replaces_the_old_only_once_verified(servers: Servers, make: Factory) -> None:
+    v1, v2 = os.urandom(MiB), os.urandom(MiB)
+    servers.publish("d.tif", v1)
+    o = await make(origins={"failed_retry_after": 0.5})
+    await o.refresh_all()
+    await o.pull(await one(o, "d.tif"))
+    # Upstream publishes v2, but both origins still serve v1 bytes at first: v2 cannot verify.
+    servers.publish("d.tif", v2, zenodo_data=v1, ia_data=v1)
+    await o.refresh_all()
+    new = await one(o, "d.tif")
+    assert new.version == 2 and new.state == State.WANTED
+    await o.pull(new)
+    old = await o.node.store.run(o.node.store.items)
+    assert [(i.version, i.state) for i in old] == [(1, State.CACHED), (2, State.FAILED)]
+    assert o.layout.final_path("d.tif").read_bytes() == v1  # the old version is kept meanwhile
+    servers.publish("d.tif", v2)
+    await asyncio.sleep(0.6)
+    await o.refresh_all()  # failed items (and suspect marks) older than failed_retry_after get another go
+    assert (await one(o, "d.tif")).state == State.WANTED
+    await o.pull(await one(o, "d.tif"))
+    rows = await o.node.store.run(o.node.store.items)
+    assert [(i.version, i.state) for i in rows] == [(1, State.EVICTED), (2, State.CACHED)]
+    assert o.layout.final_path("d.tif").read_bytes() == v2
+
+
+class LocalSource:
+    """A source that copies a local file: stands in for the P2P/R2 helpers' sources."""
+
+    def __init__(self, name: str, data: bytes | None) -> None:
+        self.name = name
+        self.data = data
+        self.calls = 0
+
+    async def offers(self, item: Item) -> bool:
+        return self.data is not None
+
+    async def fetch(self, item: Item, partial: Path) -> HashResult:
+        self.calls += 1
+        assert self.data is not None
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(self.data)
+        return hash_file(partial)
+
+
+class Cache:
+    name = "cache"
+
+    def __init__(self) -> None:
+        self.reserved: list[int] = []
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, nbytes: int) -> AsyncIterator[None]:
+        self.reserved.append(nbytes)
+        yield
+
+
+async def test_injected_sources_go_first_and_last_and_the_cache_is_asked(servers: Servers, make: Factory) -> None:
+    data = os.urandom(MiB)
+    servers.publish("p.bin", data, zenodo_data=b"", ia_data=b"")
+    peer = LocalSource("peer", data)
+    r2 = LocalSource("r2", data)
+    o = await make(sources_first=[peer], sources_last=[r2])
+    cache = Cache()
+    o.node.components["cache"] = cache  # type: ignore[assignment]
+    await o.refresh_all()
+    await o.pull(await one(o, "p.bin"))
+    assert (peer.calls, r2.calls) == (1, 0) and cache.reserved == [len(data)]
+    assert (await one(o, "p.bin")).state == State.CACHED
+    # Peer gone, HTTP origins broken: R2 (last) saves the day.
+    servers.publish("q.bin", data, zenodo_data=b"x" * MiB, ia_data=b"y" * MiB)
+    peer.data = None
+    await o.refresh_all()
+    await o.pull(await one(o, "q.bin"))
+    assert r2.calls == 1 and (await one(o, "q.bin")).state == State.CACHED
+
+
+async def test_background_loops_pull_everything_wanted(servers: Servers, make: Factory) -> None:
+    data = os.urandom(MiB)
+    servers.publish("bg.bin", data)
+    o = await make()
+    await o.stop()  # close what open() made; start() opens again with the loops
+    await o.start()
+    assert await o.node.wait("cached", 20)
+    assert (await one(o, "bg.bin")).state == State.CACHED
+
+
+def test_mismatch_policy() -> None:
+    item = Item(1, "k", 1, "zenodo", State.FETCHING, 3, "a" * 32, None, None, None, [], None, False, False, False,
+                0, 0, None, None, 0, 0)  # fmt: skip
+    good = HashResult(size=3, md5="a" * 32, sha256="b" * 64, pieces=b"")
+    assert mismatch(item, good) is None
+    assert "size" in (mismatch(item, HashResult(size=4, md5="a" * 32, sha256="b" * 64, pieces=b"")) or "")
+    assert "md5" in (mismatch(item, HashResult(size=3, md5="c" * 32, sha256="b" * 64, pieces=b"")) or "")
+
+
+def test_source_order_is_preference_then_health() -> None:
+    a, b, c = LocalSource("ia", b""), LocalSource("zenodo", b""), LocalSource("sourcecoop", b"")
+    peer, r2 = LocalSource("peer", b""), LocalSource("r2", b"")
+    names = [s.name for s in order_sources([peer], [a, b, c], [r2], ["sourcecoop", "zenodo", "ia"], lambda s: True)]
+    assert names == ["peer", "sourcecoop", "zenodo", "ia", "r2"]
+    names = [s.name for s in order_sources([], [a, b, c], [], ["sourcecoop", "zenodo", "ia"], lambda s: s is not c)]
+    assert names == ["zenodo", "ia", "sourcecoop"]
