@@ -1,0 +1,190 @@
+"""Benchmark: noded's time to "cached and verified" for 1 GiB from a local nginx origin.
+
+Same run, same file, same origin (Debian's nginx on 127.0.0.1 with its own temp config, sendfile on):
+  (a) curl -o                         bare transfer, no verification
+  (b) curl -o && md5sum && sha256sum  the serial way to get a verified copy
+  noded                               Origins.pull(): segmented download, md5 + sha256 + piece sha1s
+                                      while streaming, verify, fsync, rename, store row -> cached
+noded is durable (fsync before rename) where curl is not; that cost is included.
+
+Run:  /work/venv/bin/python bench/pull.py [--size-mib 1024]
+The last line printed is one JSON object with ratio_vs_serial and ratio_vs_curl (noded / baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from noded.component import Node  # noqa: E402
+from noded.config import parse_config  # noqa: E402
+from noded.logs import configure  # noqa: E402
+from noded.model import State  # noqa: E402
+from noded.origins import Origins  # noqa: E402
+from noded.store import Store  # noqa: E402
+
+MiB = 1024 * 1024
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    types {{ application/xml xml; }}
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port};
+        root {tmp}/www;
+        location = /b {{ default_type application/xml; alias {tmp}/www/listing.xml; }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_blob(path: Path, size: int) -> str:
+    h = hashlib.md5()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            block = os.urandom(min(16 * MiB, left))
+            h.update(block)
+            f.write(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def timed(cmd: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["bash", "-c", cmd], check=True)
+    return time.perf_counter() - t0
+
+
+async def noded_pull(tmp: Path, url: str) -> tuple[float, str]:
+    configure("console", "warning")
+    cfg_text = f"""
+[node]
+name = "bench"
+region = "local"
+[paths]
+cache_dir = "{tmp}/cache"
+state_dir = "{tmp}/state"
+[cache]
+budget = "4GB"
+[origins.sourcecoop]
+enabled = true
+endpoint = "{url}"
+bucket = "b"
+"""
+    cfg = parse_config(cfg_text)
+    store = Store(cfg.paths.state_dir / "noded.sqlite3")
+    await store.open()
+    origins = Origins(Node(cfg=cfg, store=store))
+    await origins.open()
+    try:
+        await origins.refresh_all()
+        item = await store.run(store.get_current, "big.bin")
+        assert item is not None
+        t0 = time.perf_counter()
+        await origins.pull(item)
+        elapsed = time.perf_counter() - t0
+        done = await store.run(store.get_current, "big.bin")
+        assert done is not None and done.state == State.CACHED, done
+        return elapsed, str(done.md5)
+    finally:
+        await origins.stop()
+        await store.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=1024)
+    args = ap.parse_args()
+    size = args.size_mib * MiB
+    tmp = Path(tempfile.mkdtemp(prefix="noded-bench-"))
+    os.chmod(tmp, 0o755)  # nginx workers run as nobody
+    nginx: subprocess.Popen[bytes] | None = None
+    try:
+        www = tmp / "www"
+        www.mkdir()
+        md5 = make_blob(www / "big.bin", size)
+        (www / "b").mkdir()
+        os.replace(www / "big.bin", www / "b" / "big.bin")
+        (www / "listing.xml").write_text(
+            '<?xml version="1.0" encoding="UTF-8"?>'
+            '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name>'
+            "<IsTruncated>false</IsTruncated><Contents><Key>big.bin</Key>"
+            f"<ETag>&quot;{md5}&quot;</ETag><Size>{size}</Size></Contents></ListBucketResult>"
+        )
+        port = free_port()
+        (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=port))
+        nginx = subprocess.Popen(["nginx", "-c", str(tmp / "nginx.conf"), "-p", str(tmp)])
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        src = f"{url}/b/big.bin"
+        subprocess.run(["cat", str(www / "b" / "big.bin")], stdout=subprocess.DEVNULL, check=True)  # warm cache
+        out = tmp / "out.bin"
+        t_curl = timed(f"curl -sf -o {out} {src}")
+        out.unlink()
+        t_serial = timed(f"curl -sf -o {out} {src} && md5sum {out} >/dev/null && sha256sum {out} >/dev/null")
+        out.unlink()
+        t_noded, got_md5 = asyncio.run(noded_pull(tmp, url))
+        assert got_md5 == md5
+        figures = {
+            "bench": "pull",
+            "size_bytes": size,
+            "cores": os.cpu_count(),
+            "curl_s": round(t_curl, 3),
+            "serial_s": round(t_serial, 3),
+            "noded_s": round(t_noded, 3),
+            "noded_MBps": round(size / t_noded / 1e6, 1),
+            "ratio_vs_curl": round(t_noded / t_curl, 3),
+            "ratio_vs_serial": round(t_noded / t_serial, 3),
+        }
+        print(f"curl -o:                 {t_curl:7.2f} s")
+        print(f"curl && md5sum && sha256: {t_serial:7.2f} s")
+        print(f"noded cached+verified:   {t_noded:7.2f} s")
+        print(f"ratio vs curl {figures['ratio_vs_curl']}, vs serial {figures['ratio_vs_serial']}")
+        print(json.dumps(figures))
+    finally:
+        if nginx is not None:
+            nginx.terminate()
+            nginx.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
