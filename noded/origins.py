@@ -266,7 +266,8 @@ class Origins:
         store = self.node.store
         failed = await store.run(store.items, states=[State.FAILED], limit=100_000)
         for it in failed:
-            if it.updated_at <= cutoff:
+            # A superseded version stays failed: its newer version is the one to pull.
+            if it.updated_at <= cutoff and not (it.error or "").startswith("superseded"):
                 await store.run(store.set_state, it.id, State.WANTED, error=it.error)
 
     # -- pulls ------------------------------------------------------------------------------------

@@ -38,8 +38,13 @@ class Servers:
     def app(self) -> web.Application:
         app = self.zenodo.app()
         app.router.add_get("/metadata/{ident}", self.ia.metadata)
+        app.router.add_get("/download/{ident}/{name}", self.ia_download)
         app.router.add_route("GET", "/{tail:.*}", self.files.handle)
         return app
+
+    async def ia_download(self, request: web.Request) -> web.Response:
+        """archive.org redirects /download/ to the data node that holds the item."""
+        raise web.HTTPFound(f"/ia800000/items/{request.match_info['ident']}/{request.match_info['name']}")
 
     def publish(self, key: str, data: bytes, *, zenodo_data: bytes | None = None, ia_data: bytes | None = None) -> None:
         """List `key` with data's md5 at both origins; each may serve other bytes than it lists."""
@@ -48,7 +53,7 @@ class Servers:
         self.zenodo.records[rid] = zenodo_record(self.base, rid, [z])
         self.files.add(f"/api/records/{rid}/files/{key}/content", zenodo_data if zenodo_data is not None else data)
         self.ia.items["item"] = ia_metadata("item", [ia_file(key, data)])
-        self.files.add(f"/download/item/{key}", ia_data if ia_data is not None else data)
+        self.files.add(f"/ia800000/items/item/{key}", ia_data if ia_data is not None else data)
 
 
 @pytest.fixture
@@ -130,6 +135,8 @@ async def test_checksum_mismatch_quarantines_and_tries_the_next_origin(servers: 
     marked = await o.node.store.run(suspects, o.node.store, "d.gpkg", item.version)
     assert set(marked) == {"zenodo"} and "md5" in marked["zenodo"]
     assert o.node.traffic.totals[("ia", "in")].bytes >= len(data)
+    # The archive.org copy came through its /download/ redirect, with ranges.
+    assert any(e.path == "/ia800000/items/item/d.gpkg" and e.status == 206 for e in servers.files.log)
 
 
 async def test_every_origin_wrong_ends_failed_and_nothing_at_the_final_path(servers: Servers, make: Factory) -> None:
