@@ -17,6 +17,7 @@ hashed once at resume).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import email.utils
 import json
@@ -24,11 +25,11 @@ import os
 import random
 import re
 import time
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -45,6 +46,7 @@ from noded.sources import FetchError
 from noded.traffic import Traffic
 
 log = get_logger("noded.fetch")
+T = TypeVar("T")
 
 CHUNK = 1024 * 1024  # read/write unit of a segment stream
 CHECKPOINT_SECONDS = 1.0  # how often durable progress is recorded (bounds re-download after a crash)
@@ -389,6 +391,7 @@ class _Pull:
         self.progress = asyncio.Event()
         self.hashed = 0
         self.finished = False
+        self._fd_users: set[concurrent.futures.Future[Any]] = set()
 
     async def run(self) -> HashResult:
         cfg = self.c.cfg
@@ -440,9 +443,20 @@ class _Pull:
             await asyncio.gather(ckpt_task, hash_task, return_exceptions=True)
             hasher.close()
             if self.fd >= 0:
+                # A cancelled await leaves its thread running: the fd must outlive every use of it.
+                users = list(self._fd_users)
+                if users:
+                    await asyncio.get_running_loop().run_in_executor(None, concurrent.futures.wait, users)
                 await self.c._run_io(self._final_checkpoint)
                 os.close(self.fd)
                 self.fd = -1
+
+    async def _fd_call(self, executor: Executor | None, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call that uses `self.fd` in a thread, tracked until it really ends."""
+        fut = (executor or _default_executor()).submit(fn, *args)
+        self._fd_users.add(fut)
+        fut.add_done_callback(self._fd_users.discard)
+        return await asyncio.wrap_future(fut)
 
     def _open(self, size: int | None) -> int:
         self.partial.parent.mkdir(parents=True, exist_ok=True)
@@ -605,7 +619,7 @@ class _Pull:
             if not unknown and pos + len(chunk) > seg.end:
                 chunk = chunk[: seg.end - pos]  # never write past the segment
             if chunk:
-                await self.c._run_io(os.pwrite, self.fd, chunk, pos)
+                await self._fd_call(self.c._io, os.pwrite, self.fd, chunk, pos)
                 seg.done += len(chunk)
                 self.c.traffic.add(self.channel, "in", len(chunk))
                 self.progress.set()
@@ -623,13 +637,12 @@ class _Pull:
     async def _hash(self, hasher: StreamHasher) -> None:
         st = self.state
         assert st is not None
-        loop = asyncio.get_running_loop()
         while True:
             self.progress.clear()  # before looking, so a wake-up between look and wait is not lost
             frontier = st.frontier()
             if frontier > self.hashed:
                 upto = min(frontier, self.hashed + 16 * CHUNK)
-                await loop.run_in_executor(None, feed_range, hasher, self.fd, self.hashed, upto)
+                await self._fd_call(None, feed_range, hasher, self.fd, self.hashed, upto)
                 self.hashed = upto
                 continue
             if all(s.complete for s in st.segments) and st.size is not None and self.hashed >= st.size:
@@ -662,6 +675,17 @@ class _Pull:
         if not self.finished and self.state is not None and self.state.ranges and self.partial.exists():
             with contextlib.suppress(OSError):
                 self._checkpoint()
+
+
+_HASH_FEEDER: ThreadPoolExecutor | None = None
+
+
+def _default_executor() -> ThreadPoolExecutor:
+    """Threads that read written bytes back into the hashers (one per concurrent pull is plenty)."""
+    global _HASH_FEEDER
+    if _HASH_FEEDER is None:
+        _HASH_FEEDER = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hash-feed")
+    return _HASH_FEEDER
 
 
 def _finish(partial: Path) -> None:
