@@ -253,3 +253,29 @@ def test_source_order_is_preference_then_health() -> None:
     assert names == ["peer", "sourcecoop", "zenodo", "ia", "r2"]
     names = [s.name for s in order_sources([], [a, b, c], [], ["sourcecoop", "zenodo", "ia"], lambda s: s is not c)]
     assert names == ["zenodo", "ia", "sourcecoop"]
+
+
+async def test_per_origin_and_global_item_caps(servers: Servers, make: Factory, tmp_path: Path) -> None:
+    rid = 9
+    files = []
+    for i in range(5):
+        data = os.urandom(MiB // 2)
+        files.append(zenodo_file(servers.base, rid, f"f{i}.bin", data))
+        servers.files.add(f"/api/records/{rid}/files/f{i}.bin/content", data, rate=2 * MiB)
+    servers.zenodo.records[rid] = zenodo_record(servers.base, rid, files)
+    o = await make(origins={"zenodo": {"enabled": True, "base_url": servers.base, "records": [rid],
+                                       "requests_per_minute": 6000}, "ia": {"enabled": False}})  # fmt: skip
+    await o.stop()
+    await o.start()
+    for _ in range(5):
+        await o.node.wait("cached", 20)
+        counts = await o.node.store.run(o.node.store.counts_by_state)
+        if counts["cached"] == 5:
+            break
+    assert counts["cached"] == 5
+    spans: dict[str, tuple[float, float]] = {}
+    for e in servers.files.log:
+        a, b = spans.get(e.path, (e.start, e.end))
+        spans[e.path] = (min(a, e.start), max(b, e.end))
+    overlap = max(sum(1 for a, b in spans.values() if a <= t < b) for t, _ in spans.values())
+    assert overlap == 2  # fetch.max_items_per_origin, although max_concurrent_items is 4
