@@ -157,6 +157,8 @@ class Origins:
         # Other components add their sources here before start (the peer first, R2 last).
         self.sources_first: list[Source] = sources_first if sources_first is not None else []
         self.sources_last: list[Source] = sources_last if sources_last is not None else []
+        # Catalog adapters of other issues (inbox, R2 as an origin) are listed here before start.
+        self.extra_adapters: list[Adapter] = []
         self.client = HttpClient(node.cfg.fetch, node.traffic, down)
         self.layout = CacheLayout(node.cfg.paths.cache_dir, node.cfg.paths.state_dir)
         self.adapters: list[Adapter] = []
@@ -184,7 +186,7 @@ class Origins:
         ]
 
     def _configure(self, cfg: Config) -> None:
-        self.adapters = build_adapters(cfg, self.client)
+        self.adapters = [*build_adapters(cfg, self.client), *self.extra_adapters]
         self.http_sources = [HttpOriginSource(a.name, self.client, a.owns) for a in self.adapters]
 
     async def stop(self) -> None:
