@@ -186,8 +186,10 @@ class Origins:
         ]
 
     def _configure(self, cfg: Config) -> None:
-        self.adapters = [*build_adapters(cfg, self.client), *self.extra_adapters]
-        self.http_sources = [HttpOriginSource(a.name, self.client, a.owns) for a in self.adapters]
+        mine = build_adapters(cfg, self.client)
+        self.adapters = [*mine, *self.extra_adapters]
+        # Extra adapters bring their own sources (e.g. R2 over boto3 in sources_last).
+        self.http_sources = [HttpOriginSource(a.name, self.client, a.owns) for a in mine]
 
     async def stop(self) -> None:
         tasks = [*self._tasks, *self._active.values()]
