@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +58,12 @@ def mismatch(item: Item, got: HashResult) -> str | None:
     if item.sha1 and got.sha1 and got.sha1 != item.sha1.lower():
         return f"sha1 {got.sha1} != published {item.sha1}"
     return None
+
+
+def rendezvous(key: str, names: Sequence[str]) -> list[str]:
+    """Nodes ranked for fetching `key` from an origin (highest random weight first). Every node
+    computes the same ranking without talking to the others, and it extends to more nodes."""
+    return sorted(names, key=lambda n: hashlib.sha256(f"{key}\0{n}".encode()).digest(), reverse=True)
 
 
 def order_sources(
@@ -159,6 +166,9 @@ class Origins:
         self.sources_last: list[Source] = sources_last if sources_last is not None else []
         # Catalog adapters of other issues (inbox, R2 as an origin) are listed here before start.
         self.extra_adapters: list[Adapter] = []
+        # Is this peer up? The P2P component replaces this; until then every peer counts as up.
+        self.peer_up: Callable[[str], bool] = lambda name: True
+        self._deferred: dict[int, float] = {}  # item id -> wall time until which its owner is awaited
         self.client = HttpClient(node.cfg.fetch, node.traffic, down)
         self.layout = CacheLayout(node.cfg.paths.cache_dir, node.cfg.paths.state_dir)
         self.adapters: list[Adapter] = []
@@ -292,10 +302,11 @@ class Origins:
             if not batch:
                 return
             after = batch[-1].id
+            now = time.time()
             for item in batch:
                 if len(self._active) >= cap:
                     return
-                if item.id in self._active:
+                if item.id in self._active or self._deferred.get(item.id, 0) > now:
                     continue
                 task = asyncio.create_task(self._pull_guarded(item), name=f"pull-{item.id}")
                 self._active[item.id] = task
@@ -344,6 +355,8 @@ class Origins:
             final = self.layout.final_path(item.key)
         except UnsafePath as e:  # listings are validated; this guards rows from anywhere else
             await store.run(store.set_state, item.id, State.FAILED, error=str(e))
+            return
+        if await self._defer_to_owner(item):
             return
         partial = self.layout.partial_path(item.id, item.version)
         cache = self.node.get("cache")
@@ -401,6 +414,34 @@ class Origins:
             reason = "; ".join(reasons) or "no source offers it"
             log.warning("pull.failed", key=item.key, version=item.version, reason=reason)
             await store.run(store.set_state, item.id, State.FAILED, error=reason[:2000])
+
+    def owner_wait(self, item: Item, now: float | None = None) -> float | None:
+        """Until when to leave `item` to the peer that ranks first for it, or None to go ahead."""
+        cfg = self.node.cfg
+        if not cfg.peers:
+            return None
+        owner = rendezvous(item.key, [cfg.node.name, *(p.name for p in cfg.peers)])[0]
+        if owner == cfg.node.name or not self.peer_up(owner):
+            return None
+        until = item.created_at + cfg.fetch.peer_wait
+        return until if (time.time() if now is None else now) < until else None
+
+    async def _defer_to_owner(self, item: Item) -> bool:
+        """Fetch once, replicate: while another node owns the first fetch, only a peer source may serve."""
+        until = self.owner_wait(item)
+        if until is None:
+            self._deferred.pop(item.id, None)
+            return False
+        for src in self.sources_first:
+            with contextlib.suppress(Exception):
+                if await src.offers(item):
+                    return False  # the owner (or any peer) has it: take it from there
+        if item.state == State.FETCHING:
+            await self.node.store.run(self.node.store.set_state, item.id, State.WANTED, error=None)
+        if item.id not in self._deferred:
+            log.info("pull.deferred", key=item.key, until=round(until, 3))
+        self._deferred[item.id] = until
+        return True
 
     async def _adopt_published(self, item: Item, partial: Path, final: Path) -> bool:
         """A crash between rename and commit leaves verified bytes at the final path: take them."""

@@ -17,7 +17,7 @@ from noded.component import Node
 from noded.config import parse_config
 from noded.hashing import hash_file
 from noded.model import HashResult, Item, State
-from noded.origins import Origins, mismatch, order_sources, suspects
+from noded.origins import Origins, mismatch, order_sources, rendezvous, suspects
 from noded.store import Store
 from tests.catalog_servers import ArchiveServer, ZenodoServer, ia_file, ia_metadata, zenodo_file, zenodo_record
 from tests.conftest import base_config, to_toml
@@ -77,9 +77,8 @@ async def make(tmp_path: Path, servers: Servers) -> AsyncIterator[Factory]:
             "ia": {"enabled": True, "base_url": servers.base, "identifiers": ["item"], "requests_per_minute": 6000},
             **kw.pop("origins", {}),
         }
-        data = base_config(
-            tmp_path, origins=origins_cfg, fetch={"retry_initial": 0.05, "max_attempts": 3, "segment_size": "1MiB"}
-        )
+        fetch = {"retry_initial": 0.05, "max_attempts": 3, "segment_size": "1MiB", **kw.pop("fetch", {})}
+        data = base_config(tmp_path, origins=origins_cfg, fetch=fetch, peers=kw.pop("peers", []))
         cfg = parse_config(to_toml(data))
         store = Store(cfg.paths.state_dir / "noded.sqlite3")
         await store.open()
@@ -279,3 +278,54 @@ async def test_per_origin_and_global_item_caps(servers: Servers, make: Factory, 
         spans[e.path] = (min(a, e.start), max(b, e.end))
     overlap = max(sum(1 for a, b in spans.values() if a <= t < b) for t, _ in spans.values())
     assert overlap == 2  # fetch.max_items_per_origin, although max_concurrent_items is 4
+
+
+def test_rendezvous_is_stable_and_spreads_keys() -> None:
+    names = ["toronto", "amsterdam"]
+    owners = [rendezvous(f"k{i}", names)[0] for i in range(200)]
+    assert owners == [rendezvous(f"k{i}", list(reversed(names)))[0] for i in range(200)]  # order-free
+    assert 60 < owners.count("toronto") < 140  # both nodes own a fair share
+    # A third node takes keys only from the others, never reshuffles the rest.
+    three = [rendezvous(f"k{i}", [*names, "calgary"])[0] for i in range(200)]
+    assert all(t == o for t, o in zip(three, owners, strict=True) if t != "calgary")
+
+
+async def test_the_rendezvous_owner_fetches_others_wait_then_fall_back(
+    servers: Servers, make: Factory, tmp_path: Path
+) -> None:
+    keys = [f"r{i}.bin" for i in range(12)]
+    mine = next(k for k in keys if rendezvous(k, ["toronto", "amsterdam"])[0] == "toronto")
+    theirs = next(k for k in keys if rendezvous(k, ["toronto", "amsterdam"])[0] == "amsterdam")
+    rid = 11
+    files = []
+    for key in (mine, theirs):
+        data = os.urandom(1000)
+        files.append(zenodo_file(servers.base, rid, key, data))
+        servers.files.add(f"/api/records/{rid}/files/{key}/content", data)
+    servers.zenodo.records[rid] = zenodo_record(servers.base, rid, files)
+    peer = {"name": "amsterdam", "api_url": "http://127.0.0.1:9", "bittorrent": "127.0.0.1:9"}
+    o = await make(
+        origins={"zenodo": {"enabled": True, "base_url": servers.base, "records": [rid], "requests_per_minute": 6000},
+                 "ia": {"enabled": False}},
+        peers=[peer], fetch={"peer_wait": 1.0},
+    )  # fmt: skip
+    await o.refresh_all()
+    await o.pull(await one(o, mine))
+    await o.pull(await one(o, theirs))
+    assert (await one(o, mine)).state == State.CACHED
+    assert (await one(o, theirs)).state == State.WANTED  # left to amsterdam for now
+    assert not any(theirs in e.path for e in servers.files.log)
+    await asyncio.sleep(1.1)  # amsterdam did not deliver within peer_wait: fetch it ourselves
+    await o.pull(await one(o, theirs))
+    assert (await one(o, theirs)).state == State.CACHED
+
+
+async def test_a_down_owner_is_not_waited_for(servers: Servers, make: Factory) -> None:
+    key = next(k for k in (f"d{i}" for i in range(50)) if rendezvous(k, ["toronto", "amsterdam"])[0] == "amsterdam")
+    servers.publish(key, os.urandom(1000))
+    peer = {"name": "amsterdam", "api_url": "http://127.0.0.1:9", "bittorrent": "127.0.0.1:9"}
+    o = await make(peers=[peer])
+    o.peer_up = lambda name: False
+    await o.refresh_all()
+    await o.pull(await one(o, key))
+    assert (await one(o, key)).state == State.CACHED
