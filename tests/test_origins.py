@@ -329,3 +329,41 @@ async def test_a_down_owner_is_not_waited_for(servers: Servers, make: Factory) -
     await o.refresh_all()
     await o.pull(await one(o, key))
     assert (await one(o, key)).state == State.CACHED
+
+
+def _always(action: str) -> Any:
+    return lambda blob, request, n: action
+
+
+def _changing(blob: Any, request: Any, n: int) -> None:
+    blob.data = os.urandom(len(blob.data))  # a different file on every request
+    blob.etag = f'"v{n}"'
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [_always("truncate:1000"), _always("reset:5000"), _always("status:503"), _always("stall:10"), _changing,
+     _always("corrupt")],
+    ids=["truncated", "reset", "503-storm", "stalled", "etag-changes", "wrong-bytes"],
+)  # fmt: skip
+async def test_faulty_origin_ends_verified_from_the_next_or_cleanly_failed(
+    servers: Servers, make: Factory, fault: Any
+) -> None:
+    data = os.urandom(MiB + 3)
+    servers.publish("f.bin", data)
+    servers.files.blobs["/api/records/7/files/f.bin/content"].fault = fault
+    o = await make(fetch={"read_timeout": 0.5, "max_attempts": 2, "host_failure_threshold": 100})
+    await o.refresh_all()
+    await o.pull(await one(o, "f.bin"))
+    item = await one(o, "f.bin")
+    assert item.state == State.CACHED and o.node.traffic.totals[("ia", "in")].bytes >= len(data)
+    assert o.layout.final_path("f.bin").read_bytes() == data
+    # Now the second origin breaks the same way: a clean failure, the final path stays empty.
+    servers.publish("g.bin", data)
+    for path in ("/api/records/7/files/g.bin/content", "/ia800000/items/item/g.bin"):
+        servers.files.blobs[path].fault = fault
+    await o.refresh_all()
+    await o.pull(await one(o, "g.bin"))
+    item = await one(o, "g.bin")
+    assert item.state == State.FAILED and item.error
+    assert not o.layout.final_path("g.bin").exists()
