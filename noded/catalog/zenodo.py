@@ -35,7 +35,8 @@ class ZenodoAdapter:
         self._host = urlsplit(cfg.base_url).netloc
 
     def owns(self, url: str) -> bool:
-        return urlsplit(url).netloc == self._host
+        # File links live under /api/ (records/<id>/files/<key>/content, or legacy /api/files/...).
+        return url.startswith(self.cfg.base_url + "/api/")
 
     async def _get(self, url: str, what: str, params: dict[str, str] | None = None) -> Any:
         if urlsplit(url).netloc != self._host:
