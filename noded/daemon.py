@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from noded.api import origins_routes
 from noded.api.app import ApiServer, RouteSetup
 from noded.component import Component, Node, Reloadable
 from noded.config import Config, ConfigError, diff_sections, load_config, read_secret
@@ -75,6 +76,7 @@ class Daemon:
         self.schedule = Schedule(self.cfg.schedule)
         self.origins = Origins(self.node, down=self.schedule.down)
         comps += [self.schedule, self.origins]
+        self.routes.append(origins_routes.setup)
         # -- end origins --------------------------------------------------------------------------
         comps.append(ApiServer(self.node, self.routes, api_token(self.cfg)))
         return comps

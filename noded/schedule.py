@@ -77,10 +77,29 @@ class Schedule:
         self.down = TokenBucket()
         self.up = TokenBucket()
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        # (down, up, until as a unix time): an operator's temporary override of the timetable (API).
+        self.override: tuple[int | None, int | None, float] | None = None
+        self.apply()
+
+    def set_override(self, down: int | None, up: int | None, seconds: float) -> None:
+        self.override = (down, up, time.time() + seconds)
+        self.apply()
+        self._wake.set()
+
+    def clear_override(self) -> None:
+        self.override = None
         self.apply()
 
     def apply(self, now: datetime | None = None) -> None:
-        down, up = rates_at(self.cfg, now or datetime.now(UTC))
+        now = now or datetime.now(UTC)
+        if self.override is not None and now.timestamp() >= self.override[2]:
+            log.info("schedule.override_expired")
+            self.override = None
+        if self.override is not None:
+            down, up = self.override[0], self.override[1]
+        else:
+            down, up = rates_at(self.cfg, now)
         if (down, up) != (self.down.rate, self.up.rate):
             log.info("schedule.rates", down=down, up=up)
         self.down.set_rate(down)
@@ -93,7 +112,12 @@ class Schedule:
         while True:
             now = datetime.now(UTC)
             nxt = (now + timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
-            await asyncio.sleep(max(1.0, (nxt - now).total_seconds() + 0.5))
+            wait = (nxt - now).total_seconds() + 0.5
+            if self.override is not None:
+                wait = min(wait, self.override[2] - now.timestamp() + 0.05)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.05, wait))
             self.apply()
 
     async def stop(self) -> None:
@@ -107,4 +131,8 @@ class Schedule:
         self.apply()
 
     def status(self) -> dict[str, Any]:
-        return {"state": "running" if self._task else "stopped", "down": self.down.rate, "up": self.up.rate}
+        state = "running" if self._task else "stopped"
+        out: dict[str, Any] = {"state": state, "down": self.down.rate, "up": self.up.rate}
+        if self.override is not None:
+            out["override_until"] = round(self.override[2], 3)
+        return out

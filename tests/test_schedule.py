@@ -78,3 +78,31 @@ def test_sighup_changes_the_rates_of_a_running_daemon(tmp_path: Path, noded_fact
         time.sleep(0.1)
     assert body["components"]["schedule"] == {"state": "running", "down": 7_000_000, "up": None}
     node.stop()
+
+
+def test_api_overrides_the_timetable_for_a_while(noded_factory: Any) -> None:
+    token = "s3cret-token-for-tests"
+    node = noded_factory(schedule={"default_down": "1MB/s"}, env={"NODED_API_TOKEN": token})
+    auth = {"Authorization": f"Bearer {token}"}
+    status, body = node.get("/v1/schedule", method="PUT", body={"down": "5MB/s", "up": None, "seconds": 60})
+    assert status == 401
+    status, body = node.get("/v1/schedule", method="PUT", body={"down": "fast", "seconds": 60}, headers=auth)
+    assert status == 400 and "down" in body["error"]["message"]
+    status, body = node.get("/v1/schedule", method="PUT", body={"down": "5MB/s", "bogus": 1}, headers=auth)
+    assert status == 400 and "bogus" in body["error"]["message"]
+    status, body = node.get("/v1/schedule", method="PUT", body={"down": "5MB/s", "seconds": 60}, headers=auth)
+    assert status == 200 and body["down"] == 5_000_000 and "override_until" in body
+    _, body = node.get("/v1/schedule")
+    assert body["down"] == 5_000_000 and body["timetable"]["default_down"] == 1_000_000
+    status, body = node.get("/v1/schedule", method="DELETE", headers=auth)
+    assert status == 200 and body["down"] == 1_000_000 and "override_until" not in body
+    # A short override ends by itself.
+    node.get("/v1/schedule", method="PUT", body={"down": None, "seconds": 0.3}, headers=auth)
+    assert node.get("/v1/schedule")[1]["down"] is None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and node.get("/v1/schedule")[1]["down"] != 1_000_000:
+        time.sleep(0.1)
+    assert node.get("/v1/schedule")[1]["down"] == 1_000_000
+    status, body = node.get("/v1/catalog/refresh", method="POST", body={}, headers=auth)
+    assert status == 202
+    node.stop()

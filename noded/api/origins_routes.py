@@ -1,0 +1,82 @@
+"""API of the origins issue: the bandwidth timetable (read, temporary override) and catalog refresh.
+
+GET    /v1/schedule                 rates in force, the override if any, the configured timetable
+PUT    /v1/schedule                 {"down": "10MB/s"|null, "up": ..., "seconds": 3600}  (token)
+DELETE /v1/schedule                 drop the override, back to the timetable                 (token)
+POST   /v1/catalog/refresh          refresh every origin's catalog now                      (token)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from noded.api.app import NODE_KEY
+from noded.api.auth import require_token
+from noded.api.errors import ApiError, read_json
+from noded.schedule import Schedule
+from noded.units import parse_rate
+
+MAX_OVERRIDE_SECONDS = 7 * 86400
+
+
+def _schedule(request: web.Request) -> Schedule:
+    sched = request.app[NODE_KEY].get("schedule")
+    if not isinstance(sched, Schedule):
+        raise ApiError(503, "the schedule component is not running")
+    return sched
+
+
+def _rate(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if (value is not None and not isinstance(value, str | int)) or isinstance(value, bool):
+        raise ApiError(400, f'{key} must be a rate such as "10MB/s", a number of bytes per second, or null')
+    try:
+        return parse_rate(value)
+    except ValueError as e:
+        raise ApiError(400, f"{key}: {e}") from None
+
+
+async def get_schedule(request: web.Request) -> web.Response:
+    sched = _schedule(request)
+    return web.json_response({**sched.status(), "timetable": sched.cfg.model_dump()})
+
+
+async def put_schedule(request: web.Request) -> web.Response:
+    require_token(request)
+    sched = _schedule(request)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, 'expected a JSON object like {"down": "10MB/s", "up": null, "seconds": 3600}')
+    unknown = set(body) - {"down", "up", "seconds"}
+    if unknown:
+        raise ApiError(400, f"unknown fields {sorted(unknown)}; expected down, up, seconds")
+    seconds = body.get("seconds", 3600)
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds <= MAX_OVERRIDE_SECONDS:
+        raise ApiError(400, f"seconds must be a number in (0, {MAX_OVERRIDE_SECONDS}]")
+    sched.set_override(_rate(body, "down"), _rate(body, "up"), float(seconds))
+    return web.json_response(sched.status())
+
+
+async def delete_schedule(request: web.Request) -> web.Response:
+    require_token(request)
+    sched = _schedule(request)
+    sched.clear_override()
+    return web.json_response(sched.status())
+
+
+async def refresh_catalog(request: web.Request) -> web.Response:
+    require_token(request)
+    origins = request.app[NODE_KEY].get("origins")
+    if origins is None:
+        raise ApiError(503, "the origins component is not running")
+    origins.refresh_soon()
+    return web.json_response({"refresh": "started"}, status=202)
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/v1/schedule", get_schedule)
+    app.router.add_put("/v1/schedule", put_schedule)
+    app.router.add_delete("/v1/schedule", delete_schedule)
+    app.router.add_post("/v1/catalog/refresh", refresh_catalog)
