@@ -404,6 +404,12 @@ class _Pull:
         if st is None:
             await self.c._run_io(_discard, self.partial)
             st, first = await self._probe()
+            if self.expected_size is not None and st.size is not None and st.size != self.expected_size:
+                if first is not None:
+                    self._release_first(first)
+                # The listing is stale or the origin serves something else: no point in fetching it.
+                msg = f"{self.url} is {st.size} bytes, the listing says {self.expected_size}"
+                raise FetchError(msg, retryable=False)
         else:
             log.info("fetch.resume", url=self.url, have=sum(s.done for s in st.segments), size=st.size)
         self.state = st

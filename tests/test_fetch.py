@@ -218,3 +218,21 @@ async def test_missing_file_is_not_retried(aiohttp_server: Any, tmp_path: Path) 
     with pytest.raises(FetchError) as e:
         await pull(server, "/nope", tmp_path / "p")
     assert not e.value.retryable
+
+
+async def test_empty_file(aiohttp_server: Any, tmp_path: Path) -> None:
+    origin = Origin()
+    origin.add("/e", b"")
+    server = await serve(aiohttp_server, origin)
+    result, _ = await pull(server, "/e", tmp_path / "p", expected_size=0)
+    check(result, b"")
+    assert (tmp_path / "p").read_bytes() == b""
+
+
+async def test_size_differing_from_the_listing_fails_before_the_transfer(aiohttp_server: Any, tmp_path: Path) -> None:
+    origin = Origin()
+    origin.add("/a", os.urandom(3 * MiB))
+    server = await serve(aiohttp_server, origin)
+    with pytest.raises(FetchError, match="listing says"):
+        await pull(server, "/a", tmp_path / "p", expected_size=2 * MiB)
+    assert origin.sent("/a") <= MiB  # only (part of) the first probe range went over the wire
