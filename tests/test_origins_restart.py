@@ -82,3 +82,32 @@ def test_sigkill_mid_pull_resumes_without_refetching(tmp_path: Path, noded_facto
         events = [e["event"] for e in node.log_events()]
         assert "fetch.resume" in events and "pull.cached" in events
         node.stop()
+
+
+def test_sigterm_mid_pull_stops_cleanly_and_resumes(tmp_path: Path, noded_factory: Any) -> None:
+    size = 48 * MiB
+    data = os.urandom(size)
+    md5 = hashlib.md5(data).hexdigest()
+    s3 = RawS3Server()
+    s3.pages[""] = s3_page([("d/mid.bin", size, md5)], None, None, name="b")
+    files = Origin()
+    blob = files.add("/b/d/mid.bin", data, rate=3 * MiB)
+    app = web.Application()
+    app.router.add_get("/{bucket}", s3.list)
+    app.router.add_route("GET", "/{tail:.*}", files.handle)
+    with ThreadedOrigin(app) as origin:
+        node = noded_factory(
+            origins={"sourcecoop": {"enabled": True, "endpoint": origin.url, "bucket": "b"}},
+            fetch={"segment_size": "8MiB", "segments_per_item": 4},
+        )
+        wait_for(lambda: files.sent("/b/d/mid.bin") > size * 0.3, 60, "the pull never got going")
+        assert node.stop(signal.SIGTERM) == 0
+        events = [e["event"] for e in node.log_events()]
+        assert "daemon.stopped" in events and "pull.cached" not in events
+        blob.rate = None
+        node.start()
+        wait_for(lambda: node.get("/v1/status")[1]["items"]["cached"] == 1, 60, "the pull did not complete")
+        final = Path(node.config).parent / "cache" / "d" / "mid.bin"
+        assert final.read_bytes() == data
+        assert files.sent("/b/d/mid.bin") - size < 2 * 8 * MiB
+        node.stop()
