@@ -15,7 +15,7 @@ from noded.config import FetchConfig
 from noded.fetch import HttpClient, state_path
 from noded.sources import FetchError
 from noded.traffic import Traffic
-from tests.origin import Blob, Origin
+from tests.origin import Blob, ConnectionCountingProxy, Origin
 
 MiB = 1024 * 1024
 
@@ -167,17 +167,22 @@ async def test_per_host_cap_is_never_exceeded(aiohttp_server: Any, tmp_path: Pat
     for path, data in blobs.items():
         origin.add(path, data, rate=8 * MiB)
     server = await serve(aiohttp_server, origin)
+    proxy = await ConnectionCountingProxy(server.port).start()  # counts TCP connections at the origin side
     client = HttpClient(fcfg(max_connections_per_host=2, segment_size=MiB // 2, segments_per_item=4), Traffic())
     await client.start()
+    base = f"http://127.0.0.1:{proxy.port}"
     try:
         results = await asyncio.gather(
-            *(client.download(str(server.make_url(p)), tmp_path / p.strip("/"), channel="t") for p in blobs)
+            *(client.download(base + p, tmp_path / p.strip("/"), channel="t") for p in blobs)
         )
     finally:
         await client.close()
+        await proxy.close()
     for r, data in zip(results, blobs.values(), strict=True):
         check(r, data)
-    assert origin.max_in_flight == 2
+    assert origin.max_in_flight == 2  # requests in flight
+    assert proxy.max_open == 2  # and TCP connections open at once
+    assert len(origin.log) == 4 * 4  # 4 files of 4 segments each
 
 
 async def test_resume_after_interruption_reuses_bytes_on_disk(aiohttp_server: Any, tmp_path: Path) -> None:
