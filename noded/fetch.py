@@ -392,6 +392,7 @@ class _Pull:
         self.hashed = 0
         self.finished = False
         self._fd_users: set[concurrent.futures.Future[Any]] = set()
+        self._first: aiohttp.ClientResponse | None = None  # the probe's response, until a worker takes it
 
     async def run(self) -> HashResult:
         cfg = self.c.cfg
@@ -423,8 +424,10 @@ class _Pull:
             for s in pending:
                 queue.put_nowait(s)
             workers = max(1, min(cfg.segments_per_item, len(pending)) if st.ranges else 1)
-            tasks = [asyncio.create_task(self._worker(queue, first if i == 0 else None)) for i in range(workers)]
-            first = None
+            # The probe's open response goes to whichever worker starts first; if none ever starts
+            # (cancelled at once), the finally below gives its connection slot back.
+            self._first, first = first, None
+            tasks = [asyncio.create_task(self._worker(queue)) for _ in range(workers)]
             try:
                 await asyncio.gather(*tasks)
             finally:
@@ -444,6 +447,9 @@ class _Pull:
         finally:
             if first is not None:
                 self._release_first(first)
+            if self._first is not None:
+                self._release_first(self._first)
+                self._first = None
             ckpt_task.cancel()
             hash_task.cancel()
             await asyncio.gather(ckpt_task, hash_task, return_exceptions=True)
@@ -538,24 +544,27 @@ class _Pull:
         return st, resp
 
     # -- segment workers --------------------------------------------------------------------------
-    async def _worker(self, queue: asyncio.Queue[Segment], first: aiohttp.ClientResponse | None) -> None:
-        while True:
-            try:
-                seg = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                if first is not None:
-                    self._release_first(first)
-                return
-            try:
-                async for attempt in self.c._retrying():
-                    with attempt:
-                        if first is not None:
-                            resp, first = first, None
-                            await self._stream_first(seg, resp)
-                        else:
-                            await self._segment_once(seg)
-            except Retryable as e:
-                raise FetchError(f"{self.url}: segment at {seg.start} failed after retries: {e}") from None
+    async def _worker(self, queue: asyncio.Queue[Segment]) -> None:
+        first, self._first = self._first, None
+        try:
+            while True:
+                try:
+                    seg = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                try:
+                    async for attempt in self.c._retrying():
+                        with attempt:
+                            if first is not None:
+                                resp, first = first, None
+                                await self._stream_first(seg, resp)
+                            else:
+                                await self._segment_once(seg)
+                except Retryable as e:
+                    raise FetchError(f"{self.url}: segment at {seg.start} failed after retries: {e}") from None
+        finally:
+            if first is not None:  # never streamed (nothing to do, or cancelled first)
+                self._release_first(first)
 
     def _release_first(self, resp: aiohttp.ClientResponse) -> None:
         """Give back the probe's response and the connection slot it holds."""
