@@ -82,6 +82,19 @@ class Traffic:
             p, self.pending = self.pending, {}
         return p
 
+    def snapshot_pending(self) -> dict[tuple[int, str, str], Counter]:
+        """A copy of the counts not flushed yet (for reads that merge them with the stored buckets)."""
+        with self._lock:
+            return {k: Counter(c.bytes, c.requests, c.errors) for k, c in self.pending.items()}
+
+    def totals_by_channel(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Counts since the process started: channel -> direction -> bytes/requests/errors."""
+        with self._lock:
+            out: dict[str, dict[str, dict[str, int]]] = {}
+            for (ch, d), c in sorted(self.totals.items()):
+                out.setdefault(ch, {})[d] = {"bytes": c.bytes, "requests": c.requests, "errors": c.errors}
+            return out
+
     def restore_pending(self, p: dict[tuple[int, str, str], Counter]) -> None:
         """Put back counts a failed flush did not write, so none are lost."""
         with self._lock:
