@@ -88,6 +88,8 @@ class ZenodoOrigin:
         app.router.add_get("/", self._root)
         app.router.add_get("/api/records/{rid}", self._record)
         app.router.add_get("/api/records/{rid}/files/{name}/content", self._content)
+        # Path-style S3 object GETs (Source Cooperative's shape): same Range/ETag semantics.
+        app.router.add_get("/{account}/{repo}/{name}", self._content)
         self.server = ThreadedServer(app, port).start()
 
     @property
@@ -96,6 +98,9 @@ class ZenodoOrigin:
 
     def file_url(self, name: str) -> str:
         return f"{self.base_url}/api/records/{self.record_id}/files/{name}/content"
+
+    def s3_url(self, name: str) -> str:
+        return f"{self.base_url}/dataforcanada/d4c/{name}"
 
     @staticmethod
     def etag(data: bytes) -> str:
