@@ -147,6 +147,7 @@ def test_locate_ranking_follows_mirror_status_and_reports(noded_factory: Any) ->
 
         wait_for(lambda: mirrors()["zenodo"] == "up" and mirrors()["sourcecoop"] == "up", what="origins up")
         status, body = node.get("/v1/locate/da.parquet")
+        assert status == 200
         assert body["places"][0]["kind"] == "node" and body["places"][0]["reason"].startswith("this node holds")
         assert body["places"][0]["url"].endswith("/da.parquet")
         assert set(_order(node)[1:]) == {"sourcecoop", "zenodo"}
