@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -147,3 +148,49 @@ def test_valid_report() -> None:
         {"zenodo"},
     )
     assert (r.item, r.contact, len(r.detail)) == ("census/da.parquet", "a@b", 512)
+
+
+def test_traffic_rates_over_the_window_and_pending_buckets() -> None:
+    from noded.traffic import Traffic
+
+    t = Traffic(window=10.0)
+    t.add("zenodo", "in", 1000, now=100.0)
+    t.add("zenodo", "in", 3000, now=105.0)
+    t.add("peer:amsterdam", "out", 500, requests=1, now=106.0)
+    assert t.rates(now=106.0) == {"zenodo": {"in": 400.0, "out": 0.0}, "peer:amsterdam": {"in": 0.0, "out": 50.0}}
+    assert t.rates(now=112.0) == {"zenodo": {"in": 300.0, "out": 0.0}, "peer:amsterdam": {"in": 0.0, "out": 50.0}}
+    assert t.rates(now=200.0) == {}
+    t.add("zenodo", "in", 7, now=3600.0)  # the next hour: its own bucket
+    p = t.take_pending()
+    assert p[(0, "zenodo", "in")].bytes == 4000 and p[(1, "zenodo", "in")].bytes == 7
+    assert t.take_pending() == {}
+    t.restore_pending(p)  # a failed flush loses nothing
+    assert t.snapshot_pending()[(0, "zenodo", "in")].bytes == 4000
+    assert t.totals_by_channel()["zenodo"]["in"]["bytes"] == 4007
+
+
+async def test_flush_merges_into_buckets_and_reads_never_double_count(tmp_path: Path) -> None:
+    from noded.store import Store
+    from noded.traffic import Traffic
+    from noded.traffic_recorder import buckets_since, flush_pending
+
+    store = Store(tmp_path / "s.sqlite3")
+    await store.open()
+    try:
+        t = Traffic()
+        t.add("r2", "out", 100, requests=1, now=7200.0)
+        assert (await store.run(buckets_since, store, t, 0))[(2, "r2", "out")].bytes == 100  # pending only
+        assert await store.run(flush_pending, store, t) == 1
+        t.add("r2", "out", 50, now=7300.0)
+        merged = await store.run(buckets_since, store, t, 0)
+        assert merged[(2, "r2", "out")].bytes == 150 and merged[(2, "r2", "out")].requests == 1
+        await store.run(flush_pending, store, t)
+        assert (await store.run(buckets_since, store, t, 0))[(2, "r2", "out")].bytes == 150
+        assert (await store.run(buckets_since, store, t, 3)) == {}
+    finally:
+        await store.close()
+    # A flush that cannot write puts the counts back.
+    t.add("r2", "out", 9, now=7300.0)
+    with pytest.raises(Exception, match="not open"):
+        flush_pending(store, t)
+    assert t.snapshot_pending()[(2, "r2", "out")].bytes == 9
