@@ -22,6 +22,7 @@ from noded.logs import configure as configure_logging
 from noded.logs import get_logger
 from noded.metrics import Metrics
 from noded.probe import Prober
+from noded.reverify import ReverifyQueue
 from noded.sdnotify import Notifier, watchdog_interval
 from noded.store import Store
 from noded.traffic_recorder import TrafficRecorder
@@ -73,7 +74,7 @@ class Daemon:
         """Every component in start order. The store first, the API last (READY means serving)."""
         comps: list[Component] = [StoreComponent(self.store)]
         # -- transparency (issue 7): traffic buckets, metrics, mirror probes, their API routes --
-        comps += [TrafficRecorder(self.node), Metrics(self.node), Prober(self.node)]
+        comps += [TrafficRecorder(self.node), Metrics(self.node), Prober(self.node), ReverifyQueue(self.node)]
         self.routes += TRANSPARENCY_ROUTES
         # -- end transparency --
         comps.append(ApiServer(self.node, self.routes, api_token(self.cfg)))
