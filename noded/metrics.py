@@ -3,8 +3,8 @@
 Labels are low-cardinality by construction: channel (origins, configured peers and seed targets, the
 API), direction, state, mirror (configured mirrors only), window. Never an item key.
 
-Components that want their own numbers exported (the libtorrent session's counters, for instance)
-expose `metrics() -> Mapping[str, float]`; each entry becomes the gauge `noded_<component>_<name>`.
+Each component's numbers are exported too: those of `metrics() -> Mapping[str, float]` when it has
+one (the libtorrent session's counters, for instance), else the numeric fields of its status().
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ log = get_logger("noded.metrics")
 LAG_INTERVAL = 0.1
 LAG_WINDOW = 60.0  # seconds of samples behind the p50/p99 shown in status()
 _BAD = re.compile(r"[^a-zA-Z0-9_]")
+_ABBREVIATED_UNIT = re.compile(r"_(ms|us|ns|kb|mb|gb|kib|mib|gib|pct|percent)$")
 
 
 def _metric_name(*parts: str) -> str:
@@ -38,8 +39,9 @@ def _metric_name(*parts: str) -> str:
 
 
 class NodeCollector(Collector):
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, owner: object = None) -> None:
         self.node = node
+        self.owner = owner
         # Store-backed figures, refreshed (off the loop) just before each scrape renders.
         self.items_by_state: dict[str, int] = {}
         self.cache_summary: dict[str, int] = {}
@@ -125,22 +127,43 @@ class NodeCollector(Collector):
         yield from (up, status, lat, upt, errs, reports)
 
     def _component_metrics(self) -> Iterator[Any]:
+        """Numbers each component reports: `metrics()` when it has one, else the numeric part of status().
+
+        Flat numbers become `noded_<component>_<key>`; a dict of numbers (e.g. torrents by state) becomes
+        one gauge with a `key` label. Both come from fixed status fields, so cardinality stays bounded.
+        """
+        seen: set[str] = set()
         for cname, comp in list(self.node.components.items()):
+            if comp is self.owner:
+                continue  # our own lag figures are exported as a histogram already
             fn = getattr(comp, "metrics", None)
-            if not callable(fn):
-                continue
             try:
-                values = fn()
+                values = fn() if callable(fn) else comp.status()
             except Exception as e:  # a broken component must not break the scrape
                 log.warning("metrics.component_failed", component=cname, error=str(e))
                 continue
             if not isinstance(values, Mapping):
                 continue
             for k, v in sorted(values.items()):
-                if isinstance(v, int | float) and not isinstance(v, bool):
-                    g = GaugeMetricFamily(_metric_name("noded", cname, str(k)), f"{cname} {k}")
+                name = _metric_name("noded", cname, str(k))
+                # Prometheus names carry base units: "_ms" style fields are left out.
+                if name in seen or _ABBREVIATED_UNIT.search(name):
+                    continue
+                if _number(v):
+                    seen.add(name)
+                    g = GaugeMetricFamily(name, f"{cname} {k}")
                     g.add_metric([], float(v))
                     yield g
+                elif isinstance(v, Mapping) and v and all(_number(x) for x in v.values()) and len(v) <= 50:
+                    seen.add(name)
+                    g = GaugeMetricFamily(name, f"{cname} {k}", labels=["key"])
+                    for sub, x in sorted(v.items()):
+                        g.add_metric([str(sub)], float(x))
+                    yield g
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 class Metrics:
@@ -151,7 +174,7 @@ class Metrics:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = NodeCollector(node)
+        self.collector = NodeCollector(node, owner=self)
         self.registry.register(self.collector)
         self.lag = Histogram(
             "noded_event_loop_lag_seconds",

@@ -89,6 +89,7 @@ def test_exact_counts_restart_quiet_hours_promtool_and_status(noded_factory: Any
     assert metric(text, "noded_cache_budget_bytes") is None  # no labels: matched below
     assert re.search(r"^noded_cache_budget_bytes 1e\+09$", text, re.M)
     assert re.search(r"^noded_event_loop_lag_seconds_count \d", text, re.M)
+    assert re.search(r"^noded_probe_rounds 1\.0$", text, re.M)  # components' numeric status fields
     assert "da.parquet" not in text  # never a label per item
     check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True)
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
