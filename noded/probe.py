@@ -321,6 +321,9 @@ class Prober:
             out = Outcome(False, None, f"unreachable: {e.__class__.__name__}: {e}"[:300])
         except OSError as e:
             out = Outcome(False, None, f"unreachable: {e.strerror or e}"[:300])
+        except Exception as e:  # one odd answer must not cost the other mirrors their round
+            log.warning("probe.error", mirror=t.name, error=str(e), exc_info=True)
+            out = Outcome(False, None, f"probe error: {e.__class__.__name__}: {e}"[:300])
         self.node.traffic.add(t.channel, "out", 0, requests=1, errors=0 if out.ok else 1)
         if out.ok and out.latency_ms is not None and out.latency_ms > self.cfg.probe.slow_seconds * 1000:
             out = Outcome(

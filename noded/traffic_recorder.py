@@ -167,14 +167,14 @@ class TrafficRecorder:
         now_hour = int(now // 3600)
         store, traffic = self.node.store, self.node.traffic
         buckets = await store.run(buckets_since, store, traffic, now_hour - 23)
-        hours: list[dict[str, Any]] = []
+        by_hour: dict[int, dict[str, dict[str, int]]] = {}
         totals_24h: dict[str, dict[str, int]] = {}
+        for (bh, ch, d), c in buckets.items():
+            by_hour.setdefault(bh, {}).setdefault(ch, {"in": 0, "out": 0})[d] += c.bytes
+            totals_24h.setdefault(ch, {"in": 0, "out": 0})[d] += c.bytes
+        hours: list[dict[str, Any]] = []
         for h in range(now_hour - 23, now_hour + 1):
-            channels: dict[str, dict[str, int]] = {}
-            for (bh, ch, d), c in buckets.items():
-                if bh == h:
-                    channels.setdefault(ch, {"in": 0, "out": 0})[d] += c.bytes
-                    totals_24h.setdefault(ch, {"in": 0, "out": 0})[d] += c.bytes
+            channels = by_hour.get(h, {})
             hours.append(
                 {
                     "hour_start": h * 3600,
