@@ -106,6 +106,15 @@ MIGRATIONS: list[str] = [
         hashes BLOB NOT NULL
     );
     """,
+    # 4: copies to re-verify against the origin checksum (a `corrupt` community report asks for it)
+    """
+    CREATE TABLE verify_queue (
+        item_id INTEGER PRIMARY KEY REFERENCES items(id) ON DELETE CASCADE,
+        reason TEXT NOT NULL,
+        report_id INTEGER,
+        requested_at REAL NOT NULL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
