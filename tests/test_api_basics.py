@@ -101,6 +101,9 @@ def test_logging_scrubs_registered_secrets(capsys) -> None:  # type: ignore[no-u
     except RuntimeError:
         log.exception("x.failed")
     out = capsys.readouterr().out
+    import structlog
+
+    structlog.reset_defaults()
     assert "hunter2-but-longer" not in out
     assert "abc123456" not in out
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, free_port, http_json
-from transparency_helpers import ZenodoOrigin, seed_item, wait_for
+
+from tests.conftest import ROOT, free_port, http_json
+from tests.transparency_helpers import ZenodoOrigin, seed_item, wait_for
 
 CHROMIUM = shutil.which("chromium")
 ARTIFACTS = ROOT / "artifacts"

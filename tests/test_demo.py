@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, noded_env
+from tests.conftest import ROOT, noded_env
 
 
 def test_demo_starts_origin_and_two_nodes_and_cleans_up(tmp_path: Path) -> None:

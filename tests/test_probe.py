@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import base_config, free_port, to_toml
-from transparency_helpers import PeerReadyz, ZenodoOrigin, seed_item
 
 from noded.component import Node
 from noded.config import parse_config
 from noded.mirror_state import MirrorStatus
 from noded.probe import Prober
 from noded.store import Store
+from tests.conftest import base_config, free_port, to_toml
+from tests.transparency_helpers import PeerReadyz, ZenodoOrigin, seed_item
 
 DATA = bytes(range(256)) * 40  # 10240 bytes: the probe reads the first 4096
 

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port, http_json
-from transparency_helpers import ZenodoOrigin, query, seed_item, wait_for
+
+from tests.conftest import free_port, http_json
+from tests.transparency_helpers import ZenodoOrigin, query, seed_item, wait_for
 
 DATA = b"geoparquet bytes " * 300
 TOKEN = "test-moderator-token-123"

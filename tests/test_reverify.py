@@ -11,14 +11,13 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from conftest import base_config, to_toml
-from transparency_helpers import seed_item
-
 from noded.component import Node
 from noded.config import parse_config
 from noded.reports import NewReport, insert_report, pending_verifications
 from noded.reverify import ReverifyQueue, verdict
 from noded.store import Store
+from tests.conftest import base_config, to_toml
+from tests.transparency_helpers import seed_item
 
 DATA = b"census " * 1000
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, free_port, noded_env
-from transparency_helpers import PeerReadyz, ZenodoOrigin, seed_item, wait_for
+
+from tests.conftest import ROOT, free_port, noded_env
+from tests.transparency_helpers import PeerReadyz, ZenodoOrigin, seed_item, wait_for
 
 DATA = bytes(range(256)) * 40  # 10240 bytes; a probe reads the first 4096
 QUIET = {2, 3, 4}  # UTC hours the injected history leaves quiet
