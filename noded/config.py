@@ -343,6 +343,12 @@ class ReportsConfig(_Section):
     max_open: int = Field(10_000, ge=1)
 
 
+class TrafficConfig(_Section):
+    flush_interval: Seconds = 10.0  # how often counters are written into the hourly buckets
+    retention_days: int = Field(30, ge=1, le=366)  # hourly buckets older than this are pruned
+    quiet_hours: int = Field(6, ge=1, le=24)  # how many hours of the coming day /v1/traffic advises
+
+
 class Config(_Section):
     node: NodeConfig
     paths: PathsConfig
@@ -359,6 +365,7 @@ class Config(_Section):
     schedule: ScheduleConfig = ScheduleConfig()
     probe: ProbeConfig = ProbeConfig()
     reports: ReportsConfig = ReportsConfig()
+    traffic: TrafficConfig = TrafficConfig()
 
     @model_validator(mode="after")
     def _unique(self) -> Config:
@@ -552,7 +559,7 @@ def load_and_check(path: Path, *, check_ports: bool = True) -> Config:
 
 
 # Sections a SIGHUP can change in place; anything else needs a restart.
-RELOADABLE = frozenset({"schedule", "origins", "log", "probe", "reports", "peers", "seed_targets"})
+RELOADABLE = frozenset({"schedule", "origins", "log", "probe", "reports", "peers", "seed_targets", "traffic"})
 
 
 def diff_sections(old: Config, new: Config) -> tuple[list[str], list[str]]:

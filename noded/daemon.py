@@ -16,14 +16,19 @@ from typing import Any
 
 from noded.api import origins_routes
 from noded.api.app import ApiServer, RouteSetup
+from noded.api.transparency import ROUTES as TRANSPARENCY_ROUTES
 from noded.component import Component, Node, Reloadable
 from noded.config import Config, ConfigError, diff_sections, load_config, read_secret
 from noded.logs import configure as configure_logging
 from noded.logs import get_logger
+from noded.metrics import Metrics
 from noded.origins import Origins
+from noded.probe import Prober
+from noded.reverify import ReverifyQueue
 from noded.schedule import Schedule
 from noded.sdnotify import Notifier, watchdog_interval
 from noded.store import Store
+from noded.traffic_recorder import TrafficRecorder
 from noded.units import format_size
 
 log = get_logger("noded.daemon")
@@ -71,6 +76,10 @@ class Daemon:
     def build(self) -> list[Component]:
         """Every component in start order. The store first, the API last (READY means serving)."""
         comps: list[Component] = [StoreComponent(self.store)]
+        # -- transparency (issue 7): traffic buckets, metrics, mirror probes, their API routes --
+        comps += [TrafficRecorder(self.node), Metrics(self.node), Prober(self.node), ReverifyQueue(self.node)]
+        self.routes += TRANSPARENCY_ROUTES
+        # -- end transparency --
         # -- origins (issue 3): bandwidth timetable, catalog refresh and the pull pipeline --------
         # Peer/R2 sources plug in with origins.sources_first.append(...) / sources_last.append(...).
         self.schedule = Schedule(self.cfg.schedule)

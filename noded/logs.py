@@ -72,7 +72,8 @@ def configure(fmt: str = "auto", level: str = "info", secrets: Iterable[str | No
     structlog.configure(
         processors=[*shared, _scrub_processor, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        # No fixed file: each logger writes to the sys.stdout of its time (tests swap it).
+        logger_factory=structlog.PrintLoggerFactory(),
         cache_logger_on_first_use=False,
     )
     # Libraries that use stdlib logging (boto3, aiohttp access log) go through the same scrubber.

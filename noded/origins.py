@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from noded.hashing import hash_file
 from noded.layout import CacheLayout, UnsafePath, disk_bytes, publish
 from noded.logs import get_logger
 from noded.model import CatalogEntry, HashResult, Item, State
+from noded.rendezvous import decide
 from noded.schedule import TokenBucket
 from noded.sources import FetchError, Source
 from noded.store import Store
@@ -60,12 +60,6 @@ def mismatch(item: Item, got: HashResult) -> str | None:
     return None
 
 
-def rendezvous(key: str, names: Sequence[str]) -> list[str]:
-    """Nodes ranked for fetching `key` from an origin (highest random weight first). Every node
-    computes the same ranking without talking to the others, and it extends to more nodes."""
-    return sorted(names, key=lambda n: hashlib.sha256(f"{key}\0{n}".encode()).digest(), reverse=True)
-
-
 def order_sources(
     first: Sequence[Source],
     middle: Sequence[Source],
@@ -82,7 +76,7 @@ def order_sources(
     return [*first, *sorted(middle, key=rank), *last]
 
 
-# -- suspect copies (migration 4) ----------------------------------------------------------------
+# -- suspect copies (migration 5) ----------------------------------------------------------------
 def mark_suspect(store: Store, key: str, version: int, location: str, reason: str) -> None:
     with store.tx() as c:
         c.execute(
@@ -420,11 +414,10 @@ class Origins:
         cfg = self.node.cfg
         if not cfg.peers:
             return None
-        owner = rendezvous(item.key, [cfg.node.name, *(p.name for p in cfg.peers)])[0]
-        if owner == cfg.node.name or not self.peer_up(owner):
-            return None
-        until = item.created_at + cfg.fetch.peer_wait
-        return until if (time.time() if now is None else now) < until else None
+        now = time.time() if now is None else now
+        up = [p.name for p in cfg.peers if self.peer_up(p.name)]
+        d = decide(item.key, cfg.node.name, up, [], waited=now - item.created_at, peer_wait=cfg.fetch.peer_wait)
+        return item.created_at + cfg.fetch.peer_wait if d.action == "wait" else None
 
     async def _defer_to_owner(self, item: Item) -> bool:
         """Fetch once, replicate: while another node owns the first fetch, only a peer source may serve."""

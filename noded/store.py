@@ -106,7 +106,16 @@ MIGRATIONS: list[str] = [
         hashes BLOB NOT NULL
     );
     """,
-    # 4: origin copies whose bytes did not verify, per item version (the pull skips them)
+    # 4: copies to re-verify against the origin checksum (a `corrupt` community report asks for it)
+    """
+    CREATE TABLE verify_queue (
+        item_id INTEGER PRIMARY KEY REFERENCES items(id) ON DELETE CASCADE,
+        reason TEXT NOT NULL,
+        report_id INTEGER,
+        requested_at REAL NOT NULL
+    );
+    """,
+    # 5: origin copies whose bytes did not verify, per item version (the pull skips them)
     """
     CREATE TABLE suspects (
         key TEXT NOT NULL,

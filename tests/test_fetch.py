@@ -89,9 +89,10 @@ async def test_broken_body_resumes_from_the_break(aiohttp_server: Any, tmp_path:
     server = await serve(aiohttp_server, origin)
     result, traffic = await pull(server, "/a", tmp_path / "p", expected_size=len(data))
     check(result, data)
-    again = [e for e in origin.log if e.range == f"bytes={MiB + 300 * 1024}-{2 * MiB - 1}"]
-    assert len(again) == 1, [e.range for e in origin.log]
-    assert origin.sent("/a") == len(data)
+    # The retry starts where the written bytes stopped (a reset may lose what was still in flight).
+    starts = [int(e.range[6:].split("-")[0]) for e in origin.log if e.range and e.range.endswith(f"-{2 * MiB - 1}")]
+    assert len(starts) == 2 and MiB <= starts[1] <= MiB + 300 * 1024, [e.range for e in origin.log]
+    assert origin.sent("/a") - len(data) <= 300 * 1024  # at most the broken tail was served twice
     assert traffic.totals[("test", "in")].errors >= 1
 
 

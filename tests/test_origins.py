@@ -17,7 +17,8 @@ from noded.component import Node
 from noded.config import parse_config
 from noded.hashing import hash_file
 from noded.model import HashResult, Item, State
-from noded.origins import Origins, mismatch, order_sources, rendezvous, suspects
+from noded.origins import Origins, mismatch, order_sources, suspects
+from noded.rendezvous import rank
 from noded.store import Store
 from tests.catalog_servers import ArchiveServer, ZenodoServer, ia_file, ia_metadata, zenodo_file, zenodo_record
 from tests.conftest import base_config, to_toml
@@ -280,22 +281,12 @@ async def test_per_origin_and_global_item_caps(servers: Servers, make: Factory, 
     assert overlap == 2  # fetch.max_items_per_origin, although max_concurrent_items is 4
 
 
-def test_rendezvous_is_stable_and_spreads_keys() -> None:
-    names = ["toronto", "amsterdam"]
-    owners = [rendezvous(f"k{i}", names)[0] for i in range(200)]
-    assert owners == [rendezvous(f"k{i}", list(reversed(names)))[0] for i in range(200)]  # order-free
-    assert 60 < owners.count("toronto") < 140  # both nodes own a fair share
-    # A third node takes keys only from the others, never reshuffles the rest.
-    three = [rendezvous(f"k{i}", [*names, "calgary"])[0] for i in range(200)]
-    assert all(t == o for t, o in zip(three, owners, strict=True) if t != "calgary")
-
-
 async def test_the_rendezvous_owner_fetches_others_wait_then_fall_back(
     servers: Servers, make: Factory, tmp_path: Path
 ) -> None:
     keys = [f"r{i}.bin" for i in range(12)]
-    mine = next(k for k in keys if rendezvous(k, ["toronto", "amsterdam"])[0] == "toronto")
-    theirs = next(k for k in keys if rendezvous(k, ["toronto", "amsterdam"])[0] == "amsterdam")
+    mine = next(k for k in keys if rank(k, ["toronto", "amsterdam"])[0] == "toronto")
+    theirs = next(k for k in keys if rank(k, ["toronto", "amsterdam"])[0] == "amsterdam")
     rid = 11
     files = []
     for key in (mine, theirs):
@@ -321,7 +312,7 @@ async def test_the_rendezvous_owner_fetches_others_wait_then_fall_back(
 
 
 async def test_a_down_owner_is_not_waited_for(servers: Servers, make: Factory) -> None:
-    key = next(k for k in (f"d{i}" for i in range(50)) if rendezvous(k, ["toronto", "amsterdam"])[0] == "amsterdam")
+    key = next(k for k in (f"d{i}" for i in range(50)) if rank(k, ["toronto", "amsterdam"])[0] == "amsterdam")
     servers.publish(key, os.urandom(1000))
     peer = {"name": "amsterdam", "api_url": "http://127.0.0.1:9", "bittorrent": "127.0.0.1:9"}
     o = await make(peers=[peer])

@@ -77,6 +77,13 @@ async def build_status(node: Node) -> dict[str, Any]:
         except Exception as e:  # a broken status() must not break /v1/status
             comps[name] = {"state": "error", "error": str(e)}
     cache = comps.get("cache", {})
+    extra: dict[str, Any] = {}
+    # Mirrors and quiet hours, when the transparency components run (`noded status` prints them).
+    prober, recorder = node.get("probe"), node.get("traffic")
+    if prober is not None and hasattr(prober, "mirrors"):
+        extra["mirrors"] = prober.mirrors()
+    if recorder is not None and hasattr(recorder, "quiet_hours_of_day"):
+        extra["quiet_hours"] = recorder.quiet_hours_of_day()
     return {
         "node": node.cfg.node.name,
         "region": node.cfg.node.region,
@@ -99,6 +106,7 @@ async def build_status(node: Node) -> dict[str, Any]:
         "problems": dict(node.problems),
         "loop_lag_ms": round(node.loop_lag * 1000, 3),
         "components": comps,
+        **extra,
     }
 
 
