@@ -169,6 +169,7 @@ class Origins:
         self.http_sources: list[HttpOriginSource] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._active: dict[int, asyncio.Task[None]] = {}
+        self._per_origin: dict[str, int] = {}  # active pulls by the origin that listed the item first
         self._source_sems: dict[str, asyncio.Semaphore] = {}
         self._refresh_now = asyncio.Event()
         self.last_refresh: dict[str, dict[str, Any]] = {}
@@ -202,6 +203,7 @@ class Origins:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         self._active.clear()
+        self._per_origin.clear()
         await self.client.close()
 
     async def reload(self, cfg: Config) -> None:
@@ -302,8 +304,11 @@ class Origins:
                     return
                 if item.id in self._active or self._deferred.get(item.id, 0) > now:
                     continue
+                if self._per_origin.get(item.origin, 0) >= self.node.cfg.fetch.max_items_per_origin:
+                    continue  # its origin is at its cap: leave the global slot to items of other origins
                 task = asyncio.create_task(self._pull_guarded(item), name=f"pull-{item.id}")
                 self._active[item.id] = task
+                self._per_origin[item.origin] = self._per_origin.get(item.origin, 0) + 1
 
     async def _pull_guarded(self, item: Item) -> None:
         try:
@@ -316,6 +321,7 @@ class Origins:
                 await self.node.store.run(self.node.store.set_state, item.id, State.FAILED, error=f"internal: {e}")
         finally:
             self._active.pop(item.id, None)
+            self._per_origin[item.origin] = self._per_origin.get(item.origin, 1) - 1
             self.node.notify("wanted")  # a slot is free
 
     def _sem(self, name: str) -> asyncio.Semaphore:

@@ -358,3 +358,31 @@ async def test_faulty_origin_ends_verified_from_the_next_or_cleanly_failed(
     item = await one(o, "g.bin")
     assert item.state == State.FAILED and item.error
     assert not o.layout.final_path("g.bin").exists()
+
+
+async def test_a_busy_origin_does_not_starve_the_others(servers: Servers, make: Factory) -> None:
+    rid = 12
+    files = []
+    for i in range(4):
+        data = os.urandom(MiB // 2)
+        files.append(zenodo_file(servers.base, rid, f"z{i}.bin", data))
+        servers.files.add(f"/api/records/{rid}/files/z{i}.bin/content", data, rate=MiB)
+    servers.zenodo.records[rid] = zenodo_record(servers.base, rid, files)
+    ia_data = os.urandom(1000)
+    servers.ia.items["item"] = ia_metadata("item", [ia_file("ia.bin", ia_data)])
+    servers.files.add("/ia800000/items/item/ia.bin", ia_data)
+    o = await make(
+        origins={"zenodo": {"enabled": True, "base_url": servers.base, "records": [rid], "requests_per_minute": 6000}},
+        fetch={"max_concurrent_items": 3, "max_items_per_origin": 1},
+    )
+    await o.stop()
+    await o.start()
+    # zenodo's four items queue behind its cap of one; archive.org's item gets a free global slot at once.
+    for _ in range(20):
+        ia_item = await o.node.store.run(o.node.store.get_current, "ia.bin")
+        if ia_item is not None and ia_item.state == State.CACHED:
+            break
+        await o.node.wait("cached", 1)
+    assert (await one(o, "ia.bin")).state == State.CACHED
+    counts = await o.node.store.run(o.node.store.counts_by_state)
+    assert counts["cached"] == 1  # no zenodo item (0.5 s each at least) had to finish first
