@@ -68,8 +68,25 @@ class Daemon:
     def build(self) -> list[Component]:
         """Every component in start order. The store first, the API last (READY means serving)."""
         comps: list[Component] = [StoreComponent(self.store)]
+        comps += self._p2p_components()
         comps.append(ApiServer(self.node, self.routes, api_token(self.cfg)))
         return comps
+
+    def _p2p_components(self) -> list[Component]:
+        """BitTorrent engine, peer sync (its `source` is the pipeline's "peer" source), web seed."""
+        from noded.p2p import routes as p2p_routes
+        from noded.p2p.engine import P2PEngine
+        from noded.p2p.sync import PeerSync
+        from noded.p2p.webseed import WebSeedServer
+
+        self.routes.append(p2p_routes.setup)
+        out: list[Component] = []
+        if self.cfg.bittorrent.enabled:
+            engine = P2PEngine(self.node)
+            out += [engine, PeerSync(self.node, engine)]
+        if self.cfg.http_mirror.enabled:
+            out.append(WebSeedServer(self.node))
+        return out
 
     # -- run ---------------------------------------------------------------------------------
     async def run(self) -> int:

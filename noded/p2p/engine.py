@@ -22,6 +22,7 @@ from noded.layout import CacheLayout, UnsafePath, atomic_write
 from noded.logs import get_logger
 from noded.model import PIECE_LENGTH, Item, State
 from noded.p2p import torrent as T
+from noded.p2p.importer import import_configured
 from noded.p2p.resume import SeedPlan, load_plan, remove_files, seed_params
 from noded.p2p.session import TorrentSession
 from noded.p2p.settings import session_settings
@@ -56,6 +57,7 @@ class P2PEngine:
         self._last_channel: dict[str, str] = {}
         self._channels: dict[str, str] = {}  # peer ip -> traffic channel
         self.restored = 0
+        self.imported = 0
         self.restore_seconds: float | None = None
         self.seed_errors = 0
         self._started = False
@@ -67,6 +69,7 @@ class P2PEngine:
         await loop.run_in_executor(None, self.layout.ensure)
         self._channels = await loop.run_in_executor(None, self._resolve_channels)
         await self.session.start()
+        self.imported, _ = await import_configured(self.node, self.layout)
         t0 = time.monotonic()
         await self._restore()
         self.restore_seconds = round(time.monotonic() - t0, 3)
@@ -106,6 +109,7 @@ class P2PEngine:
             "seeding": sum(1 for ts in self.session.states.values() if ts.is_seeding),
             "torrent_states": states,
             "restored": self.restored,
+            "imported": self.imported,
             "restore_seconds": self.restore_seconds,
             "checking_seen": len(self.session.checking_seen),
             "seed_errors": self.seed_errors,

@@ -65,6 +65,7 @@ class TorrentMeta:
     source: str | None
     web_seeds: tuple[str, ...]
     trackers: tuple[str, ...]
+    pieces: bytes = field(repr=False)
     data: bytes = field(repr=False)  # the .torrent bytes as given (kept verbatim so the infohash holds)
 
     @property
@@ -350,6 +351,7 @@ def parse_torrent(data: bytes, *, max_total: int = DEFAULT_MAX_TOTAL) -> Torrent
         source=_text(source, "info.source") if source is not None else None,
         web_seeds=tuple(_url_list(decoded.get(b"url-list"))),
         trackers=tuple(dict.fromkeys(trackers)),
+        pieces=pieces,
         data=bytes(data),
     )
 
