@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from noded.component import Node
 from noded.layout import CacheLayout, UnsafePath
@@ -52,7 +55,7 @@ class WebSeedServer:
         self._touched: dict[int, float] = {}
         self.served = 0
         self.app = web.Application(handler_args={"max_line_size": 8190, "max_field_size": 8190})
-        self.app.router.add_route("GET", "/{tail:.*}", self.handle)  # GET also answers HEAD
+        self.app.router.add_get("/{tail:.*}", self.handle)  # add_get also answers HEAD
 
     async def start(self) -> None:
         cfg = self.node.cfg.http_mirror
@@ -92,22 +95,34 @@ class WebSeedServer:
         loop = asyncio.get_running_loop()
         if not await loop.run_in_executor(None, path.is_file):
             raise web.HTTPNotFound(text="not cached here\n")
-        resp = web.FileResponse(path, chunk_size=1024 * 1024)
-        resp.headers["Accept-Ranges"] = "bytes"
+        resp = _CountingFileResponse(path, self._count, chunk_size=1024 * 1024)
         resp.headers["Cache-Control"] = "public, max-age=3600"
-        if item.md5:
-            resp.headers["Content-MD5-Hex"] = item.md5
-        try:
-            await resp.prepare(request)  # sends the body (sendfile) for GET
-        finally:
-            sent = (resp.content_length or 0) if request.method == "GET" and resp.status in (200, 206) else 0
-            self.node.traffic.add("webseed", "out", sent, requests=1, errors=int(resp.status >= 400))
         self.served += 1
         now = time.time()
         if now - self._touched.get(item.id, 0) >= TOUCH_MIN_INTERVAL:
             self._touched[item.id] = now
             await store.run(store.touch, [item.id], now)
         return resp
+
+    def _count(self, request: web.BaseRequest, resp: web.StreamResponse) -> None:
+        sent = (resp.content_length or 0) if request.method == "GET" and resp.status in (200, 206) else 0
+        self.node.traffic.add("webseed", "out", sent, requests=1, errors=int(resp.status >= 400))
+
+
+class _CountingFileResponse(web.FileResponse):
+    """FileResponse (Range, ETag, sendfile) that reports what it sent once the body is out."""
+
+    def __init__(
+        self, path: Path, on_sent: Callable[[web.BaseRequest, web.StreamResponse], None], chunk_size: int
+    ) -> None:
+        super().__init__(path, chunk_size=chunk_size)
+        self._on_sent = on_sent
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        try:
+            return await super().prepare(request)
+        finally:
+            self._on_sent(request, self)
 
 
 def _cached_version(store: Any, key: str) -> Any:
