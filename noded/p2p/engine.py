@@ -280,6 +280,14 @@ class P2PEngine:
             except Exception as e:
                 log.warning("p2p.accounting_failed", error=str(e))
 
+    def hint_channel(self, infohash: str, channel: str) -> None:
+        """The channel to charge when a torrent's bytes cannot be tied to a live connection."""
+        self._last_channel[infohash] = channel
+
+    async def account_now(self) -> None:
+        """Account what the last state update says (a download about to leave the session)."""
+        await self._account()
+
     async def _account(self) -> None:
         """Per-torrent byte deltas (exact, from state updates) split across peers by their own counters;
         bytes of connections that closed before we looked go to the torrent's last seen channel."""

@@ -261,11 +261,15 @@ class PeerSource:
         if not endpoints:
             raise FetchError(f"{item.key}: no peer holds it", retryable=True)
         atp = _download_params(meta.data, partial)
+        # Bytes of connections that closed before a peer_info sample still land on the right channel.
+        first = f"peer:{holders[0][0].name}" if holders else f"seed:{sync.node.cfg.seed_targets[0].name}"
+        engine.hint_channel(ih, first)
         await engine.session.add(atp, ih)
         ok = False
         try:
             await self._wait_complete(item, ih, endpoints)
             ok = True
+            await engine.account_now()  # count the last bytes per peer before the torrent goes
         finally:
             # Leave the session before the file is published (and on failure drop the partial bytes,
             # so an HTTP fetch starts from a clean file).
@@ -329,7 +333,8 @@ class PeerSource:
                 continue
             if ts.error:
                 raise FetchError(f"{item.key}: {ts.error}", retryable=True)
-            if ts.is_seeding or ts.state in ("finished", "seeding"):
+            # Decided on a state update (not a state-change alert), so the byte counters are final too.
+            if ts.is_seeding and ts.progress >= 1.0:
                 return
             if ts.downloaded > last_bytes:
                 last_bytes, last_progress = ts.downloaded, time.monotonic()
