@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import libtorrent as lt
+
 from noded.component import Node
 from noded.layout import CacheLayout, UnsafePath, atomic_write
 from noded.logs import get_logger
@@ -378,7 +380,7 @@ def _peer_infos(moved: list[tuple[str, Any]]) -> list[tuple[str, list[tuple[str,
         except RuntimeError:  # the torrent went away meanwhile
             continue
         for p in infos:
-            if p.connection_type != 0:  # web seeds are counted by the HTTP side
+            if p.connection_type != lt.peer_info.standard_bittorrent:  # web seeds: counted by the HTTP side
                 continue
             ip, port = p.ip
             peers.append((str(ip), int(port), int(p.total_upload), int(p.total_download)))
