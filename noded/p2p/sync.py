@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,7 @@ class PeerSource:
 
     def __init__(self, sync: PeerSync) -> None:
         self.sync = sync
+        self.last_timing: dict[str, float] = {}
 
     async def offers(self, item: Item) -> bool:
         if self.sync.holders(item):
@@ -266,8 +268,10 @@ class PeerSource:
         engine.hint_channel(ih, first)
         await engine.session.add(atp, ih)
         ok = False
+        t0 = time.monotonic()
         try:
             await self._wait_complete(item, ih, endpoints)
+            transfer = time.monotonic() - t0
             ok = True
             await engine.account_now()  # count the last bytes per peer before the torrent goes
         finally:
@@ -277,7 +281,9 @@ class PeerSource:
             if not ok:
                 with contextlib.suppress(FileNotFoundError):
                     await asyncio.get_running_loop().run_in_executor(None, partial.unlink)
+        t1 = time.monotonic()
         result = await asyncio.get_running_loop().run_in_executor(None, hash_file, partial, meta.piece_length)
+        self.last_timing = {"transfer_seconds": round(transfer, 3), "verify_seconds": round(time.monotonic() - t1, 3)}
         if result.pieces != meta.pieces:
             raise FetchError(f"{item.key}: bytes from peer do not match the torrent's piece hashes", suspect=True)
         if item.md5 and result.md5 != item.md5.lower():
@@ -285,7 +291,7 @@ class PeerSource:
         # Keep the torrent: the item will seed under the same infohash as the peer's copy.
         await asyncio.get_running_loop().run_in_executor(None, atomic_write, sync.layout.torrent_path(ih), meta.data)
         await sync.node.store.run(sync.node.store.update_item, item.id, infohash=ih)
-        log.info("sync.fetched", key=item.key, infohash=ih, peers=[p.name for p, _ in holders])
+        log.info("sync.fetched", key=item.key, infohash=ih, peers=[p.name for p, _ in holders], **self.last_timing)
         return result
 
     async def _torrent(self, item: Item, holders: list[tuple[PeerView, PeerItem]]) -> T.TorrentMeta:
@@ -356,19 +362,28 @@ def _download_params(data: bytes, partial: Path) -> Any:
 
 
 def hash_file(path: Path, piece_length: int) -> HashResult:
-    """md5, sha256 and the sha1 of each piece in one pass. Blocking: run in an executor."""
+    """md5, sha256 and the sha1 of each piece in one read. Blocking: run in an executor.
+
+    md5 is the slow one (~635 MB/s here): it runs on a second thread while this one does sha256 and
+    sha1 over the same buffer (hashlib releases the GIL on large buffers).
+    """
     md5, sha256 = hashlib.md5(), hashlib.sha256()  # noqa: S324 - md5 is the published checksum
     pieces = bytearray()
     size = 0
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, ThreadPoolExecutor(max_workers=1, thread_name_prefix="md5") as pool:
+        pending: Future[None] | None = None
         while True:
             piece = f.read(piece_length)
             if not piece:
                 break
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(md5.update, piece)
             size += len(piece)
-            md5.update(piece)
             sha256.update(piece)
             pieces += hashlib.sha1(piece).digest()  # noqa: S324 - BitTorrent v1 piece hash
+        if pending is not None:
+            pending.result()
     return HashResult(
         size=size, md5=md5.hexdigest(), sha256=sha256.hexdigest(), pieces=bytes(pieces), piece_length=piece_length
     )
