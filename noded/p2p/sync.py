@@ -331,7 +331,7 @@ class PeerSource:
                     session.connect_peer(ih, host, port)
                 last_connect = now
             session.post_updates()
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.1)
             ts = session.states.get(ih)
             if ts is None:
                 if ih not in session.handles:
