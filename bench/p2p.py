@@ -219,7 +219,7 @@ class _HostSide:
     """Runs the seeding transmission-daemon in the host namespace, bound to the veth's host address."""
 
     def __init__(self, ns: VethNamespace) -> None:
-        self.name = ns.name
+        self.name = ""  # no `ip netns exec`: the host namespace
         self.ns_ip = ns.host_ip
         self.host_ip = ns.host_ip
 

@@ -110,8 +110,9 @@ class Transmission:
         }
         (self.conf / "settings.json").write_text(json.dumps(settings))
         self._log = open(self.root / "transmission.log", "ab")  # noqa: SIM115
+        prefix = ["ip", "netns", "exec", self.ns.name] if self.ns.name else []
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns.name, "transmission-daemon", "-f", "-g", str(self.conf)],
+            [*prefix, "transmission-daemon", "-f", "-g", str(self.conf)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

@@ -46,6 +46,29 @@ class SessionError(RuntimeError):
     pass
 
 
+class PieceFollower:
+    """Pieces of one torrent that passed libtorrent's hash check, as a contiguous frontier a reader
+    thread can follow (pieces below `frontier` are complete on disk)."""
+
+    def __init__(self, num_pieces: int) -> None:
+        self.num_pieces = num_pieces
+        self.frontier = 0  # read from another thread: an int assignment is atomic under the GIL
+        self.changed = threading.Event()
+        self._done: set[int] = set()
+
+    def add(self, index: int) -> None:
+        self._done.add(index)
+        while self.frontier in self._done:
+            self._done.discard(self.frontier)
+            self.frontier += 1
+        self.changed.set()
+
+    def complete(self) -> None:
+        """libtorrent says the torrent is complete: every piece is on disk, alerts seen or not."""
+        self.frontier = self.num_pieces
+        self.changed.set()
+
+
 class TorrentSession:
     def __init__(self, settings: dict[str, Any]) -> None:
         self._settings = settings
@@ -65,6 +88,7 @@ class TorrentSession:
         # Subscribers by alert type name (e.g. "state_changed_alert"); called on the loop.
         self.subscribers: dict[str, list[AlertHandler]] = {}
         self.checking_seen: set[str] = set()  # infohashes that ever entered a checking state
+        self.followers: dict[str, PieceFollower] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -233,6 +257,10 @@ class TorrentSession:
                 ts.num_peers = int(st.num_peers)
                 ts.is_seeding = bool(st.is_seeding)
                 ts.error = st.errc.message() if st.errc.value() else ""
+        elif isinstance(a, lt.piece_finished_alert):
+            f = self.followers.get(self._by_handle.get(a.handle, ""))
+            if f is not None:
+                f.add(int(a.piece_index))
         elif isinstance(a, lt.state_changed_alert):
             ih = self._by_handle.get(a.handle, "")
             state = str(a.state).rsplit(".", 1)[-1]

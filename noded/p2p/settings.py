@@ -13,7 +13,7 @@ ALERT_MASK = (
     lt.alert_category.status
     | lt.alert_category.error
     | lt.alert_category.storage
-    | lt.alert_category.peer  # peer_info (upload accounting) and peer errors
+    | lt.alert_category.piece_progress  # piece_finished: verification follows a download as it lands
 )
 
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from noded.logs import get_logger
 from noded.model import HashResult, Item
 from noded.p2p import torrent as T
 from noded.p2p.engine import P2PEngine, split_host_port
+from noded.p2p.session import PieceFollower
 from noded.sources import FetchError
 
 log = get_logger("noded.p2p.sync")
@@ -266,25 +268,37 @@ class PeerSource:
         # Bytes of connections that closed before a peer_info sample still land on the right channel.
         first = f"peer:{holders[0][0].name}" if holders else f"seed:{sync.node.cfg.seed_targets[0].name}"
         engine.hint_channel(ih, first)
-        await engine.session.add(atp, ih)
+        # md5/sha256 follow the download piece by piece (sequential order), reading each piece right
+        # after libtorrent verified and wrote it, while it is still in the page cache.
+        follower = PieceFollower(meta.num_pieces)
+        cancel = threading.Event()
+        engine.session.followers[ih] = follower
+        loop = asyncio.get_running_loop()
+        hasher = loop.run_in_executor(None, follow_hash, partial, meta.piece_length, meta.total_size, follower, cancel)
         ok = False
         t0 = time.monotonic()
         try:
+            await engine.session.add(atp, ih)
             await self._wait_complete(item, ih, endpoints)
             transfer = time.monotonic() - t0
+            follower.complete()
             ok = True
             await engine.account_now()  # count the last bytes per peer before the torrent goes
         finally:
+            engine.session.followers.pop(ih, None)
             # Leave the session before the file is published (and on failure drop the partial bytes,
             # so an HTTP fetch starts from a clean file).
             await engine.session.remove(ih)
             if not ok:
+                cancel.set()
+                with contextlib.suppress(Exception):
+                    await hasher
                 with contextlib.suppress(FileNotFoundError):
-                    await asyncio.get_running_loop().run_in_executor(None, partial.unlink)
-        t1 = time.monotonic()
-        result = await asyncio.get_running_loop().run_in_executor(None, hash_file, partial, meta.piece_length)
-        self.last_timing = {"transfer_seconds": round(transfer, 3), "verify_seconds": round(time.monotonic() - t1, 3)}
-        if result.pieces != meta.pieces:
+                    await loop.run_in_executor(None, partial.unlink)
+        result = await hasher
+        tail = time.monotonic() - t0 - transfer
+        self.last_timing = {"transfer_seconds": round(transfer, 3), "verify_tail_seconds": round(tail, 3)}
+        if result.size != meta.total_size or result.pieces != meta.pieces:
             raise FetchError(f"{item.key}: bytes from peer do not match the torrent's piece hashes", suspect=True)
         if item.md5 and result.md5 != item.md5.lower():
             raise FetchError(f"{item.key}: md5 {result.md5} from peer, expected {item.md5}", suspect=True)
@@ -358,7 +372,52 @@ def _download_params(data: bytes, partial: Path) -> Any:
     atp.renamed_files = {0: partial.name}
     atp.flags &= ~lt.torrent_flags.auto_managed
     atp.flags &= ~lt.torrent_flags.paused
+    atp.flags |= lt.torrent_flags.sequential_download  # lets verification follow the download
     return atp
+
+
+class HashCancelled(Exception):
+    pass
+
+
+def follow_hash(
+    path: Path, piece_length: int, size: int, follower: PieceFollower, cancel: threading.Event
+) -> HashResult:
+    """md5, sha256 and piece sha1s of a file being downloaded, reading each piece once it is complete.
+    Blocking: run in an executor; stops with HashCancelled when `cancel` is set."""
+    md5, sha256 = hashlib.md5(), hashlib.sha256()  # noqa: S324 - md5 is the published checksum
+    pieces = bytearray()
+    n = T.num_pieces(size, piece_length)
+    done = 0
+    f = None
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="md5") as pool:
+            pending: Future[None] | None = None
+            while done < n:
+                if cancel.is_set():
+                    raise HashCancelled
+                if follower.frontier <= done:
+                    follower.changed.wait(0.2)
+                    follower.changed.clear()
+                    continue
+                if f is None:
+                    f = open(path, "rb")  # noqa: SIM115 - closed in finally; created by libtorrent
+                f.seek(done * piece_length)
+                piece = f.read(min(piece_length, size - done * piece_length))
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(md5.update, piece)
+                sha256.update(piece)
+                pieces += hashlib.sha1(piece).digest()  # noqa: S324 - BitTorrent v1 piece hash
+                done += 1
+            if pending is not None:
+                pending.result()
+    finally:
+        if f is not None:
+            f.close()
+    return HashResult(
+        size=size, md5=md5.hexdigest(), sha256=sha256.hexdigest(), pieces=bytes(pieces), piece_length=piece_length
+    )
 
 
 def hash_file(path: Path, piece_length: int) -> HashResult:
