@@ -55,3 +55,35 @@ def test_follow_hash_cancel(tmp_path: Path) -> None:
         cancel.set()
         with pytest.raises(HashCancelled):
             fut.result(timeout=5)
+
+
+def test_follow_hash_rereads_a_piece_announced_before_it_reached_the_file(tmp_path: Path) -> None:
+    data = content(2 * PL, 6)
+    expected = hashlib.sha1(data[:PL]).digest() + hashlib.sha1(data[PL:]).digest()
+    path = tmp_path / "part"
+    path.write_bytes(b"\0" * len(data))
+    follower = PieceFollower(2)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(follow_hash, path, PL, len(data), follower, threading.Event(), expected)
+        follower.add(0)  # announced while the file still holds zeros
+        follower.add(1)
+        time.sleep(0.2)
+        assert not fut.done()  # still waiting for the real bytes
+        path.write_bytes(data)
+        follower.changed.set()
+        result = fut.result(timeout=10)
+    assert result.pieces == expected and result.md5 == hashlib.md5(data).hexdigest()
+
+
+def test_follow_hash_gives_up_waiting_once_flushed(tmp_path: Path) -> None:
+    """Bytes that never match (a bad peer) end as a result whose pieces differ: the caller rejects it."""
+    path = tmp_path / "part"
+    path.write_bytes(b"\0" * PL)
+    follower = PieceFollower(1)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(follow_hash, path, PL, PL, follower, threading.Event(), b"\1" * 20)
+        follower.add(0)
+        time.sleep(0.1)
+        follower.set_flushed()
+        result = fut.result(timeout=10)
+    assert result.pieces != b"\1" * 20

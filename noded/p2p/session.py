@@ -53,6 +53,8 @@ class PieceFollower:
     def __init__(self, num_pieces: int) -> None:
         self.num_pieces = num_pieces
         self.frontier = 0  # read from another thread: an int assignment is atomic under the GIL
+        # Set once the torrent left the session: its storage is closed, every byte is in the file.
+        self.flushed = False
         self.changed = threading.Event()
         self._done: set[int] = set()
 
@@ -62,6 +64,10 @@ class PieceFollower:
             self._done.discard(self.frontier)
             self.frontier += 1
         self.changed.set()
+
+    def set_flushed(self) -> None:
+        self.flushed = True
+        self.complete()
 
     def complete(self) -> None:
         """libtorrent says the torrent is complete: every piece is on disk, alerts seen or not."""

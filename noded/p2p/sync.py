@@ -289,6 +289,7 @@ class PeerSource:
             # Leave the session before the file is published (and on failure drop the partial bytes,
             # so an HTTP fetch starts from a clean file).
             await engine.session.remove(ih)
+            follower.set_flushed()
             if not ok:
                 cancel.set()
                 with contextlib.suppress(Exception):
@@ -381,10 +382,20 @@ class HashCancelled(Exception):
 
 
 def follow_hash(
-    path: Path, piece_length: int, size: int, follower: PieceFollower, cancel: threading.Event
+    path: Path,
+    piece_length: int,
+    size: int,
+    follower: PieceFollower,
+    cancel: threading.Event,
+    expected: bytes | None = None,
 ) -> HashResult:
     """md5, sha256 and piece sha1s of a file being downloaded, reading each piece once it is complete.
-    Blocking: run in an executor; stops with HashCancelled when `cancel` is set."""
+    Blocking: run in an executor; stops with HashCancelled when `cancel` is set.
+
+    libtorrent announces a piece when its hash passed, which can be before its blocks left the
+    store buffer for the file; a piece that does not match `expected` yet is read again until it
+    does, or until the torrent left the session (`flushed`), after which what the file holds is final.
+    """
     md5, sha256 = hashlib.md5(), hashlib.sha256()  # noqa: S324 - md5 is the published checksum
     pieces = bytearray()
     n = T.num_pieces(size, piece_length)
@@ -402,13 +413,19 @@ def follow_hash(
                     continue
                 if f is None:
                     f = open(path, "rb")  # noqa: SIM115 - closed in finally; created by libtorrent
+                flushed = follower.flushed
                 f.seek(done * piece_length)
                 piece = f.read(min(piece_length, size - done * piece_length))
+                digest = hashlib.sha1(piece).digest()  # noqa: S324 - BitTorrent v1 piece hash
+                if expected is not None and digest != expected[done * 20 : done * 20 + 20] and not flushed:
+                    follower.changed.wait(0.02)
+                    follower.changed.clear()
+                    continue
                 if pending is not None:
                     pending.result()
                 pending = pool.submit(md5.update, piece)
                 sha256.update(piece)
-                pieces += hashlib.sha1(piece).digest()  # noqa: S324 - BitTorrent v1 piece hash
+                pieces += digest
                 done += 1
             if pending is not None:
                 pending.result()
