@@ -274,7 +274,9 @@ class PeerSource:
         cancel = threading.Event()
         engine.session.followers[ih] = follower
         loop = asyncio.get_running_loop()
-        hasher = loop.run_in_executor(None, follow_hash, partial, meta.piece_length, meta.total_size, follower, cancel)
+        hasher = loop.run_in_executor(
+            None, follow_hash, partial, meta.piece_length, meta.total_size, follower, cancel, meta.pieces
+        )
         ok = False
         t0 = time.monotonic()
         try:
@@ -300,7 +302,13 @@ class PeerSource:
         tail = time.monotonic() - t0 - transfer
         self.last_timing = {"transfer_seconds": round(transfer, 3), "verify_tail_seconds": round(tail, 3)}
         if result.size != meta.total_size or result.pieces != meta.pieces:
-            raise FetchError(f"{item.key}: bytes from peer do not match the torrent's piece hashes", suspect=True)
+            got, want = result.pieces, meta.pieces
+            bad = [i for i in range(meta.num_pieces) if got[i * 20 : i * 20 + 20] != want[i * 20 : i * 20 + 20]]
+            raise FetchError(
+                f"{item.key}: bytes from peer do not match the torrent's piece hashes "
+                f"(size {result.size}/{meta.total_size}, pieces {bad[:10]} of {meta.num_pieces})",
+                suspect=True,
+            )
         if item.md5 and result.md5 != item.md5.lower():
             raise FetchError(f"{item.key}: md5 {result.md5} from peer, expected {item.md5}", suspect=True)
         # Keep the torrent: the item will seed under the same infohash as the peer's copy.
