@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import re
 import threading
 import time
@@ -404,13 +405,14 @@ def follow_hash(
     store buffer for the file; a piece that does not match `expected` yet is read again until it
     does, or until the torrent left the session (`flushed`), after which what the file holds is final.
     """
+    _lower_priority()
     md5, sha256 = hashlib.md5(), hashlib.sha256()  # noqa: S324 - md5 is the published checksum
     pieces = bytearray()
     n = T.num_pieces(size, piece_length)
     done = 0
     f = None
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="md5") as pool:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="md5", initializer=_lower_priority) as pool:
             pending: Future[None] | None = None
             while done < n:
                 if cancel.is_set():
@@ -443,6 +445,12 @@ def follow_hash(
     return HashResult(
         size=size, md5=md5.hexdigest(), sha256=sha256.hexdigest(), pieces=bytes(pieces), piece_length=piece_length
     )
+
+
+def _lower_priority() -> None:
+    """Verification trails the transfer: let libtorrent's threads have the CPU first (Linux: per thread)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def hash_file(path: Path, piece_length: int) -> HashResult:
