@@ -91,6 +91,7 @@ def raw_session(port: int = 0, host: str = "127.0.0.1") -> Any:
 def leech(torrent: bytes, save_dir: Path, peer: tuple[str, int], timeout: float = 60) -> bool:
     """Blocking (run in a thread): download a torrent from one peer with a raw session."""
     import time
+    import warnings
 
     import libtorrent as lt
 
@@ -98,7 +99,9 @@ def leech(torrent: bytes, save_dir: Path, peer: tuple[str, int], timeout: float 
     try:
         atp = lt.add_torrent_params()
         ti = lt.torrent_info(torrent)
-        ti.set_web_seeds([])  # peers only (deprecated but the one way to drop url-list from a torrent_info)
+        with warnings.catch_warnings():  # deprecated, but the one way to drop a torrent_info's url-list
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ti.set_web_seeds([])
         atp.ti = ti
         atp.save_path = str(save_dir)
         h = ses.add_torrent(atp)

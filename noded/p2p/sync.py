@@ -18,6 +18,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,7 +376,10 @@ class PeerSource:
 def _download_params(data: bytes, partial: Path) -> Any:
     ti = lt.torrent_info(data)
     # Peers only: the url-list names origins, whose bytes the HTTP pipeline fetches and counts.
-    ti.set_web_seeds([])
+    # set_web_seeds is deprecated in 2.1 but is the one call that drops a torrent_info's url-list.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ti.set_web_seeds([])
     atp = lt.add_torrent_params()
     atp.ti = ti
     atp.save_path = str(partial.parent)
