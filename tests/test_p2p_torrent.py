@@ -220,3 +220,28 @@ def test_web_seed_urls() -> None:
         "https://data-01.example/processed/a.pmtiles",
         "https://data-02.example/processed/a.pmtiles",
     ]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    from tests.conftest import ROOT, noded_env
+
+    return subprocess.run(
+        [sys.executable, "-m", "noded", *args], capture_output=True, text=True, env=noded_env(), cwd=cwd or ROOT
+    )
+
+
+def test_cli_make_and_check_torrent(tmp_path: Path) -> None:
+    f = tmp_path / "layer.pmtiles"
+    write_random(f, PIECE_LENGTH + 5, 9)
+    ref = T.parse_torrent(py3createtorrent(f, tmp_path / "ref.torrent"))
+    r = run_cli("make-torrent", str(f), "-o", str(tmp_path / "ours.torrent"), "-w", "https://m.example/x", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == ref.infohash
+    assert T.parse_torrent((tmp_path / "ours.torrent").read_bytes()).web_seeds == ("https://m.example/x",)
+    r = run_cli("check-torrent", str(tmp_path / "ours.torrent"), cwd=tmp_path)
+    assert r.returncode == 0 and ref.infohash in r.stdout
+    (tmp_path / "bad.torrent").write_bytes(_torrent({**_good_info(), b"name": b"../x"}))
+    r = run_cli("check-torrent", str(tmp_path / "bad.torrent"), cwd=tmp_path)
+    assert r.returncode == 65 and "unsafe name" in r.stderr
+    r = run_cli("check-torrent", "magnet:?xt=urn:btih:nothex", cwd=tmp_path)
+    assert r.returncode == 65
