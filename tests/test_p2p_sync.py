@@ -95,3 +95,40 @@ async def test_wanted_item_comes_from_peer_then_peer_down(noded_factory: Any, tm
         await sync.stop()
         await engine.stop()
         await node.store.close()
+
+
+@pytest.mark.slow
+async def test_stalled_peer_gives_up_and_cleans_partial(noded_factory: Any, tmp_path: Path) -> None:
+    """The peer's API answers but its BitTorrent endpoint is dead: the fetch fails within the stall
+    timeout (so the pipeline moves on to the origins), leaving no partial bytes and no torrent behind."""
+    data = content(SIZE, 78)
+    a, _ = await asyncio.to_thread(start_node_a, noded_factory, data)
+    cfg = make_config(
+        tmp_path / "b",
+        name="amsterdam",
+        peers=[{"name": "toronto", "api_url": a.api, "bittorrent": f"127.0.0.1:{free_port()}"}],
+        bittorrent={"peer_stall_timeout": 3.0},
+    )
+    node = await open_node(cfg)
+    layout = CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir)
+    engine = P2PEngine(node, layout)
+    sync = PeerSync(node, engine, layout)
+    await engine.start()
+    await sync.start()
+    try:
+        item, _ = await node.store.run(
+            node.store.upsert_entry,
+            CatalogEntry("sourcecoop", "layers/x.pmtiles", (), SIZE, hashlib.md5(data).hexdigest()),
+        )
+        await sync.poll_all()
+        assert await sync.source.offers(item)
+        partial = layout.partial_path(item.id, item.version)
+        with pytest.raises(FetchError, match="no progress"):
+            await sync.source.fetch(item, partial)
+        assert not partial.exists()
+        assert engine.session.handles == {}
+    finally:
+        await sync.stop()
+        await engine.stop()
+        await node.store.close()
+        await asyncio.to_thread(a.stop)
