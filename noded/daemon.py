@@ -62,6 +62,7 @@ class Daemon:
         self._started: list[Component] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.routes: list[RouteSetup] = []
+        self.peer_sync: Any = None  # noded.p2p.sync.PeerSync when BitTorrent is enabled
         self.components: list[Component] = self.build()
 
     # -- composition -------------------------------------------------------------------------
@@ -83,7 +84,9 @@ class Daemon:
         out: list[Component] = []
         if self.cfg.bittorrent.enabled:
             engine = P2PEngine(self.node)
-            out += [engine, PeerSync(self.node, engine)]
+            # The origins pipeline takes `self.peer_sync.source` as its first source (before origins).
+            self.peer_sync = PeerSync(self.node, engine)
+            out += [engine, self.peer_sync]
         if self.cfg.http_mirror.enabled:
             out.append(WebSeedServer(self.node))
         return out
