@@ -67,6 +67,7 @@ class Daemon:
         self._started: list[Component] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.routes: list[RouteSetup] = []
+        self.peer_sync: Any = None  # noded.p2p.sync.PeerSync when BitTorrent is enabled
         self.components: list[Component] = self.build()
 
     # -- composition -------------------------------------------------------------------------
@@ -77,8 +78,27 @@ class Daemon:
         comps += [TrafficRecorder(self.node), Metrics(self.node), Prober(self.node), ReverifyQueue(self.node)]
         self.routes += TRANSPARENCY_ROUTES
         # -- end transparency --
+        comps += self._p2p_components()
         comps.append(ApiServer(self.node, self.routes, api_token(self.cfg)))
         return comps
+
+    def _p2p_components(self) -> list[Component]:
+        """BitTorrent engine, peer sync (its `source` is the pipeline's "peer" source), web seed."""
+        from noded.p2p import routes as p2p_routes
+        from noded.p2p.engine import P2PEngine
+        from noded.p2p.sync import PeerSync
+        from noded.p2p.webseed import WebSeedServer
+
+        self.routes.append(p2p_routes.setup)
+        out: list[Component] = []
+        if self.cfg.bittorrent.enabled:
+            engine = P2PEngine(self.node)
+            # The origins pipeline takes `self.peer_sync.source` as its first source (before origins).
+            self.peer_sync = PeerSync(self.node, engine)
+            out += [engine, self.peer_sync]
+        if self.cfg.http_mirror.enabled:
+            out.append(WebSeedServer(self.node))
+        return out
 
     # -- run ---------------------------------------------------------------------------------
     async def run(self) -> int:
