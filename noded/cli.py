@@ -211,7 +211,7 @@ def _register_extra_commands() -> None:
     """Import the modules that add sub-commands (kept out of module import time)."""
     import importlib
 
-    for mod in ("noded.cli_cache", "noded.cli_demo"):
+    for mod in ("noded.cli_cache", "noded.cli_demo", "noded.cli_p2p"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

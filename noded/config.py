@@ -121,6 +121,8 @@ class HttpMirrorConfig(_Section):
     enabled: bool = True
     bind: IPAddr = "127.0.0.1"
     port: Port = 8471
+    # URL path prefix the published web-seed URLs put before the key (e.g. "/processed"); "" = none.
+    strip_prefix: str = Field("", pattern=r"^(/[A-Za-z0-9._~-]+)*$")
 
 
 class LogConfig(_Section):
@@ -255,6 +257,12 @@ class BitTorrentConfig(_Section):
     web_seed_templates: list[str] = Field(default_factory=list)
     source_tag: str = "Data for Canada"
     resume_save_interval: Seconds = 300.0
+    # How often each peer's /v1/inventory is polled.
+    peer_poll_interval: Seconds = 30.0
+    # A peer download that makes no progress for this long is abandoned (the origins are tried next).
+    peer_stall_timeout: Seconds = 60.0
+    # How often every seeded torrent is offered to the seed targets (connect_peer).
+    seed_target_interval: Seconds = 60.0
 
     @model_validator(mode="after")
     def _listen(self) -> BitTorrentConfig:

@@ -55,6 +55,12 @@ class StoreComponent:
         return {"state": "running" if self.store.is_open else "stopped", "path": str(self.store.path)}
 
 
+def peer_not_down(sync: Any, name: str) -> bool:
+    """Up, or not polled yet: at start a node must not grab items its peer owns before it has asked."""
+    view = sync.peers.get(name)
+    return view is not None and (view.up or (view.error is None and view.last_ok is None))
+
+
 def api_token(cfg: Config) -> str | None:
     return read_secret(cfg.api.token_credential, cfg.api.token_env)
 
@@ -70,6 +76,7 @@ class Daemon:
         self._started: list[Component] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.routes: list[RouteSetup] = []
+        self.peer_sync: Any = None  # noded.p2p.sync.PeerSync when BitTorrent is enabled
         self.components: list[Component] = self.build()
 
     # -- composition -------------------------------------------------------------------------
@@ -87,8 +94,34 @@ class Daemon:
         comps += [self.schedule, self.origins]
         self.routes.append(origins_routes.setup)
         # -- end origins --------------------------------------------------------------------------
+        comps += self._p2p_components()
+        # -- origins x p2p: the peer is the pull pipeline's first source, and tells who is up ----
+        sync = getattr(self, "peer_sync", None)
+        if sync is not None:
+            self.origins.sources_first.append(sync.source)
+            self.origins.peer_up = lambda name: peer_not_down(sync, name)
+            self.origins.peers_ready = lambda: all(v.up or v.error is not None for v in sync.peers.values())
+        # -- end origins x p2p -------------------------------------------------------------------
         comps.append(ApiServer(self.node, self.routes, api_token(self.cfg)))
         return comps
+
+    def _p2p_components(self) -> list[Component]:
+        """BitTorrent engine, peer sync (its `source` is the pipeline's "peer" source), web seed."""
+        from noded.p2p import routes as p2p_routes
+        from noded.p2p.engine import P2PEngine
+        from noded.p2p.sync import PeerSync
+        from noded.p2p.webseed import WebSeedServer
+
+        self.routes.append(p2p_routes.setup)
+        out: list[Component] = []
+        if self.cfg.bittorrent.enabled:
+            engine = P2PEngine(self.node)
+            # The origins pipeline takes `self.peer_sync.source` as its first source (before origins).
+            self.peer_sync = PeerSync(self.node, engine)
+            out += [engine, self.peer_sync]
+        if self.cfg.http_mirror.enabled:
+            out.append(WebSeedServer(self.node))
+        return out
 
     # -- run ---------------------------------------------------------------------------------
     async def run(self) -> int:

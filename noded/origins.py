@@ -44,6 +44,7 @@ log = get_logger("noded.origins")
 
 UPSERT_BATCH = 500  # entries per store transaction: keeps the store thread responsive for others
 POLL_SECONDS = 30.0  # pull loop wake-up when nobody notifies
+DEFER_RECHECK = 10.0  # how often an item left to its rendezvous owner is looked at again
 
 
 # -- pure policy ---------------------------------------------------------------------------------
@@ -162,6 +163,10 @@ class Origins:
         self.extra_adapters: list[Adapter] = []
         # Is this peer up? The P2P component replaces this; until then every peer counts as up.
         self.peer_up: Callable[[str], bool] = lambda name: True
+        # Has every peer's inventory been asked for at least once? (P2P sets it.) Until then nothing is
+        # pulled from an origin, or a restarting node would fetch what its peer already holds.
+        self.peers_ready: Callable[[], bool] = lambda: True
+        self._started_at = time.time()
         self._deferred: dict[int, float] = {}  # item id -> wall time until which its owner is awaited
         self.client = HttpClient(node.cfg.fetch, node.traffic, down)
         self.layout = CacheLayout(node.cfg.paths.cache_dir, node.cfg.paths.state_dir)
@@ -184,6 +189,7 @@ class Origins:
         self._configure(self.node.cfg)
 
     async def start(self) -> None:
+        self._started_at = time.time()
         await self.open()
         self._tasks = [
             asyncio.create_task(self._refresh_loop(), name="catalog-refresh"),
@@ -287,7 +293,10 @@ class Origins:
                 await self._schedule()
             except Exception as e:  # a store hiccup must not end the loop
                 log.error("pull.schedule_failed", error=str(e), exc_info=True)
-            await self.node.wait("wanted", POLL_SECONDS)
+            # Wake for the next deferred item's re-check too, not only on notifications.
+            now = time.time()
+            soonest = min((t for t in self._deferred.values() if t > now), default=now + POLL_SECONDS)
+            await self.node.wait("wanted", max(0.2, min(POLL_SECONDS, soonest - now)))
 
     async def _schedule(self) -> None:
         store = self.node.store
@@ -427,6 +436,12 @@ class Origins:
 
     async def _defer_to_owner(self, item: Item) -> bool:
         """Fetch once, replicate: while another node owns the first fetch, only a peer source may serve."""
+        cfg = self.node.cfg
+        if cfg.peers and not self.peers_ready() and time.time() < self._started_at + cfg.fetch.peer_wait:
+            if item.state == State.FETCHING:
+                await self.node.store.run(self.node.store.set_state, item.id, State.WANTED, error=None)
+            self._deferred[item.id] = time.time() + 1.0  # the first inventory round is due any moment
+            return True
         until = self.owner_wait(item)
         if until is None:
             self._deferred.pop(item.id, None)
@@ -439,7 +454,8 @@ class Origins:
             await self.node.store.run(self.node.store.set_state, item.id, State.WANTED, error=None)
         if item.id not in self._deferred:
             log.info("pull.deferred", key=item.key, until=round(until, 3))
-        self._deferred[item.id] = until
+        # Look again soon: the peer may have it long before the wait is over.
+        self._deferred[item.id] = min(until, time.time() + DEFER_RECHECK)
         return True
 
     async def _adopt_published(self, item: Item, partial: Path, final: Path) -> bool:

@@ -155,8 +155,12 @@ def test_locate_ranking_follows_mirror_status_and_reports(noded_factory: Any) ->
         assert body["places"][0]["kind"] == "node" and body["places"][0]["reason"].startswith("this node holds")
         assert body["places"][0]["url"].endswith("/da.parquet")
         assert set(_order(node)[1:]) == {"sourcecoop", "zenodo"}
-        assert body["magnet"].startswith(f"magnet:?xt=urn:btih:{INFOHASH}&dn=da.parquet")
-        assert body["torrent_url"].endswith(f"/v1/torrents/{INFOHASH}.torrent")
+        # The P2P engine seeds the cached copy and records the infohash of the torrent it built from it.
+        ih = body["magnet"].removeprefix("magnet:?xt=urn:btih:")[:40]
+        assert body["magnet"].startswith(f"magnet:?xt=urn:btih:{ih}&dn=da.parquet")
+        assert body["torrent_url"].endswith(f"/v1/torrents/{ih}.torrent")
+        status, raw = node.get(f"/v1/torrents/{ih}.torrent")
+        assert status == 200 and raw.startswith(b"d")
         assert node.get("/v1/locate/nothing.parquet")[0] == 404
 
         zen.server.stop_listening()

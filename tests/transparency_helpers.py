@@ -178,9 +178,15 @@ class PeerReadyz:
 
     def __init__(self, port: int) -> None:
         self.ready = True
+        # Every byte served to the node, whatever it asked (the P2P sync polls /v1/inventory here too).
+        self.served = 0
         app = web.Application()
         app.router.add_get("/readyz", self._readyz)
+        app.on_response_prepare.append(self._count)
         self.server = ThreadedServer(app, port).start()
+
+    async def _count(self, request: web.Request, response: web.StreamResponse) -> None:
+        self.served += response.content_length or 0
 
     def body(self) -> bytes:
         return json.dumps({**READYZ, "ready": self.ready}).encode()

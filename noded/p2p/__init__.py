@@ -1,0 +1,1 @@
+"""BitTorrent side of the node: deterministic torrents, the libtorrent session, sync and seeding."""

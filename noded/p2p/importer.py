@@ -1,0 +1,61 @@
+"""Published .torrent files and magnet links configured as catalog items (origins.torrents).
+
+Each accepted torrent is kept under state/torrents/<infohash>.torrent (so the item seeds under the
+published infohash) and recorded as a catalog entry of origin "torrent" with its web seeds as URLs.
+A bad input is reported (log + /v1/status problem) and skipped; it never stops the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from noded.component import Node
+from noded.layout import CacheLayout, atomic_write
+from noded.logs import get_logger
+from noded.model import CatalogEntry
+from noded.p2p import torrent as T
+
+log = get_logger("noded.p2p.import")
+
+
+def _read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(T.MAX_TORRENT_BYTES + 1)
+    return data
+
+
+async def import_configured(node: Node, layout: CacheLayout) -> tuple[int, list[str]]:
+    """(number imported, problems). Safe to run at every start: upserts are idempotent."""
+    loop = asyncio.get_running_loop()
+    cfg = node.cfg.origins
+    entries: list[CatalogEntry] = []
+    problems: list[str] = []
+    for path in cfg.torrents.files:
+        try:
+            data = await loop.run_in_executor(None, _read, path)
+            meta = T.parse_torrent(data, max_total=cfg.max_item_size)
+            target = layout.torrent_path(meta.infohash)
+            await loop.run_in_executor(None, atomic_write, target, meta.data)
+            entries.append(meta.catalog_entry())
+        except (OSError, T.TorrentError) as e:
+            problems.append(f"{path}: {e}")
+    for uri in cfg.torrents.magnets:
+        try:
+            m = T.parse_magnet(uri)
+            if not m.name:
+                raise T.TorrentError("magnet link has no dn= (display name), which becomes the item key")
+            entries.append(CatalogEntry(origin="torrent", key=m.name, urls=m.web_seeds, infohash=m.infohash))
+        except T.TorrentError as e:
+            problems.append(f"magnet {uri[:80]}: {e}")
+    for entry in entries:
+        await node.store.run(node.store.upsert_entry, entry)
+    for p in problems:
+        log.error("torrents.import_rejected", problem=p)
+    if problems:
+        node.problems["torrents"] = f"{len(problems)} torrent input(s) rejected; first: {problems[0]}"
+    else:
+        node.problems.pop("torrents", None)
+    if entries:
+        node.notify("wanted")
+    return len(entries), problems

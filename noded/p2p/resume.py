@@ -1,0 +1,83 @@
+"""Fast resume: how a seeded item re-enters the session after a restart without a recheck.
+
+Items in the cache were verified by us (or by libtorrent while downloading), so they are added with
+libtorrent's resume data when we have it, else in seed mode. Neither makes libtorrent read the files;
+a file whose size or mtime changed behind our back is not trusted (the cache's verify handles it).
+The functions here read small files: call them in an executor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libtorrent as lt
+
+from noded.layout import CacheLayout
+
+
+@dataclass(frozen=True, slots=True)
+class SeedPlan:
+    """Everything needed to add one cached item to the session, gathered off the loop."""
+
+    item_id: int
+    infohash: str
+    torrent: bytes
+    save_path: Path
+    resume: bytes | None
+
+
+def seed_params(plan: SeedPlan) -> Any:
+    """add_torrent_params for a verified item: resume data if present, else seed mode. Never a recheck."""
+    ti = lt.torrent_info(plan.torrent)
+    atp: Any = None
+    if plan.resume:
+        try:
+            atp = lt.read_resume_data(plan.resume)
+        except RuntimeError:
+            atp = None  # corrupt resume data: seed mode is just as safe for a verified item
+    if atp is None:
+        atp = lt.add_torrent_params()
+        atp.flags |= lt.torrent_flags.seed_mode
+    atp.ti = ti
+    atp.save_path = str(plan.save_path)
+    # Active always: the cache decides what we hold, not libtorrent's queue.
+    atp.flags &= ~lt.torrent_flags.auto_managed
+    atp.flags &= ~lt.torrent_flags.paused
+    return atp
+
+
+def load_plan(
+    layout: CacheLayout, item_id: int, infohash: str, final: Path, size: int | None, mtime_ns: int | None
+) -> SeedPlan | str:
+    """A SeedPlan, or the reason this item cannot be seeded as it is. Blocking."""
+    try:
+        st = final.stat()
+    except FileNotFoundError:
+        return f"cached file {final} is missing"
+    if size is not None and st.st_size != size:
+        return f"cached file {final} has {st.st_size} bytes, expected {size}"
+    if mtime_ns is not None and st.st_mtime_ns != mtime_ns:
+        return f"cached file {final} changed since it was verified (mtime)"
+    try:
+        torrent = layout.torrent_path(infohash).read_bytes()
+    except FileNotFoundError:
+        return f"torrent file for {infohash} is missing"
+    resume: bytes | None = None
+    rp = layout.resume_path(infohash)
+    if rp.exists():
+        resume = rp.read_bytes()
+    return SeedPlan(item_id, infohash, torrent, final.parent, resume)
+
+
+def remove_files(layout: CacheLayout, infohash: str, *, torrent_too: bool) -> None:
+    """Forget an item's resume data (and its .torrent). Blocking."""
+    paths = [layout.resume_path(infohash)]
+    if torrent_too:
+        paths.append(layout.torrent_path(infohash))
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)

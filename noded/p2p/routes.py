@@ -1,0 +1,123 @@
+"""API endpoints of the P2P side: the inventory peers poll, .torrent files, and the RSS feed."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from typing import Any
+
+from aiohttp import web
+
+from noded.api.app import NODE_KEY
+from noded.api.errors import ApiError
+from noded.layout import CacheLayout
+from noded.model import Item, State
+from noded.p2p.rss import FeedItem, render_feed
+
+INVENTORY_MAX_LIMIT = 5000
+INVENTORY_DEFAULT_LIMIT = 1000
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+
+
+def inventory_entry(i: Item) -> dict[str, Any]:
+    return {
+        "key": i.key,
+        "version": i.version,
+        "state": i.state.value,
+        "size": i.size,
+        "md5": i.md5,
+        "sha256": i.sha256,
+        "infohash": i.infohash,
+        "seeding": i.seeding,
+    }
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise ApiError(400, f"query parameter {name!r} must be an integer from {lo} to {hi}, got {raw[:40]!r}")
+    return int(raw)
+
+
+async def inventory(request: web.Request) -> web.StreamResponse:
+    """Items and their states, paginated by id (`after`, `limit`); `next` is the cursor of the next page."""
+    node = request.app[NODE_KEY]
+    after = _int_param(request, "after", 0, 0, 2**62)
+    limit = _int_param(request, "limit", INVENTORY_DEFAULT_LIMIT, 1, INVENTORY_MAX_LIMIT)
+    states = None
+    if "state" in request.query:
+        try:
+            states = [State(s) for s in request.query["state"].split(",")]
+        except ValueError:
+            raise ApiError(
+                400, f"unknown state in {request.query['state'][:80]!r}; known: {[s.value for s in State]}"
+            ) from None
+    rows = await node.store.run(node.store.items, states=states, after_id=after, limit=limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    body = {
+        "node": node.cfg.node.name,
+        "items": [inventory_entry(i) for i in rows],
+        "next": rows[-1].id if more else None,
+    }
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    etag = '"' + hashlib.sha256(raw).hexdigest()[:32] + '"'
+    if etag in [t.strip() for t in request.headers.get("If-None-Match", "").split(",")]:
+        return web.Response(status=304, headers={"ETag": etag})
+    return web.Response(body=raw, content_type="application/json", headers={"ETag": etag, "Cache-Control": "no-cache"})
+
+
+async def torrent_file(request: web.Request) -> web.StreamResponse:
+    node = request.app[NODE_KEY]
+    ih = request.match_info["infohash"].lower()
+    if not _HEX40.match(ih):
+        raise ApiError(400, "expected a 40-hex-digit v1 infohash")
+    item = await node.store.run(node.store.get_by_infohash, ih)
+    if item is None:
+        raise ApiError(404, f"no torrent {ih} on this node")
+    layout = CacheLayout(node.cfg.paths.cache_dir, node.cfg.paths.state_dir)
+    path = layout.torrent_path(ih)
+    try:
+        data = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
+    except FileNotFoundError:
+        raise ApiError(404, f"torrent {ih} is known but its .torrent file is not built yet") from None
+    name = item.key.rsplit("/", 1)[-1]
+    return web.Response(
+        body=data,
+        content_type="application/x-bittorrent",
+        headers={"Content-Disposition": f'attachment; filename="{_quote(name)}.torrent"'},
+    )
+
+
+def _quote(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+async def torrents_rss(request: web.Request) -> web.StreamResponse:
+    node = request.app[NODE_KEY]
+    base = f"{request.scheme}://{request.host}"
+    feed: list[FeedItem] = []
+    after = 0
+    while True:
+        page = await node.store.run(node.store.items, states=[State.CACHED], after_id=after, limit=1000)
+        if not page:
+            break
+        after = page[-1].id
+        feed += [
+            FeedItem(i.key, i.infohash, i.size or 0, i.updated_at, f"{base}/v1/torrents/{i.infohash}.torrent")
+            for i in page
+            if i.seeding and i.infohash
+        ]
+    feed.sort(key=lambda f: f.updated, reverse=True)
+    body = render_feed(node.cfg.node.name, base + "/v1/torrents.rss", feed)
+    return web.Response(body=body, content_type="application/rss+xml", charset="utf-8")
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/v1/inventory", inventory)
+    app.router.add_get("/v1/torrents.rss", torrents_rss)
+    app.router.add_get("/v1/torrents/{infohash}.torrent", torrent_file)

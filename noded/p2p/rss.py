@@ -1,0 +1,34 @@
+"""RSS 2.0 feed of the node's torrents, for qBittorrent's / Transmission's RSS auto-downloaders. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from email.utils import formatdate
+from xml.etree import ElementTree as ET
+
+
+@dataclass(frozen=True, slots=True)
+class FeedItem:
+    title: str
+    infohash: str
+    size: int
+    updated: float
+    torrent_url: str
+
+
+def render_feed(node_name: str, link: str, items: Iterable[FeedItem]) -> bytes:
+    rss = ET.Element("rss", version="2.0")
+    ch = ET.SubElement(rss, "channel")
+    ET.SubElement(ch, "title").text = f"noded {node_name}: torrents"
+    ET.SubElement(ch, "link").text = link
+    ET.SubElement(ch, "description").text = f"Datasets seeded by the Data for Canada Smart Node {node_name}"
+    for it in items:
+        e = ET.SubElement(ch, "item")
+        ET.SubElement(e, "title").text = it.title
+        ET.SubElement(e, "guid", isPermaLink="false").text = it.infohash
+        ET.SubElement(e, "link").text = it.torrent_url
+        ET.SubElement(e, "pubDate").text = formatdate(it.updated, usegmt=True)
+        ET.SubElement(e, "enclosure", url=it.torrent_url, length=str(it.size), type="application/x-bittorrent")
+    body: bytes = ET.tostring(rss, encoding="unicode").encode()
+    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + body

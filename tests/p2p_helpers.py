@@ -1,0 +1,121 @@
+"""Helpers for the P2P tests: an in-process Node over a real store, and cached items put in place
+exactly as the pull pipeline leaves them (publish, upsert, CACHED, piece hashes)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from noded.component import Node
+from noded.config import Config, parse_config
+from noded.layout import CacheLayout, disk_bytes, publish
+from noded.model import PIECE_LENGTH, CatalogEntry, Item, State
+from noded.p2p import torrent as T
+from noded.store import Store
+from tests.conftest import base_config, deep_merge, to_toml
+
+
+def make_config(tmp: Path, name: str = "toronto", **overrides: Any) -> Config:
+    cfg = base_config(tmp, name=name)
+    return parse_config(to_toml(deep_merge(cfg, overrides)))
+
+
+def content(size: int, seed: int) -> bytes:
+    return hashlib.shake_256(seed.to_bytes(8, "big")).digest(size)
+
+
+def put_cached_sync(
+    store: Store, layout: CacheLayout, key: str, data: bytes, *, pieces: bool = True, origin: str = "sourcecoop"
+) -> Item:
+    """Blocking: place a verified item in the cache the way the pipeline does."""
+    layout.ensure()
+    md5 = hashlib.md5(data).hexdigest()
+    item, _ = store.upsert_entry(
+        CatalogEntry(origin=origin, key=key, urls=(f"http://127.0.0.1:9/{key}",), size=len(data), md5=md5)
+    )
+    partial = layout.partial_path(item.id, item.version)
+    partial.write_bytes(data)
+    st = publish(partial, layout.final_path(key))
+    store.set_state(item.id, State.FETCHING)
+    item = store.set_state(
+        item.id,
+        State.CACHED,
+        sha256=hashlib.sha256(data).hexdigest(),
+        disk_bytes=disk_bytes(st),
+        mtime_ns=st.st_mtime_ns,
+    )
+    if pieces:
+        raw, _ = T.hash_files([layout.final_path(key)])
+        store.set_pieces(item.id, PIECE_LENGTH, raw)
+    return item
+
+
+async def open_node(cfg: Config) -> Node:
+    store = Store(cfg.paths.state_dir / "noded.sqlite3")
+    await store.open()
+    return Node(cfg=cfg, store=store)
+
+
+def drop_page_cache(paths: list[Path]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_session(port: int = 0, host: str = "127.0.0.1") -> Any:
+    """A plain libtorrent session (the other side of a transfer), loopback only, no discovery."""
+    import libtorrent as lt
+
+    s = lt.high_performance_seed()
+    s.update(
+        {
+            "listen_interfaces": f"{host}:{port}",
+            "enable_dht": False,
+            "enable_lsd": False,
+            "enable_upnp": False,
+            "enable_natpmp": False,
+            "enable_outgoing_utp": False,
+            "enable_incoming_utp": False,
+            "allow_multiple_connections_per_ip": True,
+            "alert_mask": 0,
+        }
+    )
+    return lt.session(s)
+
+
+def leech(torrent: bytes, save_dir: Path, peer: tuple[str, int], timeout: float = 60) -> bool:
+    """Blocking (run in a thread): download a torrent from one peer with a raw session."""
+    import time
+    import warnings
+
+    import libtorrent as lt
+
+    ses = raw_session()
+    try:
+        atp = lt.add_torrent_params()
+        ti = lt.torrent_info(torrent)
+        with warnings.catch_warnings():  # deprecated, but the one way to drop a torrent_info's url-list
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ti.set_web_seeds([])
+        atp.ti = ti
+        atp.save_path = str(save_dir)
+        h = ses.add_torrent(atp)
+        deadline = time.monotonic() + timeout
+        last_connect = 0.0
+        while time.monotonic() < deadline:
+            st = h.status()
+            if st.is_seeding:
+                return True
+            if time.monotonic() - last_connect > 2:
+                h.connect_peer(peer)
+                last_connect = time.monotonic()
+            time.sleep(0.1)
+        return False
+    finally:
+        ses.pause()
+        del ses

@@ -1,0 +1,89 @@
+"""Verification that follows a download: pieces are hashed only once they are complete, in order."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from noded.p2p.session import PieceFollower
+from noded.p2p.sync import HashCancelled, follow_hash, hash_file
+from tests.p2p_helpers import content
+
+PL = 16 * 1024  # small pieces keep the test fast; the logic does not depend on the size
+
+
+def test_follower_frontier_is_contiguous() -> None:
+    f = PieceFollower(5)
+    for i, want in [(2, 0), (0, 1), (1, 3), (4, 3), (3, 5)]:
+        f.add(i)
+        assert f.frontier == want
+
+
+def test_follow_hash_waits_for_pieces_and_matches_a_full_read(tmp_path: Path) -> None:
+    data = content(5 * PL + 100, 5)
+    path = tmp_path / "part"
+    path.write_bytes(b"\0" * len(data))  # preallocated, as libtorrent leaves it
+    follower = PieceFollower(6)
+    cancel = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(follow_hash, path, PL, len(data), follower, cancel)
+        # Pieces land out of order; each is written before libtorrent would announce it.
+        with open(path, "r+b") as f:
+            for i in [1, 0, 3, 2, 5, 4]:
+                f.seek(i * PL)
+                f.write(data[i * PL : (i + 1) * PL])
+                f.flush()
+                follower.add(i)
+                time.sleep(0.01)
+        result = fut.result(timeout=10)
+    full = hash_file(path, PL)
+    assert result == full
+    assert result.md5 == hashlib.md5(data).hexdigest() and result.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_follow_hash_cancel(tmp_path: Path) -> None:
+    path = tmp_path / "part"
+    path.write_bytes(b"\0" * PL)
+    cancel = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(follow_hash, path, PL, 3 * PL, PieceFollower(3), cancel)
+        cancel.set()
+        with pytest.raises(HashCancelled):
+            fut.result(timeout=5)
+
+
+def test_follow_hash_rereads_a_piece_announced_before_it_reached_the_file(tmp_path: Path) -> None:
+    data = content(2 * PL, 6)
+    expected = hashlib.sha1(data[:PL]).digest() + hashlib.sha1(data[PL:]).digest()
+    path = tmp_path / "part"
+    path.write_bytes(b"\0" * len(data))
+    follower = PieceFollower(2)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(follow_hash, path, PL, len(data), follower, threading.Event(), expected)
+        follower.add(0)  # announced while the file still holds zeros
+        follower.add(1)
+        time.sleep(0.2)
+        assert not fut.done()  # still waiting for the real bytes
+        path.write_bytes(data)
+        follower.changed.set()
+        result = fut.result(timeout=10)
+    assert result.pieces == expected and result.md5 == hashlib.md5(data).hexdigest()
+
+
+def test_follow_hash_gives_up_waiting_once_flushed(tmp_path: Path) -> None:
+    """Bytes that never match (a bad peer) end as a result whose pieces differ: the caller rejects it."""
+    path = tmp_path / "part"
+    path.write_bytes(b"\0" * PL)
+    follower = PieceFollower(1)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(follow_hash, path, PL, PL, follower, threading.Event(), b"\1" * 20)
+        follower.add(0)
+        time.sleep(0.1)
+        follower.set_flushed()
+        result = fut.result(timeout=10)
+    assert result.pieces != b"\1" * 20
