@@ -106,6 +106,10 @@ MIGRATIONS: list[str] = [
         hashes BLOB NOT NULL
     );
     """,
+    # 4 (cache): cached items in LRU order, so an eviction plan streams from an index, never sorts
+    """
+    CREATE INDEX items_lru ON items(last_access, id) WHERE state = 'cached';
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
