@@ -399,6 +399,42 @@ class Cache:
                 log.error("cache.check_failed", error=str(e), exc_info=True)
                 await asyncio.sleep(interval)
 
+    async def plan_report(self, limit: int) -> dict[str, Any]:
+        """What eviction would do now and why each item (LRU first, up to `limit`) is or is not evictable."""
+        store = self.node.store
+        snap = await self.measure()
+        b = self.budget
+        need = eviction.bytes_to_free(b, snap.committed, 0, snap.fs_free, snap.fs_pending)
+        in_use = self.in_use()
+        since = self.listed_since()
+        p = await store.run(cachedb.plan_eviction, store, need, in_use, since)
+        rows = await store.run(cachedb.explain, store, in_use, since, limit)
+        chosen = set(p.evict)
+        return {
+            "budget": b.budget,
+            "high_bytes": b.high_bytes,
+            "low_bytes": b.low_bytes,
+            "used_bytes": snap.used_bytes,
+            "reserved_bytes": snap.reserved_bytes,
+            "fs_free_bytes": snap.fs_free,
+            "cached_items": snap.cached_items,
+            "need_bytes": need,
+            "plan": {"evict": len(p.evict), "freed_bytes": p.freed, "sufficient": p.sufficient, "kept": p.kept},
+            "items": [
+                {
+                    "key": r.key,
+                    "version": r.version,
+                    "disk_bytes": r.disk_bytes,
+                    "last_access": r.last_access,
+                    "evict": r.id in chosen,
+                    "evictable": r.reason is None,
+                    "reason": r.reason
+                    or ("planned: least recently used" if r.id in chosen else "evictable; not needed now"),
+                }
+                for r in rows
+            ],
+        }
+
     # -- pins -------------------------------------------------------------------------------
     async def pin(self, key: str, pinned: bool) -> Item | None:
         store = self.node.store
@@ -406,6 +442,12 @@ class Cache:
         if item is not None and not pinned:
             self.wake()
         return item
+
+    async def reverify(self, key: str) -> dict[str, Any]:
+        """Re-hash one item now (e.g. a community "corrupt" report); corrupt -> quarantined -> wanted."""
+        from noded.verify import Verifier  # verify builds on this module
+
+        return (await Verifier(self).verify_keys([key])).as_dict()
 
     # -- files changed behind our back --------------------------------------------------------
     async def external_change(self, item_id: int, reason: str, *, changed: bool) -> Item | None:

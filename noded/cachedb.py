@@ -12,7 +12,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from noded import eviction
-from noded.model import Item, State
+from noded.model import HashResult, Item, State
 from noded.store import Store
 
 # Copies that count as durable: the organisation's origins and R2. Not the inbox (that is us), not
@@ -159,3 +159,44 @@ def evicted_leftovers(store: Store) -> list[tuple[int, str]]:
             "(SELECT 1 FROM items c WHERE c.key = e.key AND c.state != 'evicted') GROUP BY e.key"
         )
     )
+
+
+def cached_under(store: Store, rel: str) -> list[tuple[int, str, int | None, int | None]]:
+    """(id, key, size, mtime_ns) of cached items at `rel` or below it (a deleted directory)."""
+    return list(
+        store.conn.execute(
+            "SELECT id, key, size, mtime_ns FROM items WHERE state = 'cached' AND (key = ? OR substr(key, 1, ?) = ?)",
+            (rel, len(rel) + 1, rel + "/"),
+        )
+    )
+
+
+def record_published(store: Store, item_id: int, h: HashResult, disk: int, mtime_ns: int) -> Item:
+    """The bytes of `item_id` are now under their final path: CACHED with checksums, allocation, mtime
+    and piece hashes in one transaction; older cached versions of the key (same path) are retired."""
+    now = time.time()
+    with store.tx() as c:
+        item = store.set_state(
+            item_id,
+            State.CACHED,
+            size=h.size,
+            md5=h.md5,
+            sha256=h.sha256,
+            disk_bytes=disk,
+            mtime_ns=mtime_ns,
+            last_access=now,
+        )
+        store.set_pieces(item_id, h.piece_length, h.pieces)
+        older = c.execute(
+            "SELECT id FROM items WHERE key = ? AND version < ? AND state = 'cached'", (item.key, item.version)
+        ).fetchall()
+        for (old_id,) in older:
+            store.set_state(
+                old_id,
+                State.EVICTED,
+                error=f"superseded by version {item.version}",
+                disk_bytes=0,
+                seeding=False,
+                mtime_ns=None,
+            )
+        return item

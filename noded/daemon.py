@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from noded.api import cache_routes
 from noded.api.app import ApiServer, RouteSetup
+from noded.cache import Cache
 from noded.component import Component, Node, Reloadable
 from noded.config import Config, ConfigError, diff_sections, load_config, read_secret
 from noded.logs import configure as configure_logging
@@ -22,6 +24,7 @@ from noded.logs import get_logger
 from noded.sdnotify import Notifier, watchdog_interval
 from noded.store import Store
 from noded.units import format_size
+from noded.watch import Watcher
 
 log = get_logger("noded.daemon")
 
@@ -68,6 +71,11 @@ class Daemon:
     def build(self) -> list[Component]:
         """Every component in start order. The store first, the API last (READY means serving)."""
         comps: list[Component] = [StoreComponent(self.store)]
+        # -- cache (issue 6): accounting + eviction, then the inbox/cache watcher; pin/verify/plan routes
+        cache = Cache(self.node)
+        comps += [cache, Watcher(self.node, cache)]
+        self.routes.append(cache_routes.setup)
+        # -- end cache
         comps.append(ApiServer(self.node, self.routes, api_token(self.cfg)))
         return comps
 
