@@ -118,6 +118,7 @@ class Cache:
         self._admit_lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._waiting = 0
+        self._waiting_bytes = 0  # reservations queued for admission
         self._waiting_reason: str | None = None
         self._snap: Snapshot | None = None
         self._task: asyncio.Task[None] | None = None
@@ -168,6 +169,7 @@ class Cache:
             "cached_items": s.cached_items if s else None,
             "reservations": len(self._reservations),
             "waiting": self._waiting,
+            "waiting_bytes": self._waiting_bytes,
             "waiting_reason": self._waiting_reason,
             "evicted_total": self.evicted_total,
         }
@@ -279,6 +281,7 @@ class Cache:
                 f"({b.high_watermark:.0%} of a {b.budget}-byte budget)"
             )
         self._waiting += 1
+        self._waiting_bytes += r.nbytes
         try:
             async with self._admit_lock:  # one admission at a time: FIFO, no two see the same free room
                 while True:
@@ -302,6 +305,7 @@ class Cache:
                     await self._wait_for_change()
         finally:
             self._waiting -= 1
+            self._waiting_bytes -= r.nbytes
 
     def _set_waiting(self, reason: str | None) -> None:
         if reason == self._waiting_reason:
@@ -357,6 +361,8 @@ class Cache:
                 path = self.layout.final_path(item.key)
             except UnsafePath:
                 continue
+            if await store.run(cachedb.path_in_use, store, item.key):
+                continue
             self.own_ops.add(path)
             try:
                 await loop.run_in_executor(None, _unlink, path)
@@ -404,7 +410,8 @@ class Cache:
         store = self.node.store
         snap = await self.measure()
         b = self.budget
-        need = eviction.bytes_to_free(b, snap.committed, 0, snap.fs_free, snap.fs_pending)
+        # Fetches waiting for room count: the plan shows what it takes to let them in.
+        need = eviction.bytes_to_free(b, snap.committed, self._waiting_bytes, snap.fs_free, snap.fs_pending)
         in_use = self.in_use()
         since = self.listed_since()
         p = await store.run(cachedb.plan_eviction, store, need, in_use, since)
@@ -419,6 +426,7 @@ class Cache:
             "fs_free_bytes": snap.fs_free,
             "cached_items": snap.cached_items,
             "need_bytes": need,
+            "waiting_bytes": self._waiting_bytes,
             "plan": {"evict": len(p.evict), "freed_bytes": p.freed, "sufficient": p.sufficient, "kept": p.kept},
             "items": [
                 {

@@ -116,6 +116,12 @@ def mark_evicted(store: Store, item_id: int, in_use: Collection[int], listed_sin
         return store.set_state(item_id, State.EVICTED, disk_bytes=0, seeding=False, mtime_ns=None)
 
 
+def path_in_use(store: Store, key: str) -> bool:
+    """Another cached row owns the same path (a newer version published over it): keep the file."""
+    r = store.conn.execute("SELECT 1 FROM items WHERE key = ? AND state = 'cached' LIMIT 1", (key,)).fetchone()
+    return r is not None
+
+
 def mark_gone(store: Store, item_id: int, reason: str, *, quarantined: bool) -> Item | None:
     """A cached file vanished or changed behind our back.
 

@@ -102,7 +102,9 @@ row_st = st.tuples(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=st.lists(row_st, max_size=25), need_frac=st.floats(0, 1.1))
-def test_sql_candidates_agree_with_reference(rows: list[tuple[int, int, bool, bool, str, bool]], need_frac: float) -> None:
+def test_sql_candidates_agree_with_reference(
+    rows: list[tuple[int, int, bool, bool, str, bool]], need_frac: float
+) -> None:
     now = time.time()
     max_age = 3600.0
     with tempfile.TemporaryDirectory() as d:

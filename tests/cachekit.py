@@ -1,0 +1,109 @@
+"""Helpers for the cache tests: configs, a cache running in-process, items seeded on disk and in the store."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from conftest import base_config, deep_merge, write_config
+
+from noded.cache import Cache
+from noded.component import Node
+from noded.config import Config, load_config
+from noded.layout import CacheLayout, disk_bytes
+from noded.model import CatalogEntry, Item, State
+from noded.store import Store
+
+
+def make_config(tmp: Path, **overrides: Any) -> Config:
+    cfg = deep_merge(base_config(tmp), overrides)
+    return load_config(write_config(tmp, cfg))
+
+
+class RecordingP2P:
+    """Stands in for the P2P component's `remove_torrent` contract; records what eviction asks."""
+
+    name = "p2p"
+
+    def __init__(self) -> None:
+        self.removed: list[str] = []
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def status(self) -> dict[str, Any]:
+        return {"state": "running"}
+
+    async def remove_torrent(self, infohash: str) -> None:
+        self.removed.append(infohash)
+
+
+@contextlib.asynccontextmanager
+async def running_cache(cfg: Config) -> AsyncIterator[tuple[Node, Cache, RecordingP2P]]:
+    store = Store(cfg.paths.state_dir / "noded.sqlite3")
+    await store.open()
+    node = Node(cfg=cfg, store=store)
+    p2p = RecordingP2P()
+    node.components["p2p"] = p2p
+    cache = Cache(node)
+    await cache.start()
+    node.components["cache"] = cache
+    try:
+        yield node, cache, p2p
+    finally:
+        await cache.stop()
+        await store.close()
+
+
+def seed_cached(
+    store: Store,
+    layout: CacheLayout,
+    key: str,
+    data: bytes,
+    *,
+    origin: str = "inbox",
+    pushed: bool = False,
+    pinned: bool = False,
+    last_access: float | None = None,
+    infohash: str | None = None,
+    fsync: bool = False,
+) -> Item:
+    """Write `data` under the cache path of `key` and record it CACHED (store opened with open_sync)."""
+    path = layout.final_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    st = path.stat()
+    md5 = hashlib.md5(data).hexdigest()
+    sha = hashlib.sha256(data).hexdigest()
+    item, _ = store.upsert_entry(
+        CatalogEntry(origin=origin, key=key, urls=(), size=len(data), md5=md5, sha256=sha, infohash=infohash)
+    )
+    return store.set_state(
+        item.id,
+        State.CACHED,
+        disk_bytes=disk_bytes(st),
+        mtime_ns=st.st_mtime_ns,
+        pushed=pushed,
+        pinned=pinned,
+        last_access=time.time() if last_access is None else last_access,
+    )
+
+
+def tree_disk_bytes(root: Path) -> int:
+    """Allocated bytes of every file under `root` (cache + partials), as du would count them."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += disk_bytes(os.lstat(os.path.join(dirpath, f)))
+    return total
