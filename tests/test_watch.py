@@ -1,0 +1,208 @@
+"""The watcher in a real `noded run`: inbox publishing (acceptance 4, local part), files deleted or
+changed behind noded's back (acceptance 5, marking part), fetches waiting with the reason in status."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cachekit import seed_cached
+
+from noded.layout import CacheLayout
+from noded.model import PIECE_LENGTH
+from noded.store import Store
+
+
+def _row(node_dir: Path, key: str) -> dict[str, Any] | None:
+    db = node_dir / "state" / "noded.sqlite3"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as c:
+        c.row_factory = sqlite3.Row
+        r = c.execute("SELECT * FROM items WHERE key=? ORDER BY version DESC LIMIT 1", (key,)).fetchone()
+        if r is None:
+            return None
+        out = dict(r)
+        p = c.execute("SELECT hashes FROM pieces WHERE item_id=?", (r["id"],)).fetchone()
+        out["pieces"] = None if p is None else bytes(p[0])
+        return out
+
+
+def _until(cond: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_inbox_slow_writer_published_only_when_complete(noded_factory: Any, tmp_path: Path) -> None:
+    node = noded_factory(origins={"inbox": {"dir": str(tmp_path / "toronto" / "inbox"), "stable_seconds": 3.0}})
+    inbox = tmp_path / "toronto" / "inbox"
+    data = os.urandom(3 * 1024 * 1024 + 12345)
+    src = inbox / "census" / "2021" / "dwellings.parquet"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    wrote_all = threading.Event()
+    may_close = threading.Event()
+
+    def writer() -> None:
+        with open(src, "wb") as f:
+            for off in range(0, len(data), 256 * 1024):
+                f.write(data[off : off + 256 * 1024])
+                f.flush()
+                time.sleep(0.15)  # slower than the watcher's checks, faster than stable_seconds
+            wrote_all.set()
+            may_close.wait(10)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        # The whole time the writer is busy, nothing is published.
+        while not wrote_all.is_set():
+            assert _row(tmp_path / "toronto", "census/2021/dwellings.parquet") is None
+            assert src.exists()
+            time.sleep(0.1)
+        assert _row(tmp_path / "toronto", "census/2021/dwellings.parquet") is None
+    finally:
+        may_close.set()
+        t.join()
+    row = _until(
+        lambda: (r := _row(tmp_path / "toronto", "census/2021/dwellings.parquet")) and r["state"] == "cached" and r,
+        what="the inbox file to be published",
+    )
+    final = tmp_path / "toronto" / "cache" / "census" / "2021" / "dwellings.parquet"
+    assert final.read_bytes() == data
+    assert not src.exists()
+    assert row["origin"] == "inbox" and row["size"] == len(data)
+    assert row["sha256"] == hashlib.sha256(data).hexdigest() and row["md5"] == hashlib.md5(data).hexdigest()
+    expected_pieces = b"".join(
+        hashlib.sha1(data[o : o + PIECE_LENGTH]).digest() for o in range(0, len(data), PIECE_LENGTH)
+    )
+    assert row["pieces"] == expected_pieces
+    assert row["mtime_ns"] == final.stat().st_mtime_ns and row["disk_bytes"] >= len(data)
+    assert not list((tmp_path / "toronto" / "cache" / ".noded" / "partial").iterdir())
+    events = [e.get("event") for e in node.log_events()]
+    assert "inbox.published" in events
+
+
+def test_inbox_size_stable_without_close_and_temp_names(noded_factory: Any, tmp_path: Path) -> None:
+    d = tmp_path / "toronto"
+    noded_factory(origins={"inbox": {"dir": str(d / "inbox"), "stable_seconds": 1.0}})
+    inbox = d / "inbox"
+    # A writer that keeps the file open: published once its size has been stable long enough.
+    f = open(inbox / "held-open.csv", "wb")  # noqa: SIM115
+    try:
+        f.write(b"a,b\n1,2\n")
+        f.flush()
+        _until(lambda: (r := _row(d, "held-open.csv")) and r["state"] == "cached", what="stable file")
+    finally:
+        f.close()
+    # A temporary name is ignored until it is renamed into place.
+    tmp = inbox / ".upload.tmp"
+    tmp.write_bytes(b"x" * 5000)
+    time.sleep(2.0)
+    assert tmp.exists() and _row(d, ".upload.tmp") is None
+    tmp.rename(inbox / "final.bin")
+    _until(lambda: (r := _row(d, "final.bin")) and r["state"] == "cached", what="renamed file")
+    assert (d / "cache" / "final.bin").read_bytes() == b"x" * 5000
+
+
+def _seed_before_start(node_dir: Path, items: dict[str, bytes], **kw: Any) -> None:
+    store = Store(node_dir / "state" / "noded.sqlite3")
+    store.open_sync()
+    try:
+        layout = CacheLayout(node_dir / "cache", node_dir / "state")
+        layout.ensure()
+        for key, data in items.items():
+            seed_cached(store, layout, key, data, **kw)
+    finally:
+        store.close_sync()
+
+
+def test_cached_file_deleted_or_changed_by_hand_is_marked(noded_factory: Any, tmp_path: Path) -> None:
+    d = tmp_path / "toronto"
+    node = noded_factory(start=False)
+    _seed_before_start(
+        d,
+        {
+            "a/gone.parquet": os.urandom(50_000),
+            "a/edited.parquet": os.urandom(50_000),
+            "a/fine.parquet": os.urandom(50_000),
+        },
+        origin="sourcecoop",
+    )
+    node.start()
+    (d / "cache" / "a" / "gone.parquet").unlink()
+    with open(d / "cache" / "a" / "edited.parquet", "r+b") as f:
+        f.write(b"EDITED")
+    gone = _until(lambda: (r := _row(d, "a/gone.parquet")) and r["state"] == "wanted" and r, what="deletion noticed")
+    assert "deleted" in gone["error"] and gone["disk_bytes"] == 0
+    edited = _until(lambda: (r := _row(d, "a/edited.parquet")) and r["state"] == "wanted" and r, what="edit noticed")
+    assert "changed" in edited["error"]
+    # The edited bytes are kept aside, never served from the cache path.
+    assert not (d / "cache" / "a" / "edited.parquet").exists()
+    assert (d / "cache" / ".noded" / "quarantine" / f"{edited['id']}-{edited['version']}").exists()
+    assert _row(d, "a/fine.parquet")["state"] == "cached"  # type: ignore[index]
+    # And across a restart, a deletion while the node was down is found by reconciliation.
+    assert node.stop() == 0
+    (d / "cache" / "a" / "fine.parquet").unlink()
+    node.start()
+    fine = _until(lambda: (r := _row(d, "a/fine.parquet")) and r["state"] == "wanted" and r, what="reconciliation")
+    assert "missing" in fine["error"]
+
+
+def test_fetch_waits_and_status_says_why(noded_factory: Any, tmp_path: Path) -> None:
+    """Acceptance 3 through a real node: R2 not configured, nothing durable; an inbox file must wait."""
+    d = tmp_path / "toronto"
+    node = noded_factory(
+        start=False,
+        cache={
+            "budget": 1_000_000,
+            "high_watermark": 0.9,
+            "low_watermark": 0.5,
+            "free_space_floor": "1MB",
+            "check_interval": 0.5,
+        },
+        origins={"inbox": {"dir": str(d / "inbox"), "stable_seconds": 0.5}},
+    )
+    _seed_before_start(d, {f"old/{n}.bin": os.urandom(280_000) for n in range(3)})
+    node.start()
+    (d / "inbox").mkdir(exist_ok=True)
+    (d / "inbox" / "new.bin").write_bytes(os.urandom(200_000))
+
+    def reason() -> str | None:
+        _, st = node.get("/v1/status")
+        return st["problems"].get("cache")
+
+    why = _until(reason, what="the cache problem in /v1/status")
+    assert "fetches wait" in why and "not durable elsewhere" in why
+    _, st = node.get("/v1/status")
+    assert st["components"]["cache"]["waiting"] == 1
+    assert st["cache"]["used_bytes"] > 800_000
+    for n in range(3):
+        assert _row(d, f"old/{n}.bin")["state"] == "cached"  # type: ignore[index]
+    assert (d / "inbox" / "new.bin").exists() or _row(d, "new.bin") is None
+
+
+@pytest.mark.skip(reason="needs r2+p2p merge")
+def test_inbox_file_reaches_r2_and_peer(noded_factory: Any, tmp_path: Path) -> None:
+    """Acceptance 4 end to end: slow writer -> published -> pushed to the test S3 server -> on the peer.
+
+    Contract used: the R2 component pushes CACHED items with pushed=0 after node.notify("cached") and
+    sets pushed=1; the P2P component seeds them and the peer node fetches them over BitTorrent.
+    """
+    raise NotImplementedError
+
+
+@pytest.mark.skip(reason="needs the pull pipeline merge (origins)")
+def test_deleted_by_hand_is_fetched_again(noded_factory: Any, tmp_path: Path) -> None:
+    """Acceptance 5, first half end to end: after the WANTED marking tested above, the pull pipeline
+    fetches the item again from an origin (aiohttp test server) and it is CACHED with the same sha256."""
+    raise NotImplementedError
