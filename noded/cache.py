@@ -123,6 +123,7 @@ class Cache:
         self._snap: Snapshot | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_flush = time.monotonic()
+        self._last_check = time.monotonic()
         self.evicted_total = 0
         self.evicted_bytes_total = 0
         self.reconcile_report: dict[str, int] = {}
@@ -143,7 +144,7 @@ class Cache:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.layout.ensure)
         await self.reconcile()
-        await self.measure()
+        await self.evict_if_needed()  # a restart with a smaller budget takes effect at once
         self._task = asyncio.create_task(self._run(), name="cache")
 
     async def stop(self) -> None:
@@ -394,11 +395,14 @@ class Cache:
         interval = self.node.cfg.cache.check_interval
         while True:
             try:
-                await self.node.wait("cached", interval)
-                await self.fix_unaccounted()
-                await self.evict_if_needed()
+                woke = await self.node.wait("cached", min(interval, TOUCH_FLUSH_INTERVAL))
                 if time.monotonic() - self._last_flush >= TOUCH_FLUSH_INTERVAL:
                     await self.flush_touches()
+                if not woke and time.monotonic() - self._last_check < interval:
+                    continue
+                self._last_check = time.monotonic()
+                await self.fix_unaccounted()
+                await self.evict_if_needed()
             except asyncio.CancelledError:
                 raise
             except Exception as e:

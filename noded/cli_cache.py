@@ -21,6 +21,16 @@ from noded.config import Config, read_secret
 from noded.units import format_size, parse_rate
 
 
+def _log_to_stderr(cfg: Config) -> None:
+    """Commands that work in-process print their results on stdout; their log lines go to stderr."""
+    import structlog
+
+    from noded.logs import configure
+
+    configure("console" if cfg.log.format == "auto" else cfg.log.format, cfg.log.level)
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+
+
 def _quoted(key: str) -> str:
     return urllib.parse.quote(key, safe="/")
 
@@ -128,6 +138,7 @@ def cmd_evict(args: argparse.Namespace) -> int:
             print("noded: node not reachable; reading the store directly", file=sys.stderr)
     if plan is None:
         source = "store read directly (node not running: in-use items unknown)"
+        _log_to_stderr(cfg)
         plan = asyncio.run(_offline_plan(cfg, args.limit))
     print(json.dumps(plan, indent=2) if args.json else render_plan(plan, source))
     return 0
@@ -164,6 +175,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"noded: --rate: {e}", file=sys.stderr)
         return 2
+    _log_to_stderr(cfg)
     rep = asyncio.run(_verify(cfg, args, rate))
     if args.json:
         print(json.dumps(rep, indent=2))
