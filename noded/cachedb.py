@@ -16,35 +16,47 @@ from noded.model import HashResult, Item, State
 from noded.store import Store
 
 # Copies that count as durable: the organisation's origins and R2. Not the inbox (that is us), not
-# peers (caches like this one, which may evict too).
+# peers (caches like this one, which may evict too). The same list is in migration 4's triggers,
+# which keep items.listed_at = the newest sighting of the item's exact bytes at one of them.
 DURABLE_LOCATIONS = ("sourcecoop", "zenodo", "ia", "r2")
 
-# (id, disk_bytes, pinned, durable) in LRU order. `state = 'cached'` is a literal so SQLite uses the
-# partial index items_lru; CASE short-circuits, so the replicas lookup only runs for unpushed items.
-_SELECT = f"""
-SELECT i.id, i.disk_bytes, i.pinned,
-  CASE WHEN i.pushed THEN 1 ELSE EXISTS (
-    SELECT 1 FROM replicas r
-    WHERE r.key = i.key AND r.location IN ({",".join(repr(x) for x in DURABLE_LOCATIONS)})
-      AND r.seen_at >= ?
-      AND ((i.md5 IS NOT NULL AND lower(r.md5) = lower(i.md5))
-           OR (i.sha256 IS NOT NULL AND lower(r.sha256) = lower(i.sha256)))
-      AND (r.size IS NULL OR i.size IS NULL OR r.size = i.size)
-  ) END
-FROM items i WHERE i.state = 'cached'
-"""  # noqa: S608 - the only interpolation is a fixed tuple of names
-_LRU_SQL = _SELECT + " ORDER BY i.last_access, i.id"
-_ONE_SQL = _SELECT + " AND i.id = ?"
+# Evictable candidates in LRU order, read from the covering partial index items_lru (state cached, not
+# pinned): the scan runs in SQLite and hands Python only durable rows. Pinned and non-durable items
+# are counted separately, and only when a plan falls short (to say why).
+_EVICTABLE_SQL = (
+    "SELECT id, disk_bytes, 0, 1 FROM items WHERE state = 'cached' AND pinned = 0"
+    " AND (pushed = 1 OR listed_at >= ?) ORDER BY last_access, id"
+)
+_KEPT_SQL = (
+    "SELECT COALESCE(SUM(pinned), 0),"
+    " COALESCE(SUM(pinned = 0 AND NOT (pushed = 1 OR COALESCE(listed_at, 0) >= ?)), 0)"
+    " FROM items WHERE state = 'cached'"
+)
+_ONE_SQL = (
+    "SELECT id, disk_bytes, pinned, (pushed = 1 OR COALESCE(listed_at, 0) >= ?) FROM items"
+    " WHERE state = 'cached' AND id = ?"
+)
+_ALL_SQL = (
+    "SELECT id, disk_bytes, pinned, (pushed = 1 OR COALESCE(listed_at, 0) >= ?), key, version, last_access"
+    " FROM items WHERE state = 'cached' ORDER BY last_access, id"
+)
 
 
 def lru_candidates(store: Store, listed_since: float) -> Iterator[tuple[int, int, int, int]]:
-    """Stream cached items in LRU order as eviction candidates (see eviction.Candidate)."""
-    yield from store.conn.execute(_LRU_SQL, (listed_since,))
+    """Stream the durable, unpinned cached items in LRU order (see eviction.Candidate)."""
+    yield from store.conn.execute(_EVICTABLE_SQL, (listed_since,))
 
 
 def plan_eviction(store: Store, need: int, in_use: Collection[int], listed_since: float) -> eviction.Plan:
     """Run the pure policy over the streamed candidates (on the store thread: the cursor lives there)."""
-    return eviction.plan(lru_candidates(store, listed_since), need, in_use)
+    p = eviction.plan(lru_candidates(store, listed_since), need, in_use)
+    if not p.sufficient:
+        pinned, not_durable = store.conn.execute(_KEPT_SQL, (listed_since,)).fetchone()
+        if pinned:
+            p.kept[eviction.PINNED] = int(pinned)
+        if not_durable:
+            p.kept[eviction.NOT_DURABLE] = int(not_durable)
+    return p
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,10 +72,8 @@ class Explained:
 def explain(store: Store, in_use: Collection[int], listed_since: float, limit: int | None = None) -> list[Explained]:
     """Every cached item in LRU order with the reason it is (not) evictable (for `evict --dry-run`)."""
     out: list[Explained] = []
-    c = store.conn
-    for row in lru_candidates(store, listed_since):
-        r = c.execute("SELECT key, version, last_access FROM items WHERE id=?", (row[0],)).fetchone()
-        out.append(Explained(row[0], r[0], r[1], row[1], r[2], eviction.why_not(row, in_use)))
+    for row in store.conn.execute(_ALL_SQL, (listed_since,)):
+        out.append(Explained(row[0], row[4], row[5], row[1], row[6], eviction.why_not(row[:4], in_use)))
         if limit is not None and len(out) >= limit:
             break
     return out

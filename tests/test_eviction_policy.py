@@ -89,7 +89,9 @@ def test_bytes_to_free_hysteresis_and_floor() -> None:
 
 
 # -- the SQL side against the same model ----------------------------------------------------------
-replica_st = st.sampled_from(["none", "match", "mismatch", "stale", "inbox", "peer", "sha_match"])
+replica_st = st.sampled_from(
+    ["none", "match", "mismatch", "stale", "inbox", "peer", "sha_match", "relisted_other", "delisted"]
+)
 row_st = st.tuples(
     st.integers(1, 3_000_000),  # disk_bytes
     st.integers(0, 20),  # last_access
@@ -127,6 +129,8 @@ def test_sql_candidates_agree_with_reference(
                     "stale": ("r2", md5, sha, now - 2 * max_age),
                     "inbox": ("inbox", md5, sha, now),
                     "peer": ("peer:amsterdam", md5, sha, now),
+                    "relisted_other": ("sourcecoop", md5, None, now),  # then the origin lists other bytes
+                    "delisted": ("ia", md5, None, now),  # then the origin drops it
                 }[replica]
                 if loc is not None:
                     with store.tx() as c:
@@ -135,6 +139,12 @@ def test_sql_candidates_agree_with_reference(
                             " VALUES(?,?,?,?,?,?)",
                             (key, loc, dbytes, r_md5, r_sha, seen),
                         )
+                        if replica == "relisted_other":
+                            c.execute(
+                                "UPDATE replicas SET md5 = ? WHERE key = ? AND location = ?", ("e" * 32, key, loc)
+                            )
+                        elif replica == "delisted":
+                            c.execute("DELETE FROM replicas WHERE key = ? AND location = ?", (key, loc))
                 durable = pushed or replica in ("match", "sha_match")
                 refs.append(Ref(item.id, dbytes, la, pinned, in_use, durable))
             need = int(sum(r.disk_bytes for r in refs) * need_frac)
