@@ -33,6 +33,7 @@ from noded.model import Item
 log = get_logger("noded.cache")
 
 TOUCH_FLUSH_INTERVAL = 5.0  # seconds: accesses are batched into one store write
+WAIT_POLL = 2.0  # seconds: how often a fetch waiting for room looks again
 
 
 class CacheFull(Exception):
@@ -320,21 +321,18 @@ class Cache:
             log.warning("cache.blocked", reason=reason)
 
     async def _wait_for_change(self) -> None:
-        """Until a reservation ends, something is pushed/unpinned/cached, or the next check."""
+        """Until a reservation ends or something is unpinned/woken, else a short poll.
+
+        Durability changes (R2 confirms, an origin lists) live in the store; polling finds them without
+        consuming the node's shared "pushed"/"cached" hints, which other components wait on.
+        """
         self._changed.clear()
-        waits = [
-            asyncio.ensure_future(self._changed.wait()),
-            asyncio.ensure_future(self.node.wait("pushed", self.node.cfg.cache.check_interval)),
-        ]
-        try:
-            await asyncio.wait(waits, timeout=self.node.cfg.cache.check_interval, return_when="FIRST_COMPLETED")
-        finally:
-            for w in waits:
-                w.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), min(self.node.cfg.cache.check_interval, WAIT_POLL))
 
     def wake(self) -> None:
-        """Something changed that may make items evictable (pushed, unpinned, listed)."""
+        """Something changed that may make items evictable (pushed, unpinned, listed): waiting fetches
+        look again now instead of at the next poll. The R2 component may call this after a push."""
         self._changed.set()
 
     # -- eviction ---------------------------------------------------------------------------
@@ -395,10 +393,10 @@ class Cache:
         interval = self.node.cfg.cache.check_interval
         while True:
             try:
-                woke = await self.node.wait("cached", min(interval, TOUCH_FLUSH_INTERVAL))
+                await asyncio.sleep(min(interval, TOUCH_FLUSH_INTERVAL))
                 if time.monotonic() - self._last_flush >= TOUCH_FLUSH_INTERVAL:
                     await self.flush_touches()
-                if not woke and time.monotonic() - self._last_check < interval:
+                if time.monotonic() - self._last_check < interval:
                     continue
                 self._last_check = time.monotonic()
                 await self.fix_unaccounted()
