@@ -218,3 +218,48 @@ async def test_too_large_for_budget_is_an_error(tmp_path: Path) -> None:
         with pytest.raises(CacheFull, match="can never fit"):
             async with cache.reserve(2_000_000):
                 pass
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real 24 MiB filesystem (tmpfs) for the free-space floor; needs root to mount."""
+    import subprocess
+
+    mnt = tmp_path / "smallfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_free_space_floor_evicts_even_under_budget(tmp_path: Path, small_fs: Path) -> None:
+    mib = 1024 * 1024
+    cfg = make_config(
+        tmp_path,
+        paths={"cache_dir": str(small_fs / "cache"), "state_dir": str(tmp_path / "state")},
+        cache={"budget": "1GB", "free_space_floor": 8 * mib},
+    )
+    async with running_cache(cfg) as (node, cache, _p2p):
+        store = node.store
+        items = [
+            await store.run(
+                seed_cached,
+                store,
+                cache.layout,
+                f"f/{n}.bin",
+                os.urandom(4 * mib),
+                origin="sourcecoop",
+                pushed=True,
+                last_access=1000.0 + n,
+            )
+            for n in range(3)
+        ]
+        # 12 MiB used of 24: the budget (1 GB) has room, the filesystem does not keep 8 MiB free after 6 more.
+        async with cache.reserve(6 * mib):
+            states = [(await store.run(store.get_item, it.id)).state for it in items]  # type: ignore[union-attr]
+            assert states == [State.EVICTED, State.CACHED, State.CACHED]
+            assert cache.status()["fs_free_bytes"] - 6 * mib >= 8 * mib
