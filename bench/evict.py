@@ -46,6 +46,8 @@ def build(path: Path, n: int) -> None:
     store.open_sync()
     now = time.time()
     c = store.conn
+    c.execute("PRAGMA cache_size = -262144")  # 256 MiB while building: the index pages stay in memory
+    c.execute("PRAGMA temp_store = MEMORY")  # statement journals of the trigger updates
     with store.tx():
         rows = []
         reps = []

@@ -102,6 +102,8 @@ class Watcher:
         self._pending: dict[Path, _Pending | None] = {}  # None: closed after write, publish now
         self._dirty: dict[Path, float] = {}  # cache paths to re-check, monotonic time of last event
         self._publishing: set[Path] = set()
+        # Files whose publish failed, by (size, mtime_ns): not retried until they change (no busy loop).
+        self._failed: dict[Path, tuple[int, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.published = 0
         self.failed = 0
@@ -234,8 +236,12 @@ class Watcher:
                     self._pending[path] = _Pending(st.st_size, st.st_mtime_ns, now)
                 elif now - entry.since >= stable:
                     ready = True
+            if ready and self._failed.get(path) == (st.st_size, st.st_mtime_ns):
+                self._pending.pop(path, None)
+                continue
             if ready and path not in self._publishing:
                 self._pending.pop(path, None)
+                self._failed.pop(path, None)
                 self._publishing.add(path)
                 task = asyncio.create_task(self._publish(path), name=f"inbox-publish:{path.name}")
                 self._tasks.append(task)
@@ -284,6 +290,10 @@ class Watcher:
         except Exception as e:
             self.failed += 1
             log.error("inbox.publish_failed", path=str(path), error=str(e), exc_info=True)
+            self.node.problems["inbox"] = f"{path}: publish failed: {e}; file left in the inbox"
+            with contextlib.suppress(OSError):
+                st = await asyncio.get_running_loop().run_in_executor(None, path.stat)
+                self._failed[path] = (st.st_size, st.st_mtime_ns)
         finally:
             self._publishing.discard(path)
 

@@ -191,6 +191,24 @@ def test_fetch_waits_and_status_says_why(noded_factory: Any, tmp_path: Path) -> 
     assert (d / "inbox" / "new.bin").exists() or _row(d, "new.bin") is None
 
 
+def test_inbox_file_larger_than_budget_stays_with_a_clear_problem(noded_factory: Any, tmp_path: Path) -> None:
+    d = tmp_path / "toronto"
+    node = noded_factory(
+        cache={"budget": 1_000_000, "free_space_floor": "1MB"},
+        origins={"inbox": {"dir": str(d / "inbox"), "stable_seconds": 0.5}},
+    )
+    big = d / "inbox" / "huge.bin"
+    big.write_bytes(os.urandom(2_000_000))
+
+    def problem() -> str | None:
+        _, st = node.get("/v1/status")
+        return st["problems"].get("inbox")
+
+    assert "can never fit" in _until(problem, what="the inbox problem")
+    assert big.exists() and big.stat().st_size == 2_000_000  # nothing lost
+    assert _row(d, "huge.bin") is None
+
+
 @pytest.mark.skip(reason="needs r2+p2p merge")
 def test_inbox_file_reaches_r2_and_peer(noded_factory: Any, tmp_path: Path) -> None:
     """Acceptance 4 end to end: slow writer -> published -> pushed to the test S3 server -> on the peer.
