@@ -34,6 +34,9 @@ log = get_logger("noded.cache")
 
 TOUCH_FLUSH_INTERVAL = 5.0  # seconds: accesses are batched into one store write
 WAIT_POLL = 2.0  # seconds: how often a fetch waiting for room looks again
+# Items per eviction plan: a larger need is met in rounds, so no plan holds the store thread for long
+# (planning 10,000 takes tens of ms; executing them takes far longer anyway).
+PLAN_MAX_ITEMS = 10_000
 
 
 class CacheFull(Exception):
@@ -338,7 +341,7 @@ class Cache:
     # -- eviction ---------------------------------------------------------------------------
     async def _plan(self, need: int) -> eviction.Plan:
         store = self.node.store
-        return await store.run(cachedb.plan_eviction, store, need, self.in_use(), self.listed_since())
+        return await store.run(cachedb.plan_eviction, store, need, self.in_use(), self.listed_since(), PLAN_MAX_ITEMS)
 
     async def _execute(self, plan: eviction.Plan) -> int:
         """Evict the planned items; returns how many were evicted."""
@@ -381,13 +384,17 @@ class Cache:
             need = eviction.bytes_to_free(self.budget, snap.committed, 0, snap.fs_free, snap.fs_pending)
             if need == 0:
                 return None
-            plan = await self._plan(need)
-            if plan.evict:
-                await self._execute(plan)
-                await self.measure()
-            if not plan.sufficient:
-                log.warning("cache.over_budget", reason=plan.blocked_reason())
-            return plan
+            target = snap.committed - need  # the level to reach, also across rounds (hysteresis)
+            while True:
+                plan = await self._plan(need)
+                done = await self._execute(plan) if plan.evict else 0
+                snap = await self.measure()
+                if plan.truncated and done and snap.committed > target:
+                    need = snap.committed - target  # a large need is met in bounded rounds
+                    continue
+                if not plan.sufficient and not plan.truncated:
+                    log.warning("cache.over_budget", reason=plan.blocked_reason())
+                return plan
 
     async def _run(self) -> None:
         interval = self.node.cfg.cache.check_interval
@@ -416,7 +423,7 @@ class Cache:
         need = eviction.bytes_to_free(b, snap.committed, self._waiting_bytes, snap.fs_free, snap.fs_pending)
         in_use = self.in_use()
         since = self.listed_since()
-        p = await store.run(cachedb.plan_eviction, store, need, in_use, since)
+        p = await store.run(cachedb.plan_eviction, store, need, in_use, since, max(limit, PLAN_MAX_ITEMS))
         rows = await store.run(cachedb.explain, store, in_use, since, limit)
         chosen = set(p.evict)
         return {
@@ -429,7 +436,13 @@ class Cache:
             "cached_items": snap.cached_items,
             "need_bytes": need,
             "waiting_bytes": self._waiting_bytes,
-            "plan": {"evict": len(p.evict), "freed_bytes": p.freed, "sufficient": p.sufficient, "kept": p.kept},
+            "plan": {
+                "evict": len(p.evict),
+                "freed_bytes": p.freed,
+                "sufficient": p.sufficient,
+                "truncated": p.truncated,
+                "kept": p.kept,
+            },
             "items": [
                 {
                     "key": r.key,

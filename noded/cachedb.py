@@ -47,10 +47,12 @@ def lru_candidates(store: Store, listed_since: float) -> Iterator[tuple[int, int
     yield from store.conn.execute(_EVICTABLE_SQL, (listed_since,))
 
 
-def plan_eviction(store: Store, need: int, in_use: Collection[int], listed_since: float) -> eviction.Plan:
+def plan_eviction(
+    store: Store, need: int, in_use: Collection[int], listed_since: float, max_items: int | None = None
+) -> eviction.Plan:
     """Run the pure policy over the streamed candidates (on the store thread: the cursor lives there)."""
-    p = eviction.plan(lru_candidates(store, listed_since), need, in_use)
-    if not p.sufficient:
+    p = eviction.plan(lru_candidates(store, listed_since), need, in_use, max_items)
+    if not p.sufficient and not p.truncated:
         pinned, not_durable = store.conn.execute(_KEPT_SQL, (listed_since,)).fetchone()
         if pinned:
             p.kept[eviction.PINNED] = int(pinned)

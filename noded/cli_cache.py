@@ -103,7 +103,11 @@ def render_plan(plan: dict[str, Any], source: str) -> str:
         f"need      {format_size(plan['need_bytes'])} to free"
         + ("" if plan["need_bytes"] else " (below the high watermark and above the free-space floor)"),
         f"plan      evict {p['evict']} item(s), freeing {format_size(p['freed_bytes'])}"
-        + ("" if p["sufficient"] else " -- NOT ENOUGH: new fetches would wait"),
+        + (
+            " (first round; the daemon plans again after it)"
+            if p.get("truncated")
+            else ("" if p["sufficient"] else " -- NOT ENOUGH: new fetches would wait")
+        ),
     ]
     for why, n in sorted(p["kept"].items()):
         lines.append(f"kept      {n} item(s): {why}")

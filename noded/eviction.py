@@ -85,6 +85,7 @@ class Plan:
     freed: int = 0
     scanned: int = 0
     kept: dict[str, int] = field(default_factory=dict)  # reason -> how many items it held back
+    truncated: bool = False  # stopped at max_items: execute this part, then plan again
 
     @property
     def sufficient(self) -> bool:
@@ -98,11 +99,17 @@ class Plan:
         )
 
 
-def plan(candidates: Iterable[tuple[int, int, int, int]], need: int, in_use: Collection[int] = ()) -> Plan:
+def plan(
+    candidates: Iterable[tuple[int, int, int, int]],
+    need: int,
+    in_use: Collection[int] = (),
+    max_items: int | None = None,
+) -> Plan:
     """Pick items to evict, least recently used first, until `need` bytes are freed.
 
     `candidates` are (id, disk_bytes, pinned, durable) in LRU order. Consumes the iterable only as far
-    as needed, so a cursor over a million rows stops early in the common case.
+    as needed, so a cursor over a million rows stops early in the common case. `max_items` bounds one
+    plan (the caller executes it and plans again), so no single plan holds the store for long.
     """
     p = Plan(need=need)
     if need <= 0:
@@ -124,6 +131,9 @@ def plan(candidates: Iterable[tuple[int, int, int, int]], need: int, in_use: Col
             evict.append(c[0])
             freed += c[1]
             if freed >= need:
+                break
+            if max_items is not None and len(evict) >= max_items:
+                p.truncated = True
                 break
     p.freed = freed
     p.scanned = scanned

@@ -79,3 +79,31 @@ async def test_touch_pin_and_accounting_fixups(tmp_path: Path) -> None:
             p = await cache._plan(10**9)
             assert a.id not in p.evict and p.kept.get(cachedb.eviction.IN_USE) == 1
         assert (await store.run(store.get_item, a.id)).state is State.CACHED  # type: ignore[union-attr]
+
+
+async def test_large_need_is_met_in_bounded_rounds(tmp_path: Path, monkeypatch: object) -> None:
+    import noded.cache
+
+    monkeypatch.setattr(noded.cache, "PLAN_MAX_ITEMS", 2)  # type: ignore[attr-defined]
+    cfg = make_config(
+        tmp_path, cache={"budget": 100_000, "high_watermark": 0.9, "low_watermark": 0.3, "free_space_floor": "1MB"}
+    )
+    async with running_cache(cfg) as (node, cache, _p2p):
+        store = node.store
+        items = [
+            await store.run(
+                seed_cached,
+                store,
+                cache.layout,
+                f"r/{n}.bin",
+                b"x" * 8192,
+                origin="sourcecoop",
+                pushed=True,
+                last_access=float(n),
+            )
+            for n in range(12)
+        ]
+        # 12 x 8 KiB = 98,304 B over 90,000: down to 30,000 means 9 items, in rounds of at most 2.
+        await cache.evict_if_needed()
+        states = [(await store.run(store.get_item, it.id)).state for it in items]  # type: ignore[union-attr]
+        assert states == [State.EVICTED] * 9 + [State.CACHED] * 3

@@ -30,7 +30,7 @@ class Ref:
     durable: bool
 
 
-def reference_plan(items: list[Ref], need: int) -> list[int]:
+def reference_plan(items: list[Ref], need: int, max_items: int | None = None) -> list[int]:
     """The obvious model: sort by last access (id breaks ties), skip the protected, take until enough."""
     if need <= 0:
         return []
@@ -40,7 +40,7 @@ def reference_plan(items: list[Ref], need: int) -> list[int]:
             continue
         out.append(it.id)
         freed += it.disk_bytes
-        if freed >= need:
+        if freed >= need or len(out) == max_items:
             break
     return out
 
@@ -58,14 +58,18 @@ items_st = st.lists(
 
 
 @settings(max_examples=400, deadline=None)
-@given(items=items_st, need_frac=st.floats(0, 1.2))
-def test_plan_matches_reference_and_never_evicts_protected(items: list[Ref], need_frac: float) -> None:
+@given(items=items_st, need_frac=st.floats(0, 1.2), max_items=st.one_of(st.none(), st.integers(1, 8)))
+def test_plan_matches_reference_and_never_evicts_protected(
+    items: list[Ref], need_frac: float, max_items: int | None
+) -> None:
     need = int(sum(r.disk_bytes for r in items) * need_frac)
     lru = sorted(items, key=lambda r: (r.last_access, r.id))
     in_use = {r.id for r in items if r.in_use}
-    plan = eviction.plan(((r.id, r.disk_bytes, int(r.pinned), int(r.durable)) for r in lru), need, in_use)
+    cands = ((r.id, r.disk_bytes, int(r.pinned), int(r.durable)) for r in lru)
+    plan = eviction.plan(cands, need, in_use, max_items)
 
-    assert plan.evict == reference_plan(items, need)
+    assert plan.evict == reference_plan(items, need, max_items)
+    assert max_items is None or len(plan.evict) <= max_items
     by_id = {r.id: r for r in items}
     for i in plan.evict:
         r = by_id[i]
@@ -75,8 +79,10 @@ def test_plan_matches_reference_and_never_evicts_protected(items: list[Ref], nee
     assert plan.evict == evictable[: len(plan.evict)]
     assert plan.freed == sum(by_id[i].disk_bytes for i in plan.evict)
     assert plan.sufficient == (plan.freed >= need)
-    if not plan.sufficient:
+    if not plan.sufficient and not plan.truncated:
         assert plan.evict == evictable  # it took everything it was allowed to
+    if plan.truncated:
+        assert len(plan.evict) == max_items and not plan.sufficient
 
 
 def test_bytes_to_free_hysteresis_and_floor() -> None:
