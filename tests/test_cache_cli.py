@@ -147,6 +147,15 @@ def test_pin_unpin_api_and_cli(noded_factory: Any, tmp_path: Path) -> None:
     # Re-verify one item over the API (what a community "corrupt" report triggers).
     status, rep = node.get("/v1/items/p/a.parquet/verify", method="POST", headers=auth)
     assert status == 200 and rep["ok"] == 1
+    path = d / "cache" / "p" / "a.parquet"
+    st = path.stat()
+    path.write_bytes(b"b" * 1000)  # same size and mtime, other bytes
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    status, rep = node.get("/v1/items/p/a.parquet/verify", method="POST", headers=auth)
+    assert status == 200 and rep["corrupt"] == ["p/a.parquet"]
+    assert _state(d, "p/a.parquet")[0] == "wanted" and not path.exists()
+    status, body = node.get("/v1/items/p/a.parquet/verify", method="POST", headers=auth)
+    assert status == 409 and "not cached" in body["error"]["message"]
 
 
 def test_evict_dry_run_explains_each_item(noded_factory: Any, tmp_path: Path) -> None:

@@ -191,6 +191,26 @@ def test_fetch_waits_and_status_says_why(noded_factory: Any, tmp_path: Path) -> 
     assert (d / "inbox" / "new.bin").exists() or _row(d, "new.bin") is None
 
 
+def test_inbox_new_bytes_make_a_new_version_and_duplicates_are_dropped(noded_factory: Any, tmp_path: Path) -> None:
+    d = tmp_path / "toronto"
+    noded_factory(origins={"inbox": {"dir": str(d / "inbox"), "stable_seconds": 0.5}})
+    one, two = os.urandom(30_000), os.urandom(40_000)
+    (d / "inbox" / "v.bin").write_bytes(one)
+    _until(lambda: (r := _row(d, "v.bin")) and r["state"] == "cached", what="version 1")
+    (d / "inbox" / "v.bin").write_bytes(two)
+    row = _until(
+        lambda: (r := _row(d, "v.bin")) and r["version"] == 2 and r["state"] == "cached" and r, what="version 2"
+    )
+    assert (d / "cache" / "v.bin").read_bytes() == two and row["size"] == len(two)
+    with sqlite3.connect(d / "state" / "noded.sqlite3") as c:
+        old = c.execute("SELECT state, error FROM items WHERE key='v.bin' AND version=1").fetchone()
+    assert old[0] == "evicted" and "superseded" in old[1]
+    # The same bytes again: nothing new, and the inbox copy is gone.
+    (d / "inbox" / "v.bin").write_bytes(two)
+    _until(lambda: not (d / "inbox" / "v.bin").exists(), what="the duplicate to be taken")
+    assert _row(d, "v.bin")["version"] == 2  # type: ignore[index]
+
+
 def test_inbox_file_larger_than_budget_stays_with_a_clear_problem(noded_factory: Any, tmp_path: Path) -> None:
     d = tmp_path / "toronto"
     node = noded_factory(
