@@ -189,9 +189,10 @@ def cached_under(store: Store, rel: str) -> list[tuple[int, str, int | None, int
     )
 
 
-def record_published(store: Store, item_id: int, h: HashResult, disk: int, mtime_ns: int) -> Item:
+def record_published(store: Store, item_id: int, h: HashResult, disk: int, mtime_ns: int) -> list[Item]:
     """The bytes of `item_id` are now under their final path: CACHED with checksums, allocation, mtime
-    and piece hashes in one transaction; older cached versions of the key (same path) are retired."""
+    and piece hashes in one transaction; older cached versions of the key (same path) are retired.
+    Returns [the item, *the retired versions] (their torrents must go)."""
     now = time.time()
     with store.tx() as c:
         item = store.set_state(
@@ -208,13 +209,16 @@ def record_published(store: Store, item_id: int, h: HashResult, disk: int, mtime
         older = c.execute(
             "SELECT id FROM items WHERE key = ? AND version < ? AND state = 'cached'", (item.key, item.version)
         ).fetchall()
+        out = [item]
         for (old_id,) in older:
-            store.set_state(
-                old_id,
-                State.EVICTED,
-                error=f"superseded by version {item.version}",
-                disk_bytes=0,
-                seeding=False,
-                mtime_ns=None,
+            out.append(
+                store.set_state(
+                    old_id,
+                    State.EVICTED,
+                    error=f"superseded by version {item.version}",
+                    disk_bytes=0,
+                    seeding=False,
+                    mtime_ns=None,
+                )
             )
-        return item
+        return out
