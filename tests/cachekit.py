@@ -100,10 +100,15 @@ def seed_cached(
 
 
 def tree_disk_bytes(root: Path) -> int:
-    """Allocated bytes of every file under `root` (cache + partials), as du would count them."""
-    total = 0
+    """Allocated bytes of every file under `root` (cache + partials), as du would count them.
+
+    Counted once per inode: a file renamed from the partial area into place while the walk runs
+    would otherwise be seen in both places.
+    """
+    seen: dict[tuple[int, int], int] = {}
     for dirpath, _dirs, files in os.walk(root):
         for f in files:
             with contextlib.suppress(FileNotFoundError):
-                total += disk_bytes(os.lstat(os.path.join(dirpath, f)))
-    return total
+                st = os.lstat(os.path.join(dirpath, f))
+                seen[(st.st_dev, st.st_ino)] = disk_bytes(st)
+    return sum(seen.values())

