@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +113,18 @@ def tree_disk_bytes(root: Path) -> int:
                 st = os.lstat(os.path.join(dirpath, f))
                 seen[(st.st_dev, st.st_ino)] = disk_bytes(st)
     return sum(seen.values())
+
+
+@contextlib.contextmanager
+def small_filesystem(where: Path, size: str = "24m") -> Iterator[Path]:
+    """A real small filesystem (tmpfs) mounted at `where`; skips the test when mounting is not allowed."""
+    import pytest
+
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

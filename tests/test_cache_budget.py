@@ -7,10 +7,11 @@ import hashlib
 import os
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cachekit import make_config, running_cache, seed_cached, tree_disk_bytes
+from cachekit import make_config, running_cache, seed_cached, small_filesystem, tree_disk_bytes
 
 from noded import cachedb
 from noded.cache import Cache, CacheFull
@@ -221,19 +222,9 @@ async def test_too_large_for_budget_is_an_error(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def small_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A real 24 MiB filesystem (tmpfs) for the free-space floor; needs root to mount."""
-    import subprocess
-
-    mnt = tmp_path / "smallfs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    try:
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    with small_filesystem(tmp_path / "smallfs") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 async def test_free_space_floor_evicts_even_under_budget(tmp_path: Path, small_fs: Path) -> None:

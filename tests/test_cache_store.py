@@ -107,3 +107,26 @@ async def test_large_need_is_met_in_bounded_rounds(tmp_path: Path, monkeypatch: 
         await cache.evict_if_needed()
         states = [(await store.run(store.get_item, it.id)).state for it in items]  # type: ignore[union-attr]
         assert states == [State.EVICTED] * 9 + [State.CACHED] * 3
+
+
+async def test_partials_count_in_blocks_and_reservations_count_what_they_wrote(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, cache={"budget": "10MB", "free_space_floor": "1MB"})
+    async with running_cache(cfg) as (_node, cache, _p2p):
+        # A sparse partial (a resumed download): only its allocated blocks count.
+        orphan = cache.layout.partial_path(99, 1)
+        with open(orphan, "wb") as f:
+            f.seek(5_000_000)
+            f.write(b"x" * 10_000)
+        snap = await cache.measure()
+        assert 10_000 <= snap.partial_bytes <= 20_480 and snap.used_bytes == snap.partial_bytes
+        orphan_bytes = snap.partial_bytes
+        # A reservation counts as max(reserved, written): writing beyond it grows the count.
+        path = cache.layout.partial_path(100, 1)
+        async with cache.reserve(50_000, item_id=100, path=path) as r:
+            assert (await cache.measure()).reserved_bytes == r.nbytes == 53_248  # whole 4 KiB blocks
+            path.write_bytes(b"y" * 200_000)
+            snap = await cache.measure()
+            assert snap.reserved_bytes >= 200_000 and snap.fs_pending == 0
+            assert snap.partial_bytes == orphan_bytes  # its own file is counted once, in the reservation
+            assert cache.status()["reserved_bytes"] == snap.reserved_bytes
+        assert (await cache.measure()).reserved_bytes == 0

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cachekit import seed_cached
+from cachekit import seed_cached, small_filesystem
 
 from noded.layout import CacheLayout
 from noded.model import PIECE_LENGTH
@@ -209,6 +209,20 @@ def test_inbox_new_bytes_make_a_new_version_and_duplicates_are_dropped(noded_fac
     (d / "inbox" / "v.bin").write_bytes(two)
     _until(lambda: not (d / "inbox" / "v.bin").exists(), what="the duplicate to be taken")
     assert _row(d, "v.bin")["version"] == 2  # type: ignore[index]
+
+
+def test_inbox_on_another_filesystem_is_copied_then_removed(noded_factory: Any, tmp_path: Path) -> None:
+    d = tmp_path / "toronto"
+    with small_filesystem(tmp_path / "otherfs") as other:
+        noded_factory(origins={"inbox": {"dir": str(other / "inbox"), "stable_seconds": 0.5}})
+        data = os.urandom(1_500_000)
+        src = other / "inbox" / "x" / "far.bin"
+        src.parent.mkdir(parents=True)
+        src.write_bytes(data)
+        assert os.stat(other).st_dev != os.stat(d / "cache").st_dev
+        row = _until(lambda: (r := _row(d, "x/far.bin")) and r["state"] == "cached" and r, what="cross-fs publish")
+        assert (d / "cache" / "x" / "far.bin").read_bytes() == data and not src.exists()
+        assert row["sha256"] == hashlib.sha256(data).hexdigest()
 
 
 def test_inbox_file_larger_than_budget_stays_with_a_clear_problem(noded_factory: Any, tmp_path: Path) -> None:
