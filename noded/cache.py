@@ -28,7 +28,7 @@ from noded import cachedb, eviction
 from noded.component import Node
 from noded.layout import INTERNAL, CacheLayout, UnsafePath, disk_bytes
 from noded.logs import get_logger
-from noded.model import Item
+from noded.model import Item, State
 
 log = get_logger("noded.cache")
 
@@ -509,6 +509,34 @@ class Cache:
         self._changed.set()
         return new
 
+    async def recheck(self, item_id: int, reason: str) -> Item | None:
+        """Same size, new mtime: re-hash (the only case where the cache reads a file by itself) and
+        keep the copy if its bytes still match the record; otherwise quarantine and fetch again."""
+        from noded.filehash import hash_file
+        from noded.verify import mismatch  # verify builds on this module
+
+        store = self.node.store
+        item = await store.run(store.get_item, item_id)
+        if item is None or item.state is not State.CACHED:
+            return None
+        try:
+            path = self.layout.final_path(item.key)
+        except UnsafePath:
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            with self.hold(item.id):
+                h = await loop.run_in_executor(None, hash_file, path)
+                st = await loop.run_in_executor(None, path.stat)
+        except FileNotFoundError:
+            return await self.external_change(item_id, "file deleted from the cache outside noded", changed=False)
+        why = mismatch(item, h, await store.run(store.get_pieces, item.id))
+        if why is None and (item.sha256 or item.md5):
+            await store.run(cachedb.record_stat, store, [(item.id, disk_bytes(st), st.st_mtime_ns)])
+            log.info("cache.recheck_same_bytes", key=item.key, reason=reason)
+            return await store.run(store.get_item, item.id)
+        return await self.external_change(item_id, f"{reason}; {why or 'no recorded checksum'}", changed=True)
+
     # -- startup reconciliation ---------------------------------------------------------------
     async def reconcile(self) -> dict[str, int]:
         """Store vs disk by size and mtime_ns: a stat per cached file, no file is read."""
@@ -525,7 +553,9 @@ class Cache:
                     item_id, "file missing from the cache (deleted outside noded)", changed=False
                 )
             elif kind == "changed":
-                await self.external_change(item_id, "file changed outside noded (size or mtime differs)", changed=True)
+                await self.external_change(item_id, "file changed outside noded (size differs)", changed=True)
+            elif kind == "touched":
+                await self.recheck(item_id, "file modified outside noded (mtime differs)")
         leftovers = await store.run(cachedb.evicted_leftovers, store)
         report["leftovers_removed"] = await loop.run_in_executor(None, self._remove_leftovers, leftovers)
         self.reconcile_report = dict(report)
@@ -553,7 +583,7 @@ class Cache:
             elif mtime_ns is None:
                 out.append((item_id, "adopt", d, st.st_mtime_ns))  # never recorded: trust the size
             elif st.st_mtime_ns != mtime_ns:
-                out.append((item_id, "changed", d, st.st_mtime_ns))
+                out.append((item_id, "touched", d, st.st_mtime_ns))
             elif d != dbytes:
                 out.append((item_id, "restat", d, st.st_mtime_ns))
             else:

@@ -268,17 +268,28 @@ class Watcher:
                 if verdict is None:
                     continue
                 self.external += 1
-                await self.cache.external_change(item_id, verdict[0], changed=verdict[1])
+                if verdict == "deleted":
+                    await self.cache.external_change(
+                        item_id, "file deleted from the cache outside noded", changed=False
+                    )
+                elif verdict == "resized":
+                    await self.cache.external_change(
+                        item_id, "file changed in the cache outside noded (size differs)", changed=True
+                    )
+                else:
+                    await self.cache.recheck(item_id, "file modified in the cache outside noded (mtime differs)")
 
-    def _verdict(self, key: str, size: int | None, mtime_ns: int | None) -> tuple[str, bool] | None:
+    def _verdict(self, key: str, size: int | None, mtime_ns: int | None) -> str | None:
         try:
             st = self.cache.layout.final_path(key).stat()
         except FileNotFoundError:
-            return ("file deleted from the cache outside noded", False)
+            return "deleted"
         except (OSError, UnsafePath):
             return None
-        if (size is not None and st.st_size != size) or (mtime_ns is not None and st.st_mtime_ns != mtime_ns):
-            return ("file changed in the cache outside noded (size or mtime differs)", True)
+        if size is not None and st.st_size != size:
+            return "resized"
+        if mtime_ns is not None and st.st_mtime_ns != mtime_ns:
+            return "touched"
         return None
 
     # -- inbox publishing ---------------------------------------------------------------------

@@ -135,27 +135,47 @@ def test_cached_file_deleted_or_changed_by_hand_is_marked(noded_factory: Any, tm
             "a/gone.parquet": os.urandom(50_000),
             "a/edited.parquet": os.urandom(50_000),
             "a/fine.parquet": os.urandom(50_000),
+            "a/touched.parquet": os.urandom(50_000),
+            "a/grown.parquet": os.urandom(50_000),
         },
         origin="sourcecoop",
     )
     node.start()
     (d / "cache" / "a" / "gone.parquet").unlink()
     with open(d / "cache" / "a" / "edited.parquet", "r+b") as f:
-        f.write(b"EDITED")
+        f.write(b"EDITED")  # same size: only a re-hash can tell
+    with open(d / "cache" / "a" / "grown.parquet", "ab") as f:
+        f.write(b"more")
+    touched = d / "cache" / "a" / "touched.parquet"
+    with open(touched, "r+b") as f:  # rewritten with the same bytes: new mtime, same content
+        same = f.read()
+        f.seek(0)
+        f.write(same)
+    new_mtime = touched.stat().st_mtime_ns
     gone = _until(lambda: (r := _row(d, "a/gone.parquet")) and r["state"] == "wanted" and r, what="deletion noticed")
     assert "deleted" in gone["error"] and gone["disk_bytes"] == 0
     edited = _until(lambda: (r := _row(d, "a/edited.parquet")) and r["state"] == "wanted" and r, what="edit noticed")
-    assert "changed" in edited["error"]
+    assert "modified" in edited["error"] and "sha256" in edited["error"]
+    grown = _until(lambda: (r := _row(d, "a/grown.parquet")) and r["state"] == "wanted" and r, what="growth noticed")
+    assert "size differs" in grown["error"]
     # The edited bytes are kept aside, never served from the cache path.
     assert not (d / "cache" / "a" / "edited.parquet").exists()
     assert (d / "cache" / ".noded" / "quarantine" / f"{edited['id']}-{edited['version']}").exists()
     assert _row(d, "a/fine.parquet")["state"] == "cached"  # type: ignore[index]
+    kept = _until(
+        lambda: (r := _row(d, "a/touched.parquet")) and r["mtime_ns"] == new_mtime and r,
+        what="the touched file to be re-hashed and kept",
+    )
+    assert kept["state"] == "cached" and touched.exists()
     # And across a restart, a deletion while the node was down is found by reconciliation.
     assert node.stop() == 0
     (d / "cache" / "a" / "fine.parquet").unlink()
+    os.utime(touched, ns=(new_mtime + 10**9, new_mtime + 10**9))  # mtime only, while the node is down
     node.start()
     fine = _until(lambda: (r := _row(d, "a/fine.parquet")) and r["state"] == "wanted" and r, what="reconciliation")
     assert "missing" in fine["error"]
+    kept = _row(d, "a/touched.parquet")
+    assert kept is not None and kept["state"] == "cached" and kept["mtime_ns"] == new_mtime + 10**9
 
 
 def test_fetch_waits_and_status_says_why(noded_factory: Any, tmp_path: Path) -> None:
