@@ -97,6 +97,14 @@ class CacheConfig(_Section):
     high_watermark: float = Field(0.95, gt=0, le=1)
     low_watermark: float = Field(0.85, gt=0, le=1)
     free_space_floor: ByteSize = 1_000_000_000
+    # How often disk accounting is refreshed and the watermarks checked (also woken by events).
+    check_interval: Seconds = 10.0
+    # An origin listing older than this no longer counts as a durable copy for eviction.
+    listing_max_age: Seconds = 86400.0
+    # `noded verify` and daemon re-verification read at most this many bytes per second.
+    verify_rate: ByteSize = 200_000_000
+    # Watch the cache directory for files deleted or changed behind noded's back.
+    watch_cache: bool = True
 
     @model_validator(mode="after")
     def _order(self) -> CacheConfig:

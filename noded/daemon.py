@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from noded.api import cache_routes
 from noded.api.app import ApiServer, RouteSetup
 from noded.api.transparency import ROUTES as TRANSPARENCY_ROUTES
+from noded.cache import Cache
 from noded.component import Component, Node, Reloadable
 from noded.config import Config, ConfigError, diff_sections, load_config, read_secret
 from noded.logs import configure as configure_logging
@@ -27,6 +29,7 @@ from noded.sdnotify import Notifier, watchdog_interval
 from noded.store import Store
 from noded.traffic_recorder import TrafficRecorder
 from noded.units import format_size
+from noded.watch import Watcher
 
 log = get_logger("noded.daemon")
 
@@ -78,6 +81,10 @@ class Daemon:
         comps += [TrafficRecorder(self.node), Metrics(self.node), Prober(self.node), ReverifyQueue(self.node)]
         self.routes += TRANSPARENCY_ROUTES
         # -- end transparency --
+        # Cache before P2P: startup reconciliation settles which files are intact before anything is seeded.
+        cache = Cache(self.node)
+        comps += [cache, Watcher(self.node, cache)]
+        self.routes.append(cache_routes.setup)
         comps += self._p2p_components()
         comps.append(ApiServer(self.node, self.routes, api_token(self.cfg)))
         return comps
