@@ -68,6 +68,12 @@ class Daemon:
     def build(self) -> list[Component]:
         """Every component in start order. The store first, the API last (READY means serving)."""
         comps: list[Component] = [StoreComponent(self.store)]
+        # -- r2: push cached items to R2 (issue 5) --
+        if self.cfg.r2.enabled:
+            from noded.push import R2Pusher
+
+            comps.append(R2Pusher(self.node))
+        # -- end r2 --
         comps.append(ApiServer(self.node, self.routes, api_token(self.cfg)))
         return comps
 

@@ -106,6 +106,15 @@ MIGRATIONS: list[str] = [
         hashes BLOB NOT NULL
     );
     """,
+    # 4: multipart uploads this node started on R2, so a restart can abort exactly its own leftovers
+    """
+    CREATE TABLE r2_uploads (
+        upload_id TEXT PRIMARY KEY,
+        item_id INTEGER NOT NULL,
+        object_key TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
