@@ -218,10 +218,11 @@ class R2Config(_Section):
     access_key_id_env: str = "R2_ACCESS_KEY_ID"
     secret_access_key_env: str = "R2_SECRET_ACCESS_KEY"  # noqa: S105 - a name, not a secret
     multipart_threshold: ByteSize = 64 * 1024**2
-    max_concurrency: int = Field(8, ge=1, le=64)
+    # Parts in flight across all uploads (8 MiB x 10 measured fastest against the S3 test server).
+    max_concurrency: int = Field(10, ge=1, le=64)
     create_only: bool = False
     # Smallest part size used; larger files get larger parts so no upload needs more than 10,000.
-    part_size: ByteSize = 16 * 1024**2
+    part_size: ByteSize = 8 * 1024**2
     # Items uploaded at once; their parts share the max_concurrency request slots.
     max_concurrent_items: int = Field(2, ge=1, le=64)
     # "path" works with every S3-compatible store (R2, MinIO, moto); "virtual" uses bucket.host.
