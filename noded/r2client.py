@@ -103,7 +103,7 @@ def classify(exc: BaseException, endpoint: str, bucket: str) -> R2Failure:
         if code == "NoSuchBucket":
             return R2Failure("outage", f"bucket {bucket!r} does not exist at {endpoint}", status)
         if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
-            return R2Failure("conflict", f"R2 already holds a different object ({detail})", status)
+            return R2Failure("conflict", f"an object appeared at this key meanwhile ({detail})", status)
         if code in ("404", "NoSuchKey", "NoSuchUpload", "NotFound") or status == 404:
             return R2Failure("missing", f"not found ({detail})", status)
         return R2Failure("item", f"R2 refused the request ({detail})", status)

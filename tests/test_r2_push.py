@@ -276,6 +276,21 @@ async def test_a_damaged_local_copy_is_not_left_in_r2(env: Env) -> None:
     assert env.s3.list_objects_v2(Bucket=BUCKET, Prefix=PREFIX).get("KeyCount") == 0
 
 
+async def test_an_upload_counts_as_pushed_only_after_a_confirming_head(env: Env) -> None:
+    node = await env.node()
+    it = await env.add("unconfirmed.bin", payload(3000, seed=12))
+    env.server.counting.rules.append(lambda r: (404, "NoSuchKey") if r.op == "HeadObject" else None)
+
+    async def has_error() -> bool:
+        return (await env.item(it.id)).error is not None
+
+    await env.pusher(node)
+    await env.until(has_error, what="error on the unconfirmed item")
+    row = await env.item(it.id)
+    assert len(env.server.counting.ops("PutObject")) == 1  # the bytes went up...
+    assert not row.pushed and "HEAD after the upload" in (row.error or "")  # ...but nothing confirmed them
+
+
 def test_backoff_doubles_with_jitter_and_caps() -> None:
     lows = [backoff_delay(n, 2.0, 300.0, rnd=0.0) for n in range(12)]
     highs = [backoff_delay(n, 2.0, 300.0, rnd=1.0) for n in range(12)]
