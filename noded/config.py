@@ -223,6 +223,8 @@ class R2Config(_Section):
     create_only: bool = False
     # Smallest part size used; larger files get larger parts so no upload needs more than 10,000.
     part_size: ByteSize = 8 * 1024**2
+    # Bytes of parts held in memory at once (parts grow with the file: ~500 MiB at 4.9 TiB).
+    max_buffer_bytes: ByteSize = 256 * 1024**2
     # Items uploaded at once; their parts share the max_concurrency request slots.
     max_concurrent_items: int = Field(2, ge=1, le=64)
     # "path" works with every S3-compatible store (R2, MinIO, moto); "virtual" uses bucket.host.

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from noded.budget import ByteBudget
 from noded.component import Node
 from noded.layout import CacheLayout, UnsafePath
 from noded.logs import get_logger
@@ -138,6 +139,7 @@ class R2Pusher:
         self._item_retry: dict[int, float] = {}  # item id -> monotonic time before which it is skipped
         self._cleaned = False
         self._slots: asyncio.Semaphore | None = None
+        self._buffers: ByteBudget | None = None
         self._last_error: str | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -155,6 +157,8 @@ class R2Pusher:
             return
         self.client = R2Client(self.cfg, creds, self.node.traffic)
         self._slots = asyncio.Semaphore(self.cfg.max_concurrency)
+        # Parts grow with the file (about 500 MiB at 4.9 TiB): cap the bytes held in memory too.
+        self._buffers = ByteBudget(self.cfg.max_buffer_bytes)
         self._state = "starting"
         self._task = asyncio.create_task(self._run(), name="r2-pusher")
 
@@ -387,9 +391,9 @@ class R2Pusher:
         self, path: Path, okey: str, upload_id: str, number: int, offset: int, length: int, etags: dict[int, str]
     ) -> None:
         client = self._require_client()
-        assert self._slots is not None
+        assert self._slots is not None and self._buffers is not None
         loop = asyncio.get_running_loop()
-        async with self._slots:
+        async with self._slots, self._buffers.hold(length):
             try:
                 data, md5 = await loop.run_in_executor(client.executor, _read_part, path, offset, length)
             except OSError as e:

@@ -42,6 +42,8 @@ class Request:
     query: dict[str, list[str]]
     length: int
     op: str
+    start: float = 0.0
+    end: float = 0.0  # when the server finished handling it (0 while in flight)
 
 
 def s3_op(method: str, path: str, query: dict[str, list[str]]) -> str:
@@ -90,11 +92,26 @@ class CountingApp:
                 )
                 start_response(f"{status} {code}", [("Content-Type", "application/xml")])
                 return [body.encode()]
-        return self.app(environ, start_response)
+        req.start = time.monotonic()
+        out = self.app(environ, start_response)
+        req.end = time.monotonic()
+        return out
 
     def ops(self, *names: str) -> list[Request]:
         with self.lock:
             return [r for r in self.requests if not names or r.op in names]
+
+    def max_overlap(self, *names: str) -> int:
+        """Most requests of these kinds the server was handling at the same moment."""
+        events = sorted(
+            [(r.start, 1) for r in self.ops(*names)] + [(r.end, -1) for r in self.ops(*names)],
+            key=lambda e: (e[0], e[1]),
+        )
+        cur = best = 0
+        for _, d in events:
+            cur += d
+            best = max(best, cur)
+        return best
 
     def clear(self) -> None:
         with self.lock:

@@ -248,6 +248,22 @@ async def test_startup_aborts_stale_uploads_under_the_prefix_whoever_started_the
     assert old not in left and left == {outside}
 
 
+async def test_parts_in_flight_are_bounded_by_count_and_bytes(env: Env) -> None:
+    env.server.counting.rules.append(lambda r: 0.15 if r.op == "UploadPart" else None)
+    node = await env.node(max_concurrency=4, max_buffer_bytes="10MiB")  # 2 parts of 5 MiB fit
+    it = await env.add("wide.bin", payload(40 * MiB, seed=13))
+    p1 = await env.pusher(node)
+    await env.pushed(it)
+    await p1.stop()
+    assert env.server.counting.max_overlap("UploadPart") == 2
+    env.server.counting.clear()
+    node = await env.node(max_concurrency=3, max_buffer_bytes="1GiB")
+    it2 = await env.add("wide2.bin", payload(40 * MiB, seed=14))
+    await env.pusher(node)
+    await env.pushed(it2)
+    assert env.server.counting.max_overlap("UploadPart") == 3
+
+
 async def test_items_being_read_are_marked_in_use(env: Env) -> None:
     node = await env.node(max_concurrency=1)
     it = await env.add("slow.bin", payload(12 * MiB, seed=10))
