@@ -155,7 +155,9 @@ class R2Pusher:
             self._state = "no-credentials"
             log.error("r2.no_credentials", reason=str(e))
             return
-        self.client = R2Client(self.cfg, creds, self.node.traffic)
+        # Building a boto3 client loads its service model from disk: off the loop.
+        loop = asyncio.get_running_loop()
+        self.client = await loop.run_in_executor(None, R2Client, self.cfg, creds, self.node.traffic)
         self._slots = asyncio.Semaphore(self.cfg.max_concurrency)
         # Parts grow with the file (about 500 MiB at 4.9 TiB): cap the bytes held in memory too.
         self._buffers = ByteBudget(self.cfg.max_buffer_bytes)

@@ -232,8 +232,14 @@ class R2Source:
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="r2-pull")
 
     @classmethod
+    async def open(cls, cfg: R2Config, traffic: Traffic) -> R2Source | None:
+        """`from_config` off the event loop (building a boto3 client reads its model from disk)."""
+        return await asyncio.get_running_loop().run_in_executor(None, cls.from_config, cfg, traffic)
+
+    @classmethod
     def from_config(cls, cfg: R2Config, traffic: Traffic) -> R2Source | None:
-        """With credentials when configured (presigned GETs), else the public URL; None when neither."""
+        """With credentials when configured (presigned GETs), else the public URL; None when neither.
+        Blocking (see `open`)."""
         try:
             client: R2Client | None = R2Client(cfg, load_credentials(cfg), traffic, threads=4)
         except MissingCredentials:

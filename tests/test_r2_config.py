@@ -71,6 +71,6 @@ async def test_r2_origin_needs_credentials_or_a_public_url(tmp_path: Path, monke
     plain = parse_config(to_toml(base_config(tmp_path))).r2
     assert R2Source.from_config(plain, Traffic()) is None
     public = parse_config(to_toml(base_config(tmp_path, r2={"public_url": "https://pub.example.r2.dev"}))).r2
-    src = R2Source.from_config(public, Traffic())
+    src = await R2Source.open(public, Traffic())
     assert src is not None and src.client is None
     await src.close()
