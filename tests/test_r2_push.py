@@ -275,21 +275,26 @@ async def test_items_being_read_are_marked_in_use(env: Env) -> None:
     await env.until(lambda: not p.in_use, what="in_use cleared")
 
 
-async def test_a_damaged_local_copy_is_not_left_in_r2(env: Env) -> None:
-    node = await env.node(multipart_threshold="64MiB")
-    data = payload(50_000, seed=11)
-    it = await env.add("damaged.bin", data)
-    path = env.layout.final_path("damaged.bin")
-    path.write_bytes(b"X" + data[1:])  # bit rot after verification: same size, other bytes
+@pytest.mark.parametrize("size", [50_000, 12 * MiB], ids=["single", "multipart"])
+async def test_bit_rot_after_verification_never_reaches_r2(env: Env, size: int) -> None:
+    node = await env.node()
+    data = payload(size, seed=15)
+    it = await env.add("rotten.bin", data)
+    path = env.layout.final_path("rotten.bin")
+    with open(path, "r+b") as f:  # one flipped byte late in the file, same size
+        f.seek(size - 10)
+        f.write(bytes([data[size - 10] ^ 0xFF]))
 
     async def has_error() -> bool:
         return (await env.item(it.id)).error is not None
 
     await env.pusher(node)
-    await env.until(has_error, what="error on the damaged item")
+    await env.until(has_error, what="error on the rotten item")
     row = await env.item(it.id)
-    assert not row.pushed and "md5" in (row.error or "")
+    assert not row.pushed and "sha256" in (row.error or "")
     assert env.s3.list_objects_v2(Bucket=BUCKET, Prefix=PREFIX).get("KeyCount") == 0
+    assert env.s3.list_multipart_uploads(Bucket=BUCKET, Prefix=PREFIX).get("Uploads", []) == []
+    assert env.server.counting.ops("CompleteMultipartUpload") == []
 
 
 async def test_an_upload_counts_as_pushed_only_after_a_confirming_head(env: Env) -> None:
