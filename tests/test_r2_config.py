@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import base_config, to_toml
 
 from noded.config import ConfigError, parse_config
 from noded.r2client import MissingCredentials, R2Credentials, client_config, load_credentials
 from noded.r2source import R2Source
 from noded.traffic import Traffic
+from tests.conftest import base_config, to_toml
 
 
 def parse(tmp: Path, **r2: object) -> object:

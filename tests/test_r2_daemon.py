@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NodedProcess, free_port, noded_factory  # noqa: F401 - fixture
 from moto.core.authorization import enable_iam_authentication
-from r2_fixtures import (
+
+from tests.conftest import NodedProcess, free_port, noded_factory  # noqa: F401 - fixture
+from tests.r2_fixtures import (
     ACCESS_KEY,
     BUCKET,
     PREFIX,

@@ -9,8 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import base_config
-from r2_fixtures import (
+
+from noded.component import Node
+from noded.config import Config
+from noded.layout import CacheLayout
+from noded.model import Item
+from noded.push import R2Pusher, backoff_delay, record_upload
+from noded.store import Store
+from tests.conftest import base_config
+from tests.r2_fixtures import (
     BUCKET,
     PREFIX,
     CountingMotoServer,
@@ -22,13 +29,6 @@ from r2_fixtures import (
     s3_client,
     s3server,  # noqa: F401 - fixture
 )
-
-from noded.component import Node
-from noded.config import Config
-from noded.layout import CacheLayout
-from noded.model import Item
-from noded.push import R2Pusher, backoff_delay, record_upload
-from noded.store import Store
 
 MiB = 1024**2
 

@@ -8,8 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import base_config
-from r2_fixtures import (
+
+from noded.config import Config
+from noded.layout import CacheLayout, publish
+from noded.model import PIECE_LENGTH, State
+from noded.r2client import R2Client, R2Credentials
+from noded.r2source import R2Source, entries_from_listing, list_catalog, normalise_key
+from noded.sources import FetchError, Source
+from noded.store import Store
+from noded.traffic import Traffic
+from tests.conftest import base_config
+from tests.r2_fixtures import (
     ACCESS_KEY,
     BUCKET,
     PREFIX,
@@ -20,15 +29,6 @@ from r2_fixtures import (
     s3_client,
     s3server,  # noqa: F401 - fixture
 )
-
-from noded.config import Config
-from noded.layout import CacheLayout, publish
-from noded.model import PIECE_LENGTH, State
-from noded.r2client import R2Client, R2Credentials
-from noded.r2source import R2Source, entries_from_listing, list_catalog, normalise_key
-from noded.sources import FetchError, Source
-from noded.store import Store
-from noded.traffic import Traffic
 
 MiB = 1024**2
 
