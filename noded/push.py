@@ -342,7 +342,10 @@ class R2Pusher:
     async def _single(self, item: Item, path: Path, okey: str, size: int) -> None:
         client = self._require_client()
         loop = asyncio.get_running_loop()
-        digest = await loop.run_in_executor(client.executor, _sha256_file, path, threading.Event())
+        try:
+            digest = await loop.run_in_executor(client.executor, _sha256_file, path, threading.Event())
+        except OSError as e:
+            raise ItemFailed(f"cannot read {path} to verify it: {e.strerror}") from None
         if digest != str(item.sha256).lower():
             raise ItemFailed(f"the cached file no longer matches its sha256 (now {digest}); not uploaded")
         extra: dict[str, Any] = dict(self._conditional())
@@ -351,7 +354,11 @@ class R2Pusher:
             extra["ContentMD5"] = _b64(bytes.fromhex(item.md5))
 
         def put() -> dict[str, Any]:
-            with open(path, "rb") as f:
+            try:
+                f = open(path, "rb")  # noqa: SIM115 - closed by the with below
+            except OSError as e:  # a local problem, not an R2 outage
+                raise ItemFailed(f"cannot open {path}: {e.strerror}") from None
+            with f:
                 resp: dict[str, Any] = client.s3.put_object(
                     Bucket=client.bucket,
                     Key=okey,

@@ -297,6 +297,22 @@ async def test_bit_rot_after_verification_never_reaches_r2(env: Env, size: int) 
     assert env.server.counting.ops("CompleteMultipartUpload") == []
 
 
+async def test_a_vanished_file_is_an_item_error_not_an_outage(env: Env) -> None:
+    node = await env.node()
+    gone = await env.add("gone.bin", payload(1000, seed=16))
+    fine = await env.add("fine.bin", payload(1000, seed=17))
+    env.layout.final_path("gone.bin").unlink()
+
+    async def has_error() -> bool:
+        return (await env.item(gone.id)).error is not None
+
+    await env.pusher(node)
+    await env.pushed(fine)
+    await env.until(has_error, what="error on the vanished item")
+    assert "cannot be read" in ((await env.item(gone.id)).error or "")
+    assert "r2" not in node.problems
+
+
 async def test_an_upload_counts_as_pushed_only_after_a_confirming_head(env: Env) -> None:
     node = await env.node()
     it = await env.add("unconfirmed.bin", payload(3000, seed=12))
