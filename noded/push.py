@@ -2,9 +2,10 @@
 
 Work lives in the store (cached rows with pushed=0), so a crash or restart resumes by rescanning; the
 "cached" signal only shortens the wait. Multipart uploads this node starts are recorded in the store
-before their first part, so after a SIGKILL the next start aborts exactly those (and uploads under
-the prefix older than `stale_upload_age`, which nobody will complete), never a peer node's upload
-that is still running.
+before their first part, so after a SIGKILL the next push of that item resumes its upload (only the
+missing parts are sent) and the next start aborts exactly those of ours that cannot be resumed (and
+uploads under the prefix older than `stale_upload_age`, which nobody will complete), never a peer
+node's upload that is still running.
 
 Failures come in two kinds. An outage (connection refused, 5xx, credentials refused) stops the pass,
 sets node.problems["r2"] and backs off exponentially; the items stay cached and unpushed. A problem
@@ -80,9 +81,10 @@ def forget_upload(store: Store, upload_id: str) -> None:
         c.execute("DELETE FROM r2_uploads WHERE upload_id=?", (upload_id,))
 
 
-def recorded_uploads(store: Store) -> dict[str, str]:
-    """upload id -> object key."""
-    return {str(u): str(k) for u, k in store.conn.execute("SELECT upload_id, object_key FROM r2_uploads")}
+def recorded_uploads(store: Store) -> dict[str, tuple[str, int]]:
+    """upload id -> (object key, item id), oldest first."""
+    rows = store.conn.execute("SELECT upload_id, object_key, item_id FROM r2_uploads ORDER BY created_at, rowid")
+    return {str(u): (str(k), int(i)) for u, k, i in rows}
 
 
 # -- blocking helpers (run on the R2 threads) ----------------------------------------------------
@@ -381,12 +383,16 @@ class R2Pusher:
     async def _multipart(self, item: Item, path: Path, okey: str, plan: PartPlan) -> None:
         client = self._require_client()
         store = self.node.store
-        created = await self._s3(
-            client.s3.create_multipart_upload, Bucket=client.bucket, Key=okey, Metadata=self._metadata(item)
-        )
-        upload_id = str(created["UploadId"])
-        await store.run(record_upload, store, upload_id, item.id, okey)
-        log.info("r2.multipart_started", key=item.key, parts=plan.count, part_size=plan.part_size)
+        resumed_id, done = await self._resume(item, okey, plan)
+        if resumed_id is None:
+            created = await self._s3(
+                client.s3.create_multipart_upload, Bucket=client.bucket, Key=okey, Metadata=self._metadata(item)
+            )
+            upload_id = str(created["UploadId"])
+            await store.run(record_upload, store, upload_id, item.id, okey)
+            log.info("r2.multipart_started", key=item.key, parts=plan.count, part_size=plan.part_size)
+        else:
+            upload_id = resumed_id
         # The parts are read out of order; a sequential pass alongside them checks that the file
         # still has the sha256 it was verified with, so bit rot never completes into R2.
         cancel = threading.Event()
@@ -394,10 +400,12 @@ class R2Pusher:
         verify = loop.run_in_executor(client.executor, _sha256_file, path, cancel)
         verify.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
         try:
-            etags: dict[int, str] = {}
+            etags: dict[int, str] = dict(done)
             try:
                 async with asyncio.TaskGroup() as tg:
                     for number, offset, length in plan.parts():
+                        if number in done:
+                            continue
                         tg.create_task(self._part(path, okey, upload_id, number, offset, length, etags))
             except ExceptionGroup as eg:
                 raise _first(eg, R2Unavailable) or _first(eg, ItemFailed) or eg from None
@@ -420,7 +428,7 @@ class R2Pusher:
             cancel.set()
             # Our own upload: abort it now (an outage leaves it recorded for the next pass to abort).
             with contextlib.suppress(R2Unavailable, ItemFailed):
-                await self._s3(client.s3.abort_multipart_upload, Bucket=client.bucket, Key=okey, UploadId=upload_id)
+                await self._abort(okey, upload_id)
                 await store.run(forget_upload, store, upload_id)
             raise
         finally:
@@ -464,12 +472,23 @@ class R2Pusher:
 
     # -- leftovers --------------------------------------------------------------------------
     async def _cleanup_uploads(self) -> None:
-        """Abort our recorded multipart uploads and stale ones under the prefix."""
+        """Abort our recorded multipart uploads that cannot be resumed, and stale ones under the prefix.
+
+        A recorded upload of an item that is still cached and unpushed is kept: the next push of that
+        item resumes it from ListParts instead of sending every part again.
+        """
         store = self.node.store
         ours = await store.run(recorded_uploads, store)
         if self._cleaned and not ours:
             return
         client = self._require_client()
+        resumable: dict[int, str] = {}  # item id -> its newest recorded upload
+        for uid, (okey, item_id) in ours.items():
+            item = await store.run(store.get_item, item_id)
+            unpushed = item is not None and item.state == State.CACHED and not item.pushed
+            if unpushed and item is not None and client.object_key(item.key) == okey:
+                resumable[item_id] = uid
+        keep = set(resumable.values())
 
         def list_uploads() -> list[dict[str, Any]]:
             pages = client.s3.get_paginator("list_multipart_uploads").paginate(
@@ -478,24 +497,66 @@ class R2Pusher:
             return [u for page in pages for u in page.get("Uploads", [])]
 
         uploads = await self._s3(list_uploads)
+        listed = {str(u["UploadId"]) for u in uploads}
         now = time.time()
         for u in uploads:
             uid, okey = str(u["UploadId"]), str(u["Key"])
+            if uid in keep:
+                continue
             initiated = u.get("Initiated")
             age = now - initiated.timestamp() if initiated is not None else 0.0
             stale = self.cfg.stale_upload_age > 0 and age > self.cfg.stale_upload_age
             if uid not in ours and not stale:
                 continue  # perhaps another node's upload, still running
-            try:
-                await self._s3(client.s3.abort_multipart_upload, Bucket=client.bucket, Key=okey, UploadId=uid)
-            except ItemFailed as e:
-                if e.failure is None or e.failure.kind != "missing":
-                    raise
-            self.stats.aborted_uploads += 1
+            await self._abort(okey, uid)
             log.info("r2.upload_aborted", object_key=okey, ours=uid in ours, age_seconds=round(age))
         for uid in ours:
-            await store.run(forget_upload, store, uid)
+            if uid not in keep or uid not in listed:
+                await store.run(forget_upload, store, uid)
         self._cleaned = True
+
+    async def _abort(self, okey: str, upload_id: str) -> None:
+        client = self._require_client()
+        try:
+            await self._s3(client.s3.abort_multipart_upload, Bucket=client.bucket, Key=okey, UploadId=upload_id)
+        except ItemFailed as e:
+            if e.failure is None or e.failure.kind != "missing":
+                raise
+        self.stats.aborted_uploads += 1
+
+    async def _resume(self, item: Item, okey: str, plan: PartPlan) -> tuple[str | None, dict[int, str]]:
+        """Our recorded upload of this item and the parts R2 already holds, when they fit the plan."""
+        client = self._require_client()
+        store = self.node.store
+        recorded = [u for u, (k, i) in (await store.run(recorded_uploads, store)).items() if i == item.id and k == okey]
+        if not recorded:
+            return None, {}
+        upload_id = recorded[-1]
+
+        def list_parts() -> list[dict[str, Any]]:
+            pages = client.s3.get_paginator("list_parts").paginate(Bucket=client.bucket, Key=okey, UploadId=upload_id)
+            return [p for page in pages for p in page.get("Parts", [])]
+
+        try:
+            parts = await self._s3(list_parts)
+        except ItemFailed as e:
+            if e.failure is not None and e.failure.kind == "missing":
+                await store.run(forget_upload, store, upload_id)
+                return None, {}
+            raise
+        expected = {n: length for n, _, length in plan.parts()}
+        done: dict[int, str] = {}
+        for p in parts:
+            n, size = int(p["PartNumber"]), int(p["Size"])
+            if expected.get(n) != size:  # cut with other settings: start over
+                with contextlib.suppress(ItemFailed):
+                    await self._abort(okey, upload_id)
+                await store.run(forget_upload, store, upload_id)
+                log.info("r2.upload_aborted", object_key=okey, ours=True, reason="parts do not fit the plan")
+                return None, {}
+            done[n] = str(p["ETag"])
+        log.info("r2.multipart_resumed", key=item.key, parts_done=len(done), parts=plan.count)
+        return upload_id, done
 
     # -- requests ---------------------------------------------------------------------------
     def _require_client(self) -> R2Client:

@@ -238,6 +238,45 @@ async def test_startup_aborts_our_leftover_uploads_but_not_a_peers_running_one(e
     assert p.status()["aborted_uploads"] == 1
 
 
+async def test_a_recorded_upload_resumes_with_only_the_missing_parts(env: Env) -> None:
+    node = await env.node()
+    assert env.store is not None
+    data = payload(3 * 5 * MiB + 7, seed=18)
+    it = await env.add("resume.bin", data)
+    okey = PREFIX + "resume.bin"
+    meta = {"sha256": hashlib.sha256(data).hexdigest(), "md5": hashlib.md5(data).hexdigest()}
+    uid = env.s3.create_multipart_upload(Bucket=BUCKET, Key=okey, Metadata=meta)["UploadId"]
+    for n in (1, 3):  # what a killed run left behind
+        env.s3.upload_part(
+            Bucket=BUCKET, Key=okey, UploadId=uid, PartNumber=n, Body=data[(n - 1) * 5 * MiB : n * 5 * MiB]
+        )
+    await env.store.run(record_upload, env.store, uid, it.id, okey)
+    env.server.counting.clear()
+    await env.pusher(node)
+    await env.pushed(it)
+    srv = env.server.counting
+    assert sorted(int(r.query["partNumber"][0]) for r in srv.ops("UploadPart")) == [2, 4]
+    assert srv.ops("CreateMultipartUpload", "AbortMultipartUpload") == []
+    assert env.get("resume.bin")[0] == data
+    assert env.s3.list_multipart_uploads(Bucket=BUCKET, Prefix=PREFIX).get("Uploads", []) == []
+
+
+async def test_a_recorded_upload_cut_differently_is_aborted_and_restarted(env: Env) -> None:
+    node = await env.node()
+    assert env.store is not None
+    data = payload(3 * 5 * MiB + 7, seed=19)
+    it = await env.add("recut.bin", data)
+    okey = PREFIX + "recut.bin"
+    uid = env.s3.create_multipart_upload(Bucket=BUCKET, Key=okey)["UploadId"]
+    env.s3.upload_part(Bucket=BUCKET, Key=okey, UploadId=uid, PartNumber=1, Body=data[: 6 * MiB])  # 6, not 5 MiB
+    await env.store.run(record_upload, env.store, uid, it.id, okey)
+    await env.pusher(node)
+    await env.pushed(it)
+    assert len(env.server.counting.ops("AbortMultipartUpload")) == 1
+    assert env.get("recut.bin")[0] == data
+    assert env.s3.list_multipart_uploads(Bucket=BUCKET, Prefix=PREFIX).get("Uploads", []) == []
+
+
 async def test_startup_aborts_stale_uploads_under_the_prefix_whoever_started_them(env: Env) -> None:
     node = await env.node(stale_upload_age=86400)
     old = env.s3.create_multipart_upload(Bucket=BUCKET, Key=PREFIX + "old.bin")["UploadId"]
