@@ -106,7 +106,7 @@ MIGRATIONS: list[str] = [
         hashes BLOB NOT NULL
     );
     """,
-    # 4: multipart uploads this node started on R2, so a restart can abort exactly its own leftovers
+    # 4: multipart uploads this node started on R2, so a restart resumes or aborts exactly its own
     """
     CREATE TABLE r2_uploads (
         upload_id TEXT PRIMARY KEY,
