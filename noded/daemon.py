@@ -86,6 +86,12 @@ class Daemon:
         comps += [cache, Watcher(self.node, cache)]
         self.routes.append(cache_routes.setup)
         comps += self._p2p_components()
+        # -- r2: push cached items to R2 (issue 5) --
+        if self.cfg.r2.enabled:
+            from noded.push import R2Pusher
+
+            comps.append(R2Pusher(self.node))
+        # -- end r2 --
         comps.append(ApiServer(self.node, self.routes, api_token(self.cfg)))
         return comps
 

@@ -177,6 +177,15 @@ MIGRATIONS: list[str] = [
         WHERE state = 'cached' AND pinned = 0;
     CREATE INDEX items_cached ON items(state, pinned, pushed, listed_at, disk_bytes);
     """,
+    # 6: multipart uploads this node started on R2, so a restart resumes or aborts exactly its own
+    """
+    CREATE TABLE r2_uploads (
+        upload_id TEXT PRIMARY KEY,
+        item_id INTEGER NOT NULL,
+        object_key TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
