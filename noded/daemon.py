@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from noded.api import origins_routes
+from noded.api import cache_routes, origins_routes
 from noded.api.app import ApiServer, RouteSetup
 from noded.api.transparency import ROUTES as TRANSPARENCY_ROUTES
+from noded.cache import Cache
 from noded.component import Component, Node, Reloadable
 from noded.config import Config, ConfigError, diff_sections, load_config, read_secret
 from noded.logs import configure as configure_logging
@@ -30,6 +31,7 @@ from noded.sdnotify import Notifier, watchdog_interval
 from noded.store import Store
 from noded.traffic_recorder import TrafficRecorder
 from noded.units import format_size
+from noded.watch import Watcher
 
 log = get_logger("noded.daemon")
 
@@ -87,6 +89,10 @@ class Daemon:
         comps += [TrafficRecorder(self.node), Metrics(self.node), Prober(self.node), ReverifyQueue(self.node)]
         self.routes += TRANSPARENCY_ROUTES
         # -- end transparency --
+        # Cache before P2P: startup reconciliation settles which files are intact before anything is seeded.
+        cache = Cache(self.node)
+        comps += [cache, Watcher(self.node, cache)]
+        self.routes.append(cache_routes.setup)
         # -- origins (issue 3): bandwidth timetable, catalog refresh and the pull pipeline --------
         # Peer/R2 sources plug in with origins.sources_first.append(...) / sources_last.append(...).
         self.schedule = Schedule(self.cfg.schedule)
@@ -102,6 +108,12 @@ class Daemon:
             self.origins.peer_up = lambda name: peer_not_down(sync, name)
             self.origins.peers_ready = lambda: all(v.up or v.error is not None for v in sync.peers.values())
         # -- end origins x p2p -------------------------------------------------------------------
+        # -- r2: push cached items to R2 (issue 5) --
+        if self.cfg.r2.enabled:
+            from noded.push import R2Pusher
+
+            comps.append(R2Pusher(self.node))
+        # -- end r2 --
         comps.append(ApiServer(self.node, self.routes, api_token(self.cfg)))
         return comps
 

@@ -48,6 +48,14 @@ class NodeCollector(Collector):
         self.open_reports: dict[str, int] = {}
 
     def collect(self) -> Iterator[Any]:
+        # Components' generic figures must not repeat a name the fixed families already use.
+        fixed: set[str] = set()
+        for family in self._fixed():
+            fixed.add(family.name)
+            yield family
+        yield from self._component_metrics(fixed)
+
+    def _fixed(self) -> Iterator[Any]:
         node = self.node
         yield InfoMetricFamily("noded", "This node", value={"version": __version__, "node": node.cfg.node.name})
         ready = GaugeMetricFamily("noded_ready", "1 when the node is ready to serve")
@@ -75,7 +83,6 @@ class NodeCollector(Collector):
         lag = GaugeMetricFamily("noded_event_loop_lag_seconds_last", "Most recent event-loop lag sample")
         lag.add_metric([], node.loop_lag)
         yield lag
-        yield from self._component_metrics()
 
     def _traffic(self) -> Iterator[Any]:
         t = self.node.traffic
@@ -126,13 +133,13 @@ class NodeCollector(Collector):
             reports.add_metric([name], self.open_reports.get(name, 0))
         yield from (up, status, lat, upt, errs, reports)
 
-    def _component_metrics(self) -> Iterator[Any]:
+    def _component_metrics(self, taken: set[str]) -> Iterator[Any]:
         """Numbers each component reports: `metrics()` when it has one, else the numeric part of status().
 
         Flat numbers become `noded_<component>_<key>`; a dict of numbers (e.g. torrents by state) becomes
         one gauge with a `key` label. Both come from fixed status fields, so cardinality stays bounded.
         """
-        seen: set[str] = set()
+        seen: set[str] = set(taken)
         for cname, comp in list(self.node.components.items()):
             if comp is self.owner:
                 continue  # our own lag figures are exported as a histogram already
@@ -151,6 +158,12 @@ class NodeCollector(Collector):
                     continue
                 if _number(v):
                     seen.add(name)
+                    # A field named *_total is a running count: exposed as a counter, as promtool expects.
+                    if name.endswith("_total"):
+                        c = CounterMetricFamily(name.removesuffix("_total"), f"{cname} {k}")
+                        c.add_metric([], float(v))
+                        yield c
+                        continue
                     g = GaugeMetricFamily(name, f"{cname} {k}")
                     g.add_metric([], float(v))
                     yield g

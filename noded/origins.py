@@ -45,6 +45,7 @@ log = get_logger("noded.origins")
 UPSERT_BATCH = 500  # entries per store transaction: keeps the store thread responsive for others
 POLL_SECONDS = 30.0  # pull loop wake-up when nobody notifies
 DEFER_RECHECK = 10.0  # how often an item left to its rendezvous owner is looked at again
+NO_SOURCE_RECHECK = 60.0  # how often an item nothing can serve is looked at again
 
 
 # -- pure policy ---------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ def order_sources(
     return [*first, *sorted(middle, key=rank), *last]
 
 
-# -- suspect copies (migration 5) ----------------------------------------------------------------
+# -- suspect copies (migration 7) ----------------------------------------------------------------
 def mark_suspect(store: Store, key: str, version: int, location: str, reason: str) -> None:
     with store.tx() as c:
         c.execute(
@@ -93,6 +94,13 @@ def suspects(store: Store, key: str, version: int, since: float = 0.0) -> dict[s
         "SELECT location, reason FROM suspects WHERE key=? AND version=? AND at>=?", (key, version, since)
     )
     return {str(r[0]): str(r[1]) for r in rows}
+
+
+def other_version_cached(store: Store, item: Item) -> bool:
+    row = store.conn.execute(
+        "SELECT 1 FROM items WHERE key=? AND id<>? AND state=? LIMIT 1", (item.key, item.id, State.CACHED.value)
+    ).fetchone()
+    return row is not None
 
 
 # -- the HTTP origins as pull sources --------------------------------------------------------------
@@ -129,9 +137,14 @@ class HttpOriginSource:
         raise last or FetchError(f"{self.name} lists no URL for {item.key}", retryable=False)
 
 
+def limits_of(cfg: Config) -> Limits:
+    o = cfg.origins
+    return Limits(max_entries=o.max_items_per_origin, max_item_size=o.max_item_size, max_page_bytes=o.max_page_bytes)
+
+
 def build_adapters(cfg: Config, client: HttpClient) -> list[Adapter]:
     o = cfg.origins
-    limits = Limits(max_entries=o.max_items_per_origin, max_item_size=o.max_item_size, max_page_bytes=o.max_page_bytes)
+    limits = limits_of(cfg)
     out: list[Adapter] = []
     if o.sourcecoop.enabled:
         out.append(SourceCoopAdapter(o.sourcecoop, client, limits))
@@ -167,6 +180,7 @@ class Origins:
         # pulled from an origin, or a restarting node would fetch what its peer already holds.
         self.peers_ready: Callable[[], bool] = lambda: True
         self._started_at = time.time()
+        self._r2: Any = None  # R2Source when R2 is an origin
         self._deferred: dict[int, float] = {}  # item id -> wall time until which its owner is awaited
         self.client = HttpClient(node.cfg.fetch, node.traffic, down)
         self.layout = CacheLayout(node.cfg.paths.cache_dir, node.cfg.paths.state_dir)
@@ -186,7 +200,24 @@ class Origins:
         """Everything but the background loops (tests drive refresh() and pull() directly)."""
         await asyncio.get_running_loop().run_in_executor(None, self.layout.ensure)
         await self.client.start()
+        await self._open_r2()
         self._configure(self.node.cfg)
+
+    async def _open_r2(self) -> None:
+        """R2 as an origin (origins.r2.enabled): its source goes last, its listing joins the catalogs."""
+        cfg = self.node.cfg
+        if not cfg.origins.r2.enabled or self._r2 is not None or any(s.name == "r2" for s in self.sources_last):
+            return
+        from noded.catalog.r2 import R2Adapter
+        from noded.r2source import R2Source
+
+        self._r2 = await R2Source.open(cfg.r2, self.node.traffic)
+        if self._r2 is None:
+            log.warning("origins.r2_unavailable", reason="neither R2 credentials nor r2.public_url are configured")
+            return
+        self.sources_last.append(self._r2)
+        if self._r2.client is not None:
+            self.extra_adapters.append(R2Adapter(self._r2, limits_of(cfg)))
 
     async def start(self) -> None:
         self._started_at = time.time()
@@ -211,6 +242,11 @@ class Origins:
         self._active.clear()
         self._per_origin.clear()
         await self.client.close()
+        if self._r2 is not None:
+            r2, self._r2 = self._r2, None
+            self.sources_last = [s for s in self.sources_last if s is not r2]
+            self.extra_adapters = [a for a in self.extra_adapters if getattr(a, "source", None) is not r2]
+            await r2.close()
 
     async def reload(self, cfg: Config) -> None:
         self._configure(cfg)
@@ -247,7 +283,9 @@ class Origins:
         t0 = time.monotonic()
         try:
             listing = await adapter.list()
-        except (CatalogError, FetchError) as e:
+        except Exception as e:  # an adapter's failure (or bug) costs that origin's refresh only
+            if not isinstance(e, CatalogError | FetchError):
+                log.error("catalog.adapter_crashed", origin=adapter.name, error=repr(e), exc_info=True)
             log.warning("catalog.refresh_failed", origin=adapter.name, reason=str(e))
             self.node.problems[f"catalog:{adapter.name}"] = str(e)[:300]
             self.last_refresh[adapter.name] = {"ok": False, "at": time.time(), "error": str(e)[:300]}
@@ -368,6 +406,30 @@ class Origins:
         if await self._defer_to_owner(item):
             return
         partial = self.layout.partial_path(item.id, item.version)
+        if await self._adopt_published(item, partial, final):
+            return
+        # A suspect copy gets another chance once failed items are retried (the origin may fix it).
+        since = time.time() - self.node.cfg.origins.failed_retry_after
+        bad = await store.run(suspects, store, item.key, item.version, since)
+        reasons: list[str] = [f"{name}: suspect copy ({why})" for name, why in bad.items()]
+        candidates: list[Source] = []
+        for src in self.sources():
+            if src.name in bad:
+                continue
+            try:
+                if await src.offers(item):
+                    candidates.append(src)
+            except Exception as e:
+                reasons.append(f"{src.name}: offers() failed: {e}")
+        if not candidates and not bad:
+            # Nothing can serve it now (no origin lists it, peer and R2 lack it): not a failed pull.
+            # The row keeps its state and error (e.g. the cache's "deleted by hand") and is looked at again later.
+            if item.state == State.FETCHING:
+                await store.run(store.set_state, item.id, State.WANTED, error=item.error)
+            if item.id not in self._deferred:
+                log.info("pull.no_source", key=item.key, version=item.version)
+            self._deferred[item.id] = time.time() + NO_SOURCE_RECHECK
+            return
         cache = self.node.get("cache")
         reserve = getattr(cache, "reserve", None)
         ctx: contextlib.AbstractAsyncContextManager[Any] = (
@@ -376,21 +438,7 @@ class Origins:
         async with ctx:
             if item.state != State.FETCHING:
                 item = await store.run(store.set_state, item.id, State.FETCHING, error=None)
-            if await self._adopt_published(item, partial, final):
-                return
-            # A suspect copy gets another chance once failed items are retried (the origin may fix it).
-            since = time.time() - self.node.cfg.origins.failed_retry_after
-            bad = await store.run(suspects, store, item.key, item.version, since)
-            reasons: list[str] = []
-            for src in self.sources():
-                if src.name in bad:
-                    continue
-                try:
-                    if not await src.offers(item):
-                        continue
-                except Exception as e:
-                    reasons.append(f"{src.name}: offers() failed: {e}")
-                    continue
+            for src in candidates:
                 log.info("pull.start", key=item.key, version=item.version, source=src.name, size=item.size)
                 t0 = time.monotonic()
                 try:
@@ -469,6 +517,8 @@ class Origins:
 
         if not await loop.run_in_executor(None, look):
             return False
+        if await self.node.store.run(other_version_cached, self.node.store, item):
+            return False  # the bytes there belong to another (older) version: not worth hashing
         result = await loop.run_in_executor(None, lambda: hash_file(final, want_sha1=bool(item.sha1)))
         if mismatch(item, result) is not None:
             return False  # an older version's bytes: fetch as usual (they stay until replaced)

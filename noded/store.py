@@ -115,7 +115,78 @@ MIGRATIONS: list[str] = [
         requested_at REAL NOT NULL
     );
     """,
-    # 5: origin copies whose bytes did not verify, per item version (the pull skips them)
+    # 5 (cache): durability and LRU order without per-row lookups, for eviction plans over 1M items.
+    # listed_at = newest sighting of this item's exact bytes (md5 or sha256, same size) at an origin or
+    # R2, kept current by triggers on both tables; items_lru holds the evictable candidates in LRU order
+    # with everything a plan needs (covering), so a plan reads the index only; items_cached covers the
+    # cache's byte total and the counts of items kept back (pinned, not durable).
+    """
+    ALTER TABLE items ADD COLUMN listed_at REAL;
+    UPDATE items SET listed_at = (
+        SELECT MAX(r.seen_at) FROM replicas r WHERE r.key = items.key
+          AND r.location IN ('sourcecoop', 'zenodo', 'ia', 'r2')
+          AND ((items.md5 IS NOT NULL AND lower(r.md5) = lower(items.md5))
+               OR (items.sha256 IS NOT NULL AND lower(r.sha256) = lower(items.sha256)))
+          AND (r.size IS NULL OR items.size IS NULL OR r.size = items.size));
+    CREATE TRIGGER replicas_listed_ins AFTER INSERT ON replicas BEGIN
+        UPDATE items SET listed_at = (
+            SELECT MAX(r.seen_at) FROM replicas r WHERE r.key = items.key
+              AND r.location IN ('sourcecoop', 'zenodo', 'ia', 'r2')
+              AND ((items.md5 IS NOT NULL AND lower(r.md5) = lower(items.md5))
+                   OR (items.sha256 IS NOT NULL AND lower(r.sha256) = lower(items.sha256)))
+              AND (r.size IS NULL OR items.size IS NULL OR r.size = items.size))
+        WHERE key = NEW.key;
+    END;
+    CREATE TRIGGER replicas_listed_upd AFTER UPDATE ON replicas BEGIN
+        UPDATE items SET listed_at = (
+            SELECT MAX(r.seen_at) FROM replicas r WHERE r.key = items.key
+              AND r.location IN ('sourcecoop', 'zenodo', 'ia', 'r2')
+              AND ((items.md5 IS NOT NULL AND lower(r.md5) = lower(items.md5))
+                   OR (items.sha256 IS NOT NULL AND lower(r.sha256) = lower(items.sha256)))
+              AND (r.size IS NULL OR items.size IS NULL OR r.size = items.size))
+        WHERE key IN (NEW.key, OLD.key);
+    END;
+    CREATE TRIGGER replicas_listed_del AFTER DELETE ON replicas BEGIN
+        UPDATE items SET listed_at = (
+            SELECT MAX(r.seen_at) FROM replicas r WHERE r.key = items.key
+              AND r.location IN ('sourcecoop', 'zenodo', 'ia', 'r2')
+              AND ((items.md5 IS NOT NULL AND lower(r.md5) = lower(items.md5))
+                   OR (items.sha256 IS NOT NULL AND lower(r.sha256) = lower(items.sha256)))
+              AND (r.size IS NULL OR items.size IS NULL OR r.size = items.size))
+        WHERE key = OLD.key;
+    END;
+    CREATE TRIGGER items_listed_ins AFTER INSERT ON items BEGIN
+        UPDATE items SET listed_at = (
+            SELECT MAX(r.seen_at) FROM replicas r WHERE r.key = NEW.key
+              AND r.location IN ('sourcecoop', 'zenodo', 'ia', 'r2')
+              AND ((NEW.md5 IS NOT NULL AND lower(r.md5) = lower(NEW.md5))
+                   OR (NEW.sha256 IS NOT NULL AND lower(r.sha256) = lower(NEW.sha256)))
+              AND (r.size IS NULL OR NEW.size IS NULL OR r.size = NEW.size))
+        WHERE id = NEW.id;
+    END;
+    CREATE TRIGGER items_listed_upd AFTER UPDATE OF md5, sha256, size, key ON items BEGIN
+        UPDATE items SET listed_at = (
+            SELECT MAX(r.seen_at) FROM replicas r WHERE r.key = NEW.key
+              AND r.location IN ('sourcecoop', 'zenodo', 'ia', 'r2')
+              AND ((NEW.md5 IS NOT NULL AND lower(r.md5) = lower(NEW.md5))
+                   OR (NEW.sha256 IS NOT NULL AND lower(r.sha256) = lower(NEW.sha256)))
+              AND (r.size IS NULL OR NEW.size IS NULL OR r.size = NEW.size))
+        WHERE id = NEW.id;
+    END;
+    CREATE INDEX items_lru ON items(last_access, id, disk_bytes, pushed, listed_at, state, pinned)
+        WHERE state = 'cached' AND pinned = 0;
+    CREATE INDEX items_cached ON items(state, pinned, pushed, listed_at, disk_bytes);
+    """,
+    # 6: multipart uploads this node started on R2, so a restart resumes or aborts exactly its own
+    """
+    CREATE TABLE r2_uploads (
+        upload_id TEXT PRIMARY KEY,
+        item_id INTEGER NOT NULL,
+        object_key TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
+    # 7: origin copies whose bytes did not verify, per item version (the pull skips them)
     """
     CREATE TABLE suspects (
         key TEXT NOT NULL,
@@ -138,6 +209,19 @@ _ITEM_COLS = (
 
 class StoreError(RuntimeError):
     pass
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a migration into statements; a trigger body's inner ';' does not end its CREATE TRIGGER."""
+    buf = ""
+    for part in script.split(";"):
+        buf += part + ";"
+        if sqlite3.complete_statement(buf):
+            if buf.strip(" \n\t;"):
+                yield buf
+            buf = ""
+    if buf.strip(" \n\t;"):
+        raise StoreError(f"incomplete SQL statement in a migration: {buf.strip()[:80]!r}")
 
 
 def _row_to_item(r: Sequence[Any]) -> Item:
@@ -257,9 +341,8 @@ class Store:
             c = self.conn
             c.execute("BEGIN IMMEDIATE")
             try:
-                for stmt in MIGRATIONS[v].split(";"):
-                    if stmt.strip():
-                        c.execute(stmt)
+                for stmt in _statements(MIGRATIONS[v]):
+                    c.execute(stmt)
                 c.execute(f"PRAGMA user_version = {v + 1}")
             except BaseException:
                 c.execute("ROLLBACK")

@@ -1,0 +1,221 @@
+"""Benchmark: one file through noded's R2 pusher vs boto3's upload_file with default settings.
+
+Both upload the same file to the same moto S3 server (a separate `moto_server` process on
+127.0.0.1, so the server does not share this process's GIL) in the same run. The noded figure is the
+wall time from the "cached" wake-up of a running pusher until the item is marked pushed (HEAD,
+multipart upload, confirming HEAD); the boto3 figure is one `upload_file` call on a ready client.
+Rounds alternate which side goes first; the best time of each side counts. Prints a human summary, then ONE JSON
+line: {"ratio_vs_boto3": noded throughput / boto3 throughput, ...}.
+
+    /work/venv/bin/python bench/push.py [--size-mib 512] [--rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import boto3
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from noded.component import Node  # noqa: E402
+from noded.config import Config  # noqa: E402
+from noded.layout import CacheLayout, publish  # noqa: E402
+from noded.model import CatalogEntry, State  # noqa: E402
+from noded.push import R2Pusher  # noqa: E402
+from noded.store import Store  # noqa: E402
+
+BUCKET = "bench"
+KEY_ID, SECRET = "AKIDBENCH000000", "bench-secret-value-000000"
+MiB = 1024**2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_moto(port: int) -> subprocess.Popen[bytes]:
+    exe = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen(
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1).read()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("moto_server did not start")
+
+
+def make_file(path: Path, size: int) -> tuple[str, str]:
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    block = os.urandom(16 * MiB)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            b = block[: min(left, len(block))]
+            f.write(b)
+            md5.update(b)
+            sha.update(b)
+            left -= len(b)
+    return md5.hexdigest(), sha.hexdigest()
+
+
+def run_boto3(endpoint: str, path: Path, key: str) -> float:
+    # Defaults on purpose (TransferConfig 8 MiB parts, 10 threads; default checksum behaviour).
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=KEY_ID,
+        aws_secret_access_key=SECRET,
+    )
+    t0 = time.perf_counter()
+    s3.upload_file(str(path), BUCKET, key)
+    return time.perf_counter() - t0
+
+
+async def run_noded(
+    endpoint: str, work: Path, data: Path, md5: str, sha256: str, size: int, prefix: str, r2_extra: dict[str, object]
+) -> float:
+    cfg = Config.model_validate(
+        {
+            "node": {"name": "bench", "region": "bench"},
+            "paths": {"cache_dir": str(work / "cache"), "state_dir": str(work / "state")},
+            "cache": {"budget": "10GB"},
+            "r2": {
+                "enabled": True,
+                "endpoint": endpoint,
+                "bucket": BUCKET,
+                "prefix": prefix,
+                "region": "us-east-1",
+                **r2_extra,
+            },
+        }
+    )
+    os.environ["R2_ACCESS_KEY_ID"], os.environ["R2_SECRET_ACCESS_KEY"] = KEY_ID, SECRET
+    store = Store(cfg.paths.state_dir / "noded.sqlite3")
+    await store.open()
+    layout = CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir)
+    layout.ensure()
+    node = Node(cfg=cfg, store=store)
+    pusher = R2Pusher(node)
+    # A running daemon has its client and first pass behind it when an item is published.
+    await pusher.start()
+    while pusher.status()["state"] != "idle":
+        if "r2" in node.problems:
+            raise RuntimeError(node.problems["r2"])
+        await asyncio.sleep(0.01)
+    item, _ = await store.run(
+        store.upsert_entry, CatalogEntry("inbox", "bench/file.bin", (), size=size, md5=md5, sha256=sha256)
+    )
+    partial = layout.partial_path(item.id, item.version)
+    os.link(data, partial)  # same bytes, no copy
+    publish(partial, layout.final_path(item.key))
+    await store.run(store.set_state, item.id, State.CACHED, size=size, md5=md5, sha256=sha256)
+    t0 = time.perf_counter()
+    node.notify("cached")  # what the pull pipeline does after publishing
+    while True:
+        got = await store.run(store.get_item, item.id)
+        if got is not None and got.pushed:
+            break
+        if "r2" in node.problems:
+            raise RuntimeError(node.problems["r2"])
+        await node.wait("pushed", 0.5)
+    elapsed = time.perf_counter() - t0
+    await pusher.stop()
+    await store.close()
+    return elapsed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--part-size-mib", type=int, help="override r2.part_size (default: noded's default)")
+    ap.add_argument("--concurrency", type=int, help="override r2.max_concurrency (default: noded's default)")
+    ap.add_argument("--skip-boto3", action="store_true", help="only time noded (for tuning; no ratio)")
+    args = ap.parse_args()
+    size = args.size_mib * MiB
+    r2_extra: dict[str, object] = {}
+    if args.part_size_mib:
+        r2_extra["part_size"] = args.part_size_mib * MiB
+    if args.concurrency:
+        r2_extra["max_concurrency"] = args.concurrency
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    work = Path(tempfile.mkdtemp(prefix="noded-bench-push-"))
+    moto = start_moto(port)
+    try:
+        admin = boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET
+        )
+        admin.create_bucket(Bucket=BUCKET)
+        admin.put_object(Bucket=BUCKET, Key="warmup", Body=b"w" * MiB)  # first-request costs out of the timings
+        data = work / "data.bin"
+        md5, sha256 = make_file(data, size)
+        boto_times, noded_times = [], []
+        for r in range(args.rounds):
+
+            def boto() -> None:
+                if not args.skip_boto3:
+                    boto_times.append(run_boto3(endpoint, data, f"boto3/{r}/file.bin"))
+                    admin.delete_object(Bucket=BUCKET, Key=f"boto3/{r}/file.bin")
+
+            if r % 2 == 0:
+                boto()
+            noded_times.append(
+                asyncio.run(run_noded(endpoint, work / f"n{r}", data, md5, sha256, size, f"noded/{r}/", r2_extra))
+            )
+            if r % 2 == 1:
+                boto()
+            head = admin.head_object(Bucket=BUCKET, Key=f"noded/{r}/bench/file.bin")
+            assert head["ContentLength"] == size and head["Metadata"]["sha256"] == sha256
+            admin.delete_object(Bucket=BUCKET, Key=f"noded/{r}/bench/file.bin")
+    finally:
+        moto.kill()
+        moto.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    n = min(noded_times)
+    b = min(boto_times) if boto_times else float("nan")
+    mb = size / 1e6
+    print(f"boto3.upload_file (defaults): {b:.2f} s  {mb / b:.1f} MB/s   (runs: {[round(t, 2) for t in boto_times]})")
+    print(f"noded R2 pusher (defaults):  {n:.2f} s  {mb / n:.1f} MB/s   (runs: {[round(t, 2) for t in noded_times]})")
+    print(f"ratio noded/boto3: {b / n:.2f}x")
+    print(
+        json.dumps(
+            {
+                "bench": "push",
+                "bytes": size,
+                "rounds": args.rounds,
+                "boto3_seconds": round(b, 3),
+                "noded_seconds": round(n, 3),
+                "boto3_MBps": round(mb / b, 1),
+                "noded_MBps": round(mb / n, 1),
+                "ratio_vs_boto3": round(b / n, 3),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

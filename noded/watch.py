@@ -1,0 +1,407 @@
+"""Filesystem watching: inbox files to publish, cache files changed behind noded's back.
+
+A watchdog observer (its own thread) hands events to the loop with `call_soon_threadsafe`; all the
+work happens on the loop, blocking steps in executors.
+
+Inbox: a file is complete when its writer closes it after writing (inotify close-write) or when its
+size and mtime have not changed for `origins.inbox.stable_seconds`. Hidden names and usual temporary
+suffixes are skipped until renamed. Publishing: reserve room, move the file into the partial area
+(rename on the same filesystem, else copy + fsync), hash it once off the loop, publish atomically into
+the cache, record the item (origin "inbox", state CACHED, piece hashes), notify "cached" so the P2P and
+R2 components take over. On failure the file goes back to the inbox, so nothing is lost.
+
+Cache: deletions and modifications of cached files (not of noded's own partial/quarantine area) are
+checked against the store row (size and mtime_ns) after a short debounce; the cache marks them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from watchdog.events import (
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+from noded import cachedb
+from noded.cache import Cache, CacheFull
+from noded.component import Node
+from noded.filehash import hash_file
+from noded.layout import UnsafePath, disk_bytes, fsync_dir, publish
+from noded.logs import get_logger
+from noded.model import CatalogEntry, HashResult, State
+
+log = get_logger("noded.watch")
+
+DEBOUNCE = 0.5  # seconds: let a burst of events for one path settle before looking at it
+TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".swp", "~")
+_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+]
+
+
+def is_temporary(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts) or rel.name.endswith(TEMP_SUFFIXES)
+
+
+@dataclass
+class _Pending:
+    size: int
+    mtime_ns: int
+    since: float  # monotonic time the size/mtime was first seen unchanged
+
+
+class _Forward(FileSystemEventHandler):
+    """Runs on the observer thread: only hands events over to the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[tuple[str, FileSystemEvent]], tag: str):
+        self.loop = loop
+        self.queue = queue
+        self.tag = tag
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.tag, event))
+
+
+def _p(v: bytes | str) -> Path:
+    return Path(os.fsdecode(v))
+
+
+class Watcher:
+    name = "watch"
+
+    def __init__(self, node: Node, cache: Cache) -> None:
+        self.node = node
+        self.cache = cache
+        self.inbox = node.cfg.origins.inbox.dir.resolve()
+        self._observer: Any = None
+        self._queue: asyncio.Queue[tuple[str, FileSystemEvent]] = asyncio.Queue()
+        self._pending: dict[Path, _Pending | None] = {}  # None: closed after write, publish now
+        self._dirty: dict[Path, float] = {}  # cache paths to re-check, monotonic time of last event
+        self._publishing: set[Path] = set()
+        # Files whose publish failed, by (size, mtime_ns): not retried until they change (no busy loop).
+        self._failed: dict[Path, tuple[int, int]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.published = 0
+        self.failed = 0
+        self.external = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.node.cfg
+        observer = Observer()
+        if cfg.origins.inbox.enabled:
+            await loop.run_in_executor(None, lambda: self.inbox.mkdir(parents=True, exist_ok=True))
+            observer.schedule(
+                _Forward(loop, self._queue, "inbox"), str(self.inbox), recursive=True, event_filter=_EVENTS
+            )
+        if cfg.cache.watch_cache:
+            root = self.cache.layout.root
+            observer.schedule(_Forward(loop, self._queue, "cache"), str(root), recursive=True, event_filter=_EVENTS)
+        # Adding inotify watches walks the trees: off the loop.
+        await loop.run_in_executor(None, observer.start)
+        self._observer = observer
+        if cfg.origins.inbox.enabled:
+            for p in await loop.run_in_executor(None, self._existing_inbox_files):
+                self._note_inbox(p, closed=False)
+        self._tasks = [
+            asyncio.create_task(self._consume(), name="watch-events"),
+            asyncio.create_task(self._tick(), name="watch-tick"),
+        ]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._observer is not None:
+            obs = self._observer
+            self._observer = None
+            obs.stop()
+            await asyncio.get_running_loop().run_in_executor(None, obs.join, 5.0)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": "running" if self._observer is not None else "stopped",
+            "inbox": str(self.inbox) if self.node.cfg.origins.inbox.enabled else None,
+            "inbox_pending": len(self._pending),
+            "publishing": len(self._publishing),
+            "published": self.published,
+            "failed": self.failed,
+            "external_changes": self.external,
+        }
+
+    def _existing_inbox_files(self) -> list[Path]:
+        out = []
+        for dirpath, _dirs, files in os.walk(self.inbox):
+            out += [Path(dirpath) / f for f in files]
+        return out
+
+    # -- events -------------------------------------------------------------------------------
+    async def _consume(self) -> None:
+        while True:
+            tag, ev = await self._queue.get()
+            try:
+                if tag == "inbox":
+                    self._inbox_event(ev)
+                else:
+                    self._cache_event(ev)
+            except Exception as e:
+                log.error("watch.event_failed", event=repr(ev), error=str(e))
+
+    def _inbox_event(self, ev: FileSystemEvent) -> None:
+        if isinstance(ev, FileMovedEvent):
+            self._pending.pop(_p(ev.src_path), None)
+            self._note_inbox(_p(ev.dest_path), closed=True)  # a rename into place is a complete file
+        elif isinstance(ev, FileDeletedEvent):
+            self._pending.pop(_p(ev.src_path), None)
+        elif isinstance(ev, FileClosedEvent):
+            self._note_inbox(_p(ev.src_path), closed=True)
+        elif isinstance(ev, FileCreatedEvent | FileModifiedEvent):
+            self._note_inbox(_p(ev.src_path), closed=False)
+
+    def _note_inbox(self, path: Path, *, closed: bool) -> None:
+        if not path.is_relative_to(self.inbox) or path in self._publishing:
+            return
+        if is_temporary(path.relative_to(self.inbox)):
+            return
+        if closed:
+            self._pending[path] = None
+        else:
+            cur = self._pending.get(path, _Pending(-1, -1, 0.0))
+            if cur is not None:  # a modification restarts the stability clock
+                self._pending[path] = _Pending(-1, -1, 0.0)
+
+    def _cache_event(self, ev: FileSystemEvent) -> None:
+        paths = [_p(ev.src_path)]
+        if isinstance(ev, FileMovedEvent | DirMovedEvent):
+            paths.append(_p(ev.dest_path))
+        now = time.monotonic()
+        for p in paths:
+            if not self.cache.is_internal(p) and p not in self.cache.own_ops and p != self.cache.layout.root:
+                self._dirty[p] = now
+
+    async def _tick(self) -> None:
+        stable = self.node.cfg.origins.inbox.stable_seconds
+        interval = min(0.25, stable / 4)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._check_inbox(stable)
+                await self._check_cache()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.error("watch.tick_failed", error=str(e), exc_info=True)
+
+    async def _check_inbox(self, stable: float) -> None:
+        if not self._pending:
+            return
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        paths = list(self._pending)
+        stats = await loop.run_in_executor(None, _stat_many, paths)
+        for path, st in zip(paths, stats, strict=True):
+            entry = self._pending.get(path, _Pending(-1, -1, 0.0))
+            if st is None:
+                self._pending.pop(path, None)
+                continue
+            ready = entry is None
+            if entry is not None:
+                if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
+                    self._pending[path] = _Pending(st.st_size, st.st_mtime_ns, now)
+                elif now - entry.since >= stable:
+                    ready = True
+            if ready and self._failed.get(path) == (st.st_size, st.st_mtime_ns):
+                self._pending.pop(path, None)
+                continue
+            if ready and path not in self._publishing:
+                self._pending.pop(path, None)
+                self._failed.pop(path, None)
+                self._publishing.add(path)
+                task = asyncio.create_task(self._publish(path), name=f"inbox-publish:{path.name}")
+                self._tasks.append(task)
+                task.add_done_callback(self._forget_task)
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
+
+    async def _check_cache(self) -> None:
+        if not self._dirty:
+            return
+        now = time.monotonic()
+        due = [p for p, t in self._dirty.items() if now - t >= DEBOUNCE]
+        for p in due:
+            del self._dirty[p]
+        store = self.node.store
+        root = self.cache.layout.root
+        for p in due:
+            rel = p.relative_to(root).as_posix()
+            rows = await store.run(cachedb.cached_under, store, rel)
+            for item_id, key, size, mtime_ns in rows:
+                verdict = await asyncio.get_running_loop().run_in_executor(None, self._verdict, key, size, mtime_ns)
+                if verdict is None:
+                    continue
+                self.external += 1
+                if verdict == "deleted":
+                    await self.cache.external_change(
+                        item_id, "file deleted from the cache outside noded", changed=False
+                    )
+                elif verdict == "resized":
+                    await self.cache.external_change(
+                        item_id, "file changed in the cache outside noded (size differs)", changed=True
+                    )
+                else:
+                    await self.cache.recheck(item_id, "file modified in the cache outside noded (mtime differs)")
+
+    def _verdict(self, key: str, size: int | None, mtime_ns: int | None) -> str | None:
+        try:
+            st = self.cache.layout.final_path(key).stat()
+        except FileNotFoundError:
+            return "deleted"
+        except (OSError, UnsafePath):
+            return None
+        if size is not None and st.st_size != size:
+            return "resized"
+        if mtime_ns is not None and st.st_mtime_ns != mtime_ns:
+            return "touched"
+        return None
+
+    # -- inbox publishing ---------------------------------------------------------------------
+    async def _publish(self, path: Path) -> None:
+        try:
+            await self.publish_file(path)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.failed += 1
+            log.error("inbox.publish_failed", path=str(path), error=str(e), exc_info=True)
+            self.node.problems["inbox"] = f"{path}: publish failed: {e}; file left in the inbox"
+            with contextlib.suppress(OSError):
+                st = await asyncio.get_running_loop().run_in_executor(None, path.stat)
+                self._failed[path] = (st.st_size, st.st_mtime_ns)
+        finally:
+            self._publishing.discard(path)
+
+    async def publish_file(self, path: Path) -> State | None:
+        """Publish one complete inbox file into the cache. Returns the item's new state (None: skipped)."""
+        loop = asyncio.get_running_loop()
+        layout = self.cache.layout
+        rel = path.relative_to(self.inbox).as_posix()
+        try:
+            final = layout.final_path(rel)
+        except UnsafePath as e:
+            log.error("inbox.unsafe_name", path=str(path), error=str(e))
+            self.node.problems["inbox"] = f"{path}: {e}; file left in the inbox"
+            return None
+        try:
+            st = await loop.run_in_executor(None, path.stat)
+        except FileNotFoundError:
+            return None
+        staging = layout.partial_dir / f"inbox-{uuid.uuid4().hex}"
+        try:
+            async with self.cache.reserve(st.st_size, path=staging):
+                await loop.run_in_executor(None, _move_in, path, staging)
+                try:
+                    state = await self._record(path, rel, staging, final)
+                except BaseException:
+                    # Give the bytes back to the inbox: nothing is lost, a later event retries.
+                    with contextlib.suppress(OSError):
+                        await asyncio.shield(loop.run_in_executor(None, _move_back, staging, path))
+                    raise
+        except CacheFull as e:
+            self.node.problems["inbox"] = f"{rel}: {e}"
+            log.error("inbox.too_large", key=rel, error=str(e))
+            return None
+        self.node.problems.pop("inbox", None)
+        return state
+
+    async def _record(self, path: Path, rel: str, staging: Path, final: Path) -> State:
+        loop = asyncio.get_running_loop()
+        store = self.node.store
+        h: HashResult = await loop.run_in_executor(None, hash_file, staging)
+        entry = CatalogEntry(origin="inbox", key=rel, urls=(), size=h.size, md5=h.md5, sha256=h.sha256)
+        item, _new_version = await store.run(store.upsert_entry, entry)
+        if item.state is State.CACHED and item.sha256 == h.sha256:
+            await loop.run_in_executor(None, _unlink, staging)  # identical bytes already cached
+            self.cache.touch(item.id)
+            log.info("inbox.duplicate", key=rel, version=item.version)
+            return item.state
+        self.cache.own_ops.add(final)
+        try:
+            fst = await loop.run_in_executor(None, publish, staging, final)
+        finally:
+            self.cache.own_ops.discard(final)
+        _item, *retired = await store.run(cachedb.record_published, store, item.id, h, disk_bytes(fst), fst.st_mtime_ns)
+        p2p = self.node.get("p2p")
+        for old in retired:
+            if old.infohash and p2p is not None and hasattr(p2p, "remove_torrent"):
+                try:
+                    await p2p.remove_torrent(old.infohash)
+                except Exception as e:
+                    log.warning("inbox.remove_torrent_failed", key=old.key, version=old.version, error=str(e))
+        self.published += 1
+        log.info("inbox.published", key=rel, version=item.version, size=h.size, sha256=h.sha256)
+        self.node.notify("cached")
+        return State.CACHED
+
+
+def _stat_many(paths: list[Path]) -> list[os.stat_result | None]:
+    out: list[os.stat_result | None] = []
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            out.append(None)
+            continue
+        out.append(st if os.path.isfile(p) else None)
+    return out
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _move_in(src: Path, dst: Path) -> None:
+    """Rename on the same filesystem; otherwise copy, fsync, and only then remove the source."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.stat().st_dev == dst.parent.stat().st_dev:
+        os.rename(src, dst)
+        return
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1024 * 1024)
+        fout.flush()
+        os.fsync(fout.fileno())
+    fsync_dir(dst.parent)
+    src.unlink()
+
+
+def _move_back(src: Path, dst: Path) -> None:
+    if src.exists() and not dst.exists():
+        _move_in(src, dst)
