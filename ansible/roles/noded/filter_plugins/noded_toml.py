@@ -12,12 +12,18 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-_BARE = re.compile(r"^[A-Za-z0-9_-]+$")
+_BARE = re.compile(r"^[A-Za-z0-9_-]+\Z")
+
+
+def _string(s: str) -> str:
+    # JSON escapes the control characters TOML forbids raw, except DEL; \u escapes of characters
+    # beyond the BMP would be surrogate pairs, which TOML refuses, so those stay literal.
+    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _key(k: object) -> str:
     s = str(k)
-    return s if _BARE.match(s) else json.dumps(s)
+    return s if _BARE.match(s) else _string(s)
 
 
 def _is_table_array(v: object) -> bool:
@@ -35,7 +41,7 @@ def _value(path: str, v: object) -> str:
     if isinstance(v, int | float):
         return json.dumps(v)
     if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
+        return _string(v)
     if isinstance(v, Sequence) and not isinstance(v, bytes):
         return "[" + ", ".join(_value(path, x) for x in v) + "]"
     raise ValueError(f"noded_toml: {path} has a value TOML cannot hold: {v!r}")
