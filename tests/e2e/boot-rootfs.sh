@@ -11,4 +11,13 @@ mount --rbind /dev "$root/dev"
 mount -t tmpfs -o mode=755 tmpfs "$root/run"
 mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
 hostname "$name"
-exec chroot "$root" /usr/bin/env container=nspawn /lib/systemd/systemd --system
+# pivot_root, not chroot: a chrooted process may not create user namespaces (PrivateUsers=).
+mkdir "$root/run/.oldroot"
+cd "$root"
+pivot_root . run/.oldroot
+umount -l /run/.oldroot
+rmdir /run/.oldroot
+# systemd marks / shared only outside containers, and needs shared propagation to hand credentials
+# (LoadCredential=) to services. unshare made every mount private, so this stays in the namespace.
+mount --make-rshared /
+exec /usr/bin/env container=nspawn /lib/systemd/systemd --system

@@ -103,6 +103,7 @@ class BootedSystem:
         self._unshare: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None  # the booted systemd, as seen from the host
         self._cgroups_before: set[Path] = set()
+        self._pidns: str | None = None
 
     # -- files placed into the overlay before the boot -----------------------------------------
     def put(self, path: str, content: str, mode: int = 0o644) -> None:
@@ -141,6 +142,7 @@ class BootedSystem:
                 argv, stdin=subprocess.DEVNULL, stdout=con, stderr=subprocess.STDOUT, start_new_session=True
             )
         self.pid = self._find_systemd(timeout=30)
+        self._pidns = os.readlink(f"/proc/{self.pid}/ns/pid")
         deadline = time.monotonic() + timeout
         state = ""
         while time.monotonic() < deadline:
@@ -181,14 +183,16 @@ class BootedSystem:
         self.pid = None
 
     def _wait_gone(self, timeout: float = 30) -> None:
-        """Until no process remains whose root is inside this boot's root."""
+        """Until no process of this boot's PID namespace remains."""
+        if self._pidns is None:
+            return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             left = []
             for entry in Path("/proc").iterdir():
                 if entry.name.isdigit():
                     with contextlib.suppress(OSError):
-                        if os.readlink(entry / "root") == str(self.root):
+                        if os.readlink(entry / "ns" / "pid") == self._pidns:
                             left.append(int(entry.name))
             if not left:
                 return
