@@ -7,8 +7,9 @@ systemd. Every mount lives in that namespace, so SIGKILL to its PID 1 (from outs
 signal is not ignored) ends every process and mount of the boot. What the booted systemd leaves
 behind outside, empty cgroup directories, is removed by `stop()`.
 
-The boot shares the host's network namespace unless `netns` names one the test created, so every
-port inside is chosen free on the host's loopback.
+The boot shares the host's network namespace, so every port inside is chosen free on the host's
+loopback. (Two boots at once would also share the host's cgroup tree; that needs a cgroup namespace
+first, which is not done here.)
 """
 
 from __future__ import annotations
@@ -93,10 +94,9 @@ def _cgroup_dirs() -> set[Path]:
 class BootedSystem:
     """One booted rootfs. Use as a context manager: it is always torn down, also on failure."""
 
-    def __init__(self, workdir: Path, hostname: str, netns: str | None = None) -> None:
+    def __init__(self, workdir: Path, hostname: str) -> None:
         self.workdir = workdir
         self.hostname = hostname
-        self.netns = netns
         self.upper = workdir / "upper"
         self.root = workdir / "root"
         self.console = workdir / "console.log"
@@ -135,8 +135,6 @@ class BootedSystem:
             str(self.root),
             self.hostname,
         ]
-        if self.netns:
-            argv = ["ip", "netns", "exec", self.netns, *argv]
         with open(self.console, "wb") as con:
             self._unshare = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=con, stderr=subprocess.STDOUT, start_new_session=True
@@ -231,8 +229,6 @@ class BootedSystem:
         """Run a command inside the booted system (its mount, UTS and PID namespaces and root)."""
         assert self.pid is not None
         cmd = ["nsenter", "-t", str(self.pid), "-m", "-u", "-p", "-r", "-w"]
-        if self.netns:
-            cmd.append("-n")
         r = subprocess.run([*cmd, *argv], capture_output=True, text=True, timeout=timeout, check=False, input=input)
         if check and r.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} -> {r.returncode}\n{r.stdout}\n{r.stderr}")

@@ -59,6 +59,7 @@ class Deployment:
     token: str
     runs: int = 0
     first_stats: dict[str, Any] = field(default_factory=dict)
+    last_output: str = ""
 
     def playbook(self, *extra: str, expect_ok: bool = True) -> dict[str, Any]:
         """Run site.yml; the JSON callback's per-host stats."""
@@ -83,7 +84,8 @@ class Deployment:
         ]
         r = subprocess.run(argv, cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=600)
         log = self.workdir / f"playbook-{self.runs}.log"
-        log.write_text(r.stdout + "\n--- stderr ---\n" + r.stderr)
+        self.last_output = r.stdout + "\n--- stderr ---\n" + r.stderr
+        log.write_text(self.last_output)
         if expect_ok and r.returncode != 0:
             status = self.system.run(["systemctl", "status", "noded", "--no-pager", "-l"], check=False).stdout
             raise AssertionError(
@@ -249,6 +251,8 @@ def test_second_run_changes_nothing_and_check_diff_works(deployment: Deployment)
     assert stats["toronto"]["changed"] == 0, stats
     stats = deployment.playbook("--check", "--diff")
     assert stats["toronto"]["changed"] == 0 and stats["toronto"]["failed"] == 0, stats
+    stats = deployment.playbook("--tags", "configure,service")
+    assert stats["toronto"]["changed"] == 0 and stats["toronto"]["failed"] == 0, stats
     assert deployment.system.systemctl_show("noded", "MainPID")["MainPID"] == pid  # not restarted
 
 
@@ -263,6 +267,19 @@ def test_unit_verifies_and_security_exposure_at_most_2(deployment: Deployment) -
     exposure = float(overall[0].split(":")[1].split()[0])
     print(f"systemd-analyze security noded.service (booted): exposure {exposure}")
     assert exposure <= 2.0
+
+
+def test_bad_variable_is_refused_before_it_reaches_the_node(deployment: Deployment) -> None:
+    """check-config validates the rendered file: the run fails naming the key; nothing is lost."""
+    sysd = deployment.system
+    before = sysd.run(["cat", "/etc/noded/config.toml"]).stdout
+    pid = sysd.systemctl_show("noded", "MainPID")["MainPID"]
+    out = deployment.playbook("-e", "noded_cache_budget=plenty", expect_ok=False)
+    assert out["toronto"]["failed"] == 1, out
+    assert "cache.budget" in deployment.last_output
+    assert sysd.run(["cat", "/etc/noded/config.toml"]).stdout == before
+    assert sysd.systemctl_show("noded", "MainPID")["MainPID"] == pid
+    deployment.wait_ready()
 
 
 def test_killed_daemon_is_restarted_and_ready_again(deployment: Deployment) -> None:
