@@ -249,6 +249,8 @@ def test_second_run_changes_nothing_and_check_diff_works(deployment: Deployment)
     pid = deployment.system.systemctl_show("noded", "MainPID")["MainPID"]
     stats = deployment.playbook()
     assert stats["toronto"]["changed"] == 0, stats
+    wheels = deployment.system.run(["ls", "/opt/noded/wheelhouse"]).stdout.split()
+    assert sorted(wheels) == sorted(p.name for p in deployment.wheelhouse.glob("*.whl"))
     stats = deployment.playbook("--check", "--diff")
     assert stats["toronto"]["changed"] == 0 and stats["toronto"]["failed"] == 0, stats
     stats = deployment.playbook("--tags", "configure,service")
@@ -315,8 +317,11 @@ def test_broken_config_fails_with_78_without_restart_loop(deployment: Deployment
     assert show["NRestarts"] == "0", show
     journal = deployment.journal()
     assert "cache.budget" in journal and "configuration error" in journal, journal[-2000:]
-    # Operators fix it by deploying again: the template replaces the file and restarts the unit.
+    # Operators fix it by deploying again: the template replaces the file and restarts the unit,
+    # and wheels the controller no longer has are dropped from the target's wheelhouse.
+    sysd.run(["cp", "/etc/hostname", "/opt/noded/wheelhouse/stale-0.1-py3-none-any.whl"])
     stats = deployment.playbook()
+    assert "stale-0.1-py3-none-any.whl" not in sysd.run(["ls", "/opt/noded/wheelhouse"]).stdout
     assert stats["toronto"]["changed"] > 0
     assert sysd.run(["systemctl", "is-active", "noded"]).stdout.strip() == "active"
     deployment.wait_ready()
