@@ -298,6 +298,8 @@ class BitTorrentConfig(_Section):
     web_seed_templates: list[str] = Field(default_factory=list)
     source_tag: str = "Data for Canada"
     resume_save_interval: Seconds = 300.0
+    # Adopt every item a peer holds that this node has never seen: keeps the Smart Nodes' caches in sync.
+    mirror_peers: bool = True
     # How often each peer's /v1/inventory is polled.
     peer_poll_interval: Seconds = 30.0
     # A peer download that makes no progress for this long is abandoned (the origins are tried next).

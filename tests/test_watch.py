@@ -12,8 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from noded.layout import CacheLayout
 from noded.model import PIECE_LENGTH
 from noded.store import Store
@@ -263,7 +261,6 @@ def test_inbox_file_larger_than_budget_stays_with_a_clear_problem(noded_factory:
     assert _row(d, "huge.bin") is None
 
 
-@pytest.mark.skip(reason="needs r2+p2p merge")
 def test_inbox_file_reaches_r2_and_peer(noded_factory: Any, tmp_path: Path) -> None:
     """Acceptance 4 end to end: slow writer -> published -> pushed to the test S3 server -> on the peer.
 
@@ -272,8 +269,9 @@ def test_inbox_file_reaches_r2_and_peer(noded_factory: Any, tmp_path: Path) -> N
     node, configured under [[peers]], takes them over BitTorrent into its own cache.
     """
     import boto3
-    from conftest import free_port
     from moto.server import ThreadedMotoServer
+
+    from tests.conftest import free_port
 
     s3_port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
@@ -337,13 +335,13 @@ def test_inbox_file_reaches_r2_and_peer(noded_factory: Any, tmp_path: Path) -> N
         server.stop()
 
 
-@pytest.mark.skip(reason="needs the pull pipeline merge (origins)")
 def test_deleted_by_hand_is_fetched_again(noded_factory: Any, tmp_path: Path) -> None:
     """Acceptance 5, first half end to end: the WANTED marking tested above, then the pull pipeline
     fetches the item again from the origin (moto as the Source Cooperative S3 endpoint, path-style)."""
     import boto3
-    from conftest import free_port
     from moto.server import ThreadedMotoServer
+
+    from tests.conftest import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -358,9 +356,10 @@ def test_deleted_by_hand_is_fetched_again(noded_factory: Any, tmp_path: Path) ->
         )
         s3.create_bucket(Bucket="d4c")
         data = os.urandom(2 * 1024 * 1024)
-        s3.put_object(Bucket="d4c", Key="data/x.parquet", Body=data)
+        # Source Cooperative is public: anonymous GETs must succeed, as they do there.
+        s3.put_object(Bucket="d4c", Key="data/x.parquet", Body=data, ACL="public-read")
         d = tmp_path / "toronto"
-        noded_factory(
+        node = noded_factory(
             origins={
                 "refresh_interval": 2.0,
                 "sourcecoop": {
@@ -373,9 +372,17 @@ def test_deleted_by_hand_is_fetched_again(noded_factory: Any, tmp_path: Path) ->
         )
         _until(lambda: (r := _row(d, "data/x.parquet")) and r["state"] == "cached", timeout=60, what="first fetch")
         (d / "cache" / "data" / "x.parquet").unlink()
-        _until(lambda: (r := _row(d, "data/x.parquet")) and r["state"] == "wanted", what="deletion noticed")
+
+        def events(name: str) -> list[dict[str, Any]]:
+            return [e for e in node.log_events() if e["event"] == name and e.get("key") == "data/x.parquet"]
+
+        # The deletion is noticed (row back to wanted), then the pipeline pulls it again: the wanted state
+        # can be too brief to poll, so the node's own log is the witness.
+        _until(lambda: events("cache.external_change"), what="deletion noticed")
+        assert events("cache.external_change")[0]["state"] == "wanted"
+        _until(lambda: len(events("pull.cached")) >= 2, timeout=60, what="the refetch")
         row = _until(
-            lambda: (r := _row(d, "data/x.parquet")) and r["state"] == "cached" and r, timeout=60, what="the refetch"
+            lambda: (r := _row(d, "data/x.parquet")) and r["state"] == "cached" and r, timeout=60, what="cached again"
         )
         assert row["sha256"] == hashlib.sha256(data).hexdigest()
         assert (d / "cache" / "data" / "x.parquet").read_bytes() == data

@@ -27,10 +27,11 @@ from typing import Any
 import aiohttp
 import libtorrent as lt
 
+from noded.catalog.keys import normalise_key
 from noded.component import Node
 from noded.layout import CacheLayout, atomic_write
 from noded.logs import get_logger
-from noded.model import HashResult, Item
+from noded.model import CatalogEntry, HashResult, Item
 from noded.p2p import torrent as T
 from noded.p2p.engine import P2PEngine, split_host_port
 from noded.p2p.session import PieceFollower
@@ -40,6 +41,7 @@ log = get_logger("noded.p2p.sync")
 
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 PAGE_LIMIT = 1000
 RECONNECT_INTERVAL = 5.0
 HASH_CHUNK = 4 * 1024 * 1024
@@ -51,6 +53,7 @@ class PeerItem:
     infohash: str
     size: int | None
     md5: str | None
+    sha256: str | None = None
 
 
 @dataclass
@@ -63,6 +66,7 @@ class PeerView:
     error: str | None = None
     items: dict[str, PeerItem] = field(default_factory=dict)
     pages: dict[int, tuple[str, dict[str, Any]]] = field(default_factory=dict)  # cursor -> (etag, body)
+    adopted: set[str] = field(default_factory=set)  # peer keys already considered (adoption is once per key)
 
 
 class InventoryError(ValueError):
@@ -91,7 +95,10 @@ def parse_inventory_page(body: Any, max_items: int) -> tuple[list[PeerItem], int
             continue
         if md5 is not None and (not isinstance(md5, str) or not _HEX32.match(md5)):
             continue
-        out.append(PeerItem(key, ih, size, md5))
+        sha256 = e.get("sha256")
+        if sha256 is not None and (not isinstance(sha256, str) or not _HEX64.match(sha256)):
+            continue
+        out.append(PeerItem(key, ih, size, md5, sha256))
     return out, nxt
 
 
@@ -220,6 +227,55 @@ class PeerSync:
         if not peer.up:
             log.info("sync.peer_up", peer=peer.name, items=len(items))
         peer.up, peer.error, peer.items, peer.last_ok = True, None, items, time.time()
+        if self.node.cfg.bittorrent.mirror_peers and items:
+            await self._adopt(peer, items)
+
+    async def _adopt(self, peer: PeerView, items: dict[str, PeerItem]) -> None:
+        """Keep the nodes' caches in sync: what a peer holds and this node does not know becomes wanted here.
+
+        Only keys never seen here are adopted, so an item this node evicted (or that failed here) is not
+        pulled again just because the peer still holds it. Keys are untrusted and normalised like any
+        origin listing; the new rows' source of bytes is the peer (the pipeline tries it first).
+        """
+        store = self.node.store
+        entries: list[CatalogEntry] = []
+        for p in items.values():
+            if p.key in peer.adopted:
+                continue
+            try:
+                key = normalise_key(p.key)
+            except ValueError as e:
+                log.warning("sync.peer_key_rejected", peer=peer.name, key=p.key[:200], error=str(e))
+                peer.adopted.add(p.key)
+                continue
+            entries.append(
+                CatalogEntry(
+                    origin=f"peer:{peer.name}",
+                    key=key,
+                    urls=(),
+                    size=p.size,
+                    md5=p.md5,
+                    sha256=p.sha256,
+                    infohash=p.infohash,
+                )
+            )
+
+        def adopt_batch() -> int:
+            new = 0
+            with store.tx():
+                for e in entries:
+                    if store.get_current(e.key) is None:
+                        store.upsert_entry(e)
+                        new += 1
+            return new
+
+        if not entries:
+            return
+        new = await store.run(adopt_batch)
+        peer.adopted.update(p.key for p in items.values())
+        if new:
+            log.info("sync.adopted", peer=peer.name, items=new)
+            self.node.notify("wanted")
 
     def holders(self, item: Item) -> list[tuple[PeerView, PeerItem]]:
         out = []
