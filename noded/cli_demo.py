@@ -16,6 +16,7 @@ import json
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -68,9 +69,34 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def origin_app(files: dict[str, Path], base_url: str) -> web.Application:
-    """The parts of Zenodo's API the catalog and the fetcher use: the record JSON and file content."""
+PROBE_RANGE_MAX = 64 * 1024  # a request for a range this small is a mirror probe, not a pull
+
+
+class OriginState:
+    """What the demo origin has published and what it has served."""
+
+    def __init__(self) -> None:
+        self.published = False  # the record lists its files only once both nodes are up
+        self.pulled: dict[str, int] = {}  # bytes sent to pulls, per file
+        self.probed = 0  # bytes sent to small range probes
+
+    def count(self, name: str, nbytes: int, ranged: bool) -> None:
+        if ranged and nbytes <= PROBE_RANGE_MAX:
+            self.probed += nbytes
+        else:
+            self.pulled[name] = self.pulled.get(name, 0) + nbytes
+
+
+def origin_app(files: dict[str, Path], base_url: str, state: OriginState | None = None) -> web.Application:
+    """The parts of Zenodo's API the catalog and the fetcher use: the record JSON and file content.
+
+    With a `state`, the record lists no files until `state.published`, and content bytes are counted, so
+    the demo can show that each dataset was pulled from the origin once and replicated peer to peer.
+    """
     sums = {n: _md5(p) for n, p in files.items()}
+    st = state or OriginState()
+    if state is None:
+        st.published = True
 
     async def record(request: web.Request) -> web.Response:
         if request.match_info["rid"] != str(RECORD_ID):
@@ -89,6 +115,7 @@ def origin_app(files: dict[str, Path], base_url: str) -> web.Application:
                         "links": {"self": f"{base_url}/api/records/{RECORD_ID}/files/{n}/content"},
                     }
                     for n, p in files.items()
+                    if st.published
                 ],
                 "links": {"self": f"{base_url}/api/records/{RECORD_ID}"},
             }
@@ -101,10 +128,16 @@ def origin_app(files: dict[str, Path], base_url: str) -> web.Application:
         # FileResponse answers Range requests and sends the file with sendfile.
         return web.FileResponse(path, headers={"ETag": f'"md5:{sums[path.name]}"'})
 
+    async def count(request: web.Request, response: web.StreamResponse) -> None:
+        name = request.match_info.get("name")
+        if name in files and request.method == "GET" and response.status in (200, 206):
+            st.count(name, response.content_length or 0, "Range" in request.headers)
+
     async def root(request: web.Request) -> web.Response:
         return web.json_response({"links": {"records": f"{base_url}/api/records"}})
 
     app = web.Application()
+    app.on_response_prepare.append(count)
     app.router.add_get("/", root)
     app.router.add_get("/api/records/{rid}", record)
     app.router.add_get("/api/records/{rid}/files/{name}/content", content)
@@ -154,6 +187,7 @@ def node_config(root: Path, name: str, ports: dict[str, dict[str, int]], origin_
         "[fetch]",
         "peer_wait = 20.0",
         "[bittorrent]",
+        "peer_poll_interval = 1.0",  # a demo wants to see replication within seconds
         f'listen_interfaces = "127.0.0.1:{me["bt"]:d}"',
         "[probe]",
         "interval = 5.0",
@@ -225,12 +259,15 @@ def prepare(args: argparse.Namespace, size: int) -> Demo:
 
 
 async def run_demo(args: argparse.Namespace, demo: Demo) -> int:
-    runner = web.AppRunner(origin_app(demo.files, demo.origin_url), access_log=None)
+    origin = OriginState()
+    runner = web.AppRunner(origin_app(demo.files, demo.origin_url, origin), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", demo.origin_port).start()
     print(f"noded demo: Zenodo-shaped origin at {demo.origin_url}/api/records/{RECORD_ID}")
     procs: dict[str, asyncio.subprocess.Process] = {}
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    token = secrets.token_urlsafe(24)
+    env["NODED_API_TOKEN"] = token  # lets the demo ask both nodes to refresh their catalog
     rc = 1
     try:
         for name in NODES:
@@ -243,7 +280,23 @@ async def run_demo(args: argparse.Namespace, demo: Demo) -> int:
                 api = f"http://127.0.0.1:{demo.ports[name]['api']}"
                 await _wait_ready(session, api, procs[name], 30)
                 print(f"noded demo: {name} ready; dashboard {api}/  (log {demo.root / name / 'noded.log'})")
+            # Publish only now that both nodes are up: each dataset is pulled from the origin by the node
+            # that ranks first for it (rendezvous hashing) and reaches the other over BitTorrent.
+            origin.published = True
+            for name in NODES:
+                api = f"http://127.0.0.1:{demo.ports[name]['api']}"
+                async with session.post(api + "/v1/catalog/refresh", headers={"Authorization": f"Bearer {token}"}) as r:
+                    if r.status >= 400:
+                        print(f"noded demo: {name} refused the catalog refresh: HTTP {r.status}")
+            print(f"noded demo: published {len(demo.files)} datasets at the origin")
             rc = await _follow(session, demo.ports, len(demo.files), args.timeout)
+            total = sum(p.stat().st_size for p in demo.files.values())
+            pulled = sum(origin.pulled.values())
+            print(
+                f"noded demo: the origin served {pulled} bytes to pulls for {total} bytes of datasets "
+                f"({pulled / total if total else 0:.2f}x; 1.00x means each was fetched from it exactly once), "
+                f"plus {origin.probed} bytes to mirror probes"
+            )
             if not args.no_wait:
                 print("noded demo: running; press Ctrl-C to stop")
                 stop = asyncio.Event()
@@ -286,7 +339,7 @@ async def _follow(session: ClientSession, ports: dict[str, dict[str, int]], want
             print(f"noded demo: {line}")
             last = line
         if all(c >= want for c in cached.values()):
-            print("noded demo: every dataset is on both nodes (fetched once from the origin, replicated peer to peer)")
+            print("noded demo: every dataset is on both nodes")
             return 0
         if time.monotonic() > deadline:
             print(

@@ -57,10 +57,26 @@ class StoreComponent:
         return {"state": "running" if self.store.is_open else "stopped", "path": str(self.store.path)}
 
 
-def peer_not_down(sync: Any, name: str) -> bool:
-    """Up, or not polled yet: at start a node must not grab items its peer owns before it has asked."""
+def peer_down_grace(cfg: Config) -> float:
+    """How long a peer must fail polls before it counts as down (one refused poll is not an outage:
+    the peer may be starting at the same moment)."""
+    return 3 * cfg.bittorrent.peer_poll_interval
+
+
+def peer_not_down(sync: Any, name: str, grace: float, now: float | None = None) -> bool:
+    """Up, not polled yet, or failing for less than `grace`: a node must not grab items its peer owns
+    before it has really asked."""
     view = sync.peers.get(name)
-    return view is not None and (view.up or (view.error is None and view.last_ok is None))
+    if view is None:
+        return False
+    now = time.time() if now is None else now
+    return bool(view.up or view.down_since is None or now - view.down_since < grace)
+
+
+def peers_settled(sync: Any, grace: float, now: float | None = None) -> bool:
+    """Every peer is known up, or has been failing for at least `grace`."""
+    now = time.time() if now is None else now
+    return all(v.up or (v.down_since is not None and now - v.down_since >= grace) for v in sync.peers.values())
 
 
 def api_token(cfg: Config) -> str | None:
@@ -105,8 +121,8 @@ class Daemon:
         sync = getattr(self, "peer_sync", None)
         if sync is not None:
             self.origins.sources_first.append(sync.source)
-            self.origins.peer_up = lambda name: peer_not_down(sync, name)
-            self.origins.peers_ready = lambda: all(v.up or v.error is not None for v in sync.peers.values())
+            self.origins.peer_up = lambda name: peer_not_down(sync, name, peer_down_grace(self.node.cfg))
+            self.origins.peers_ready = lambda: peers_settled(sync, peer_down_grace(self.node.cfg))
         # -- end origins x p2p -------------------------------------------------------------------
         # -- r2: push cached items to R2 (issue 5) --
         if self.cfg.r2.enabled:

@@ -27,7 +27,7 @@ def test_demo_starts_origin_and_two_nodes_and_cleans_up(tmp_path: Path) -> None:
             "--size",
             "256KiB",
             "--timeout",
-            "12",
+            "90",
             "--no-wait",
             "--dir",
             str(work),
@@ -36,19 +36,19 @@ def test_demo_starts_origin_and_two_nodes_and_cleans_up(tmp_path: Path) -> None:
         text=True,
         env=noded_env(),
         cwd=ROOT,
-        timeout=120,
+        timeout=180,
     )
     out = res.stdout
-    assert res.returncode in (0, 1), res.stderr
+    assert res.returncode == 0, res.stdout + res.stderr
     assert re.search(r"toronto ready; dashboard http://127\.0\.0\.1:\d+/", out)
     assert re.search(r"amsterdam ready; dashboard http://127\.0\.0\.1:\d+/", out)
     # Each node probes the demo origin and its peer: both come up within the wait.
-    assert re.search(r"toronto: \d/2 cached, mirrors \[zenodo up, amsterdam up\]", out), out
-    assert re.search(r"amsterdam: \d/2 cached, mirrors \[zenodo up, toronto up\]", out), out
-    if res.returncode == 0:
-        assert "every dataset is on both nodes" in out
-    else:
-        assert "not replicated after 12 s" in out
+    # Each node probes the origin and its peer (the peer may still be starting: degraded, not down).
+    assert re.search(r"toronto: \d/2 cached, mirrors \[zenodo up, amsterdam (up|degraded)\]", out), out
+    assert re.search(r"amsterdam: \d/2 cached, mirrors \[zenodo up, toronto (up|degraded)\]", out), out
+    assert "every dataset is on both nodes" in out
+    # Fetched once from the origin, replicated peer to peer (counted at the origin).
+    assert re.search(r"the origin served (\d+) bytes to pulls for \1 bytes of datasets \(1\.00x", out), out
     assert sorted(p.name for p in (work / "origin").iterdir()) == ["demo-dataset-1.bin", "demo-dataset-2.bin"]
     for name in ("toronto", "amsterdam"):
         log = (work / name / "noded.log").read_text()

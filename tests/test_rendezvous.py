@@ -42,3 +42,26 @@ def test_decisions() -> None:
     assert (d.action, d.owner) == ("peer", "amsterdam")
     # The owner itself never waits.
     assert decide(key, "amsterdam", ["toronto"], [], waited=0, peer_wait=600).action == "origin"
+
+
+def test_a_peer_counts_as_down_only_after_failing_for_the_grace() -> None:
+    from types import SimpleNamespace
+
+    from noded.daemon import peer_not_down, peers_settled
+
+    view = SimpleNamespace(up=False, down_since=None)
+    sync = SimpleNamespace(peers={"amsterdam": view})
+    # Not polled yet: not down, and not settled (a starting node waits for its first round).
+    assert peer_not_down(sync, "amsterdam", grace=90, now=1000)
+    assert not peers_settled(sync, grace=90, now=1000)
+    # One refused poll (the peer may be starting at the same moment): still not down.
+    view.down_since = 1000
+    assert peer_not_down(sync, "amsterdam", grace=90, now=1010)
+    assert not peers_settled(sync, grace=90, now=1010)
+    # Failing for the whole grace: down, and settled.
+    assert not peer_not_down(sync, "amsterdam", grace=90, now=1090)
+    assert peers_settled(sync, grace=90, now=1090)
+    # Up again.
+    view.up, view.down_since = True, None
+    assert peer_not_down(sync, "amsterdam", grace=90, now=2000) and peers_settled(sync, grace=90, now=2000)
+    assert not peer_not_down(sync, "unknown", grace=90)

@@ -66,7 +66,10 @@ class PeerView:
     error: str | None = None
     items: dict[str, PeerItem] = field(default_factory=dict)
     pages: dict[int, tuple[str, dict[str, Any]]] = field(default_factory=dict)  # cursor -> (etag, body)
-    adopted: set[str] = field(default_factory=set)  # peer keys already considered (adoption is once per key)
+    adopted: set[str] = field(default_factory=set)
+    down_since: float | None = (
+        None  # first failed poll of the current outage  # peer keys already considered (adoption is once per key)
+    )
 
 
 class InventoryError(ValueError):
@@ -222,11 +225,14 @@ class PeerSync:
             if peer.up:
                 log.warning("sync.peer_down", peer=peer.name, error=str(e) or type(e).__name__)
             peer.up, peer.error, peer.items = False, str(e) or type(e).__name__, {}
+            if peer.down_since is None:
+                peer.down_since = time.time()
             self.node.traffic.add(f"peer:{peer.name}", "in", errors=1)
             return
         if not peer.up:
             log.info("sync.peer_up", peer=peer.name, items=len(items))
         peer.up, peer.error, peer.items, peer.last_ok = True, None, items, time.time()
+        peer.down_since = None
         if self.node.cfg.bittorrent.mirror_peers and items:
             await self._adopt(peer, items)
 
