@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from noded import cachedb, eviction
-from noded.component import Node
+from noded.component import Node, cancel_task
 from noded.layout import INTERNAL, CacheLayout, UnsafePath, disk_bytes
 from noded.logs import get_logger
 from noded.model import Item, State
@@ -152,11 +152,8 @@ class Cache:
         self._task = asyncio.create_task(self._run(), name="cache")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
         with contextlib.suppress(Exception):
             await self.flush_touches()
 

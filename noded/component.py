@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -12,6 +13,15 @@ from noded.traffic import Traffic
 if TYPE_CHECKING:
     from noded.config import Config
     from noded.store import Store
+
+
+async def cancel_task(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a component's background task and wait until it has really ended (None: nothing to do)."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 @runtime_checkable

@@ -10,7 +10,6 @@ one (the libtorrent session's counters, for instance), else the numeric fields o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 from collections import deque
@@ -22,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from noded import __version__
-from noded.component import Node
+from noded.component import Node, cancel_task
 from noded.logs import get_logger
 from noded.mirror_state import MirrorStatus
 from noded.reports import open_counts
@@ -202,11 +201,8 @@ class Metrics:
         self._task = asyncio.create_task(self._sample_lag(), name="loop-lag")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
 
     def lag_percentiles(self, window: float = LAG_WINDOW) -> dict[str, float]:
         cutoff = time.monotonic() - window

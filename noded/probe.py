@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from noded.component import Node
+from noded.component import Node, cancel_task
 from noded.config import Config
 from noded.layout import CacheLayout, UnsafePath
 from noded.logs import get_logger
@@ -216,11 +216,8 @@ class Prober:
         self._task = asyncio.create_task(self._loop(), name="probe")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
         if self._session is not None:
             await self._session.close()
             self._session = None

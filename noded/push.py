@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from noded.budget import ByteBudget
-from noded.component import Node
+from noded.component import Node, cancel_task
 from noded.layout import CacheLayout, UnsafePath
 from noded.logs import get_logger
 from noded.model import Item, State
@@ -179,11 +179,8 @@ class R2Pusher:
         self._task = asyncio.create_task(self._run(), name="r2-pusher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
         if self.client is not None:
             self.client.close()
             self.client = None

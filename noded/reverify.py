@@ -9,11 +9,10 @@ Without such a component the rows stay queued (nothing is lost) and /v1/status s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from typing import Any
 
-from noded.component import Node
+from noded.component import Node, cancel_task
 from noded.logs import get_logger
 from noded.reports import finish_verification, pending_verifications
 
@@ -44,11 +43,8 @@ class ReverifyQueue:
         self._task = asyncio.create_task(self._loop(), name="reverify")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
 
     def status(self) -> dict[str, Any]:
         return {"state": "running" if self._task else "stopped", "done": self.done, "waiting": self.waiting}

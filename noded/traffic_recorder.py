@@ -8,11 +8,10 @@ a count is never seen twice nor missed while a flush is in flight.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Any
 
-from noded.component import Node
+from noded.component import Node, cancel_task
 from noded.config import Config
 from noded.logs import get_logger
 from noded.offpeak import hour_of_week, limits_in_force, load_profile, quiet_hours
@@ -97,11 +96,8 @@ class TrafficRecorder:
         self._task = asyncio.create_task(self._loop(), name="traffic-flush")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
         # The last counts of this run go to disk before the store closes (the store stops after us).
         if self.node.store.is_open:
             try:
