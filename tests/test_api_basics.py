@@ -43,11 +43,17 @@ def test_endpoints_and_errors(noded_factory) -> None:  # type: ignore[no-untyped
         assert status == code and ctype == "application/json", raw
         assert json.loads(raw)["error"]["status"] == code
 
-    # Oversized body: 413 JSON (limit from config, default 64 KiB).
+    # Oversized body on an endpoint that reads one: 413 JSON (limit from config, default 64 KiB).
     status, ctype, raw = _raw(
-        node, "POST", "/v1/status", body=b"x" * 200_000, headers={"Content-Type": "application/json"}
+        node, "POST", "/v1/reports", body=b"x" * 200_000, headers={"Content-Type": "application/json"}
     )
-    assert status in (405, 413) and ctype == "application/json"
+    assert status == 413 and ctype == "application/json", raw
+    assert "too large" in json.loads(raw)["error"]["message"]
+    # Malformed JSON: 400 JSON.
+    status, ctype, raw = _raw(
+        node, "POST", "/v1/reports", body=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert status == 400 and ctype == "application/json", raw
 
     # Malformed request line / header: 4xx, the server stays up.
     host, port = node.api.removeprefix("http://").split(":")
