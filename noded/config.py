@@ -168,6 +168,9 @@ class InboxConfig(_Section):
     enabled: bool = True
     dir: Path = Path("inbox")
     stable_seconds: Seconds = 5.0
+    # While some process still holds the file open, it must be stable this long instead (a writer stalled by
+    # the kernel looks idle; a close event publishes at once either way).
+    open_grace: Seconds = 60.0
 
 
 class TorrentImportConfig(_Section):

@@ -30,10 +30,12 @@ from watchdog.events import (
     DirDeletedEvent,
     DirMovedEvent,
     FileClosedEvent,
+    FileClosedNoWriteEvent,
     FileCreatedEvent,
     FileDeletedEvent,
     FileModifiedEvent,
     FileMovedEvent,
+    FileOpenedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
@@ -59,6 +61,9 @@ _EVENTS: list[type[FileSystemEvent]] = [
     FileMovedEvent,
     DirDeletedEvent,
     DirMovedEvent,
+    # Opens and read-only closes only matter in the inbox (is a writer still holding the file?).
+    FileOpenedEvent,
+    FileClosedNoWriteEvent,
 ]
 
 
@@ -100,6 +105,10 @@ class Watcher:
         self._observer: Any = None
         self._queue: asyncio.Queue[tuple[str, FileSystemEvent]] = asyncio.Queue()
         self._pending: dict[Path, _Pending | None] = {}  # None: closed after write, publish now
+        # Inbox files some process holds open (inotify open minus close events) and when that last changed:
+        # a writer stalled in the kernel (dirty-page throttling) leaves the size unchanged for seconds, and
+        # must not be mistaken for a finished one.
+        self._open: dict[Path, tuple[int, float]] = {}
         self._dirty: dict[Path, float] = {}  # cache paths to re-check, monotonic time of last event
         self._publishing: set[Path] = set()
         # Files whose publish failed, by (size, mtime_ns): not retried until they change (no busy loop).
@@ -176,13 +185,35 @@ class Watcher:
     def _inbox_event(self, ev: FileSystemEvent) -> None:
         if isinstance(ev, FileMovedEvent):
             self._pending.pop(_p(ev.src_path), None)
+            self._open.pop(_p(ev.src_path), None)
             self._note_inbox(_p(ev.dest_path), closed=True)  # a rename into place is a complete file
         elif isinstance(ev, FileDeletedEvent):
             self._pending.pop(_p(ev.src_path), None)
+            self._open.pop(_p(ev.src_path), None)
+        elif isinstance(ev, FileOpenedEvent):
+            self._count_open(_p(ev.src_path), +1)
+        elif isinstance(ev, FileClosedNoWriteEvent):
+            self._count_open(_p(ev.src_path), -1)
         elif isinstance(ev, FileClosedEvent):
+            self._count_open(_p(ev.src_path), -1)
             self._note_inbox(_p(ev.src_path), closed=True)
         elif isinstance(ev, FileCreatedEvent | FileModifiedEvent):
             self._note_inbox(_p(ev.src_path), closed=False)
+
+    def _count_open(self, path: Path, delta: int) -> None:
+        n = max(0, self._open.get(path, (0, 0.0))[0] + delta)
+        if n:
+            self._open[path] = (n, time.monotonic())
+        else:
+            self._open.pop(path, None)
+
+    def stable_for(self, path: Path) -> float:
+        """Seconds a file's size and mtime must stay unchanged before it counts as complete: longer while
+        a process still holds it open (a stalled writer looks idle), yet finite, since some writers never
+        close and a close event can be missed."""
+        cfg = self.node.cfg.origins.inbox
+        held = self._open.get(path, (0, 0.0))[0] > 0
+        return max(cfg.stable_seconds, cfg.open_grace) if held else cfg.stable_seconds
 
     def _note_inbox(self, path: Path, *, closed: bool) -> None:
         if not path.is_relative_to(self.inbox) or path in self._publishing:
@@ -197,6 +228,8 @@ class Watcher:
                 self._pending[path] = _Pending(-1, -1, 0.0)
 
     def _cache_event(self, ev: FileSystemEvent) -> None:
+        if isinstance(ev, FileOpenedEvent | FileClosedNoWriteEvent):
+            return  # readers (the web seed, libtorrent) change nothing
         paths = [_p(ev.src_path)]
         if isinstance(ev, FileMovedEvent | DirMovedEvent):
             paths.append(_p(ev.dest_path))
@@ -234,7 +267,7 @@ class Watcher:
             if entry is not None:
                 if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
                     self._pending[path] = _Pending(st.st_size, st.st_mtime_ns, now)
-                elif now - entry.since >= stable:
+                elif now - entry.since >= self.stable_for(path):
                     ready = True
             if ready and self._failed.get(path) == (st.st_size, st.st_mtime_ns):
                 self._pending.pop(path, None)
