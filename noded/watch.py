@@ -273,6 +273,7 @@ class Watcher:
                 self._pending.pop(path, None)
                 continue
             if ready and path not in self._publishing:
+                log.info("inbox.complete", path=str(path), closed=entry is None)
                 self._pending.pop(path, None)
                 self._failed.pop(path, None)
                 self._publishing.add(path)

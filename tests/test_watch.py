@@ -74,14 +74,13 @@ def test_inbox_slow_writer_published_only_when_complete(noded_factory: Any, tmp_
     data = os.urandom(3 * 1024 * 1024 + 12345)
     src = inbox / "census" / "2021" / "dwellings.parquet"
     src.parent.mkdir(parents=True, exist_ok=True)
-    # Let the watcher register the new directories first. Open question (see the closing note): a file
-    # opened in a directory created a moment before was once published before its writer closed it.
-    time.sleep(1.0)
+    opened = threading.Event()
     wrote_all = threading.Event()
     may_close = threading.Event()
 
     def writer() -> None:
         with open(src, "wb") as f:
+            opened.set()
             for off in range(0, len(data), 256 * 1024):
                 f.write(data[off : off + 256 * 1024])
                 f.flush()
@@ -91,6 +90,7 @@ def test_inbox_slow_writer_published_only_when_complete(noded_factory: Any, tmp_
 
     t = threading.Thread(target=writer)
     t.start()
+    assert opened.wait(10)  # the file exists from here on (checking before the thread ran was a test race)
     try:
         # The whole time the writer is busy, nothing is published.
         while not wrote_all.is_set():
