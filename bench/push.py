@@ -3,7 +3,9 @@
 Both upload the same file to the same moto S3 server (a separate `moto_server` process on
 127.0.0.1, so the server does not share this process's GIL) in the same run. The noded figure is the
 wall time from the "cached" wake-up of a running pusher until the item is marked pushed (HEAD,
-multipart upload, confirming HEAD); the boto3 figure is one `upload_file` call on a ready client.
+multipart upload with a CRC32 per part, confirming HEAD) for a copy verified moments before, as after
+a pull; `--rehash-after 0` times a copy verified long ago, which is hashed again while it uploads. The
+boto3 figure is one `upload_file` call on a ready client (CRC32 per part by default).
 Rounds alternate which side goes first; the best time of each side counts. Prints a human summary, then ONE JSON
 line: {"ratio_vs_boto3": noded throughput / boto3 throughput, ...}.
 
@@ -25,6 +27,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from statistics import median
 
 import boto3
 
@@ -79,7 +82,13 @@ def make_file(path: Path, size: int) -> tuple[str, str]:
     return md5.hexdigest(), sha.hexdigest()
 
 
-def run_boto3(endpoint: str, path: Path, key: str) -> float:
+def cpu() -> float:
+    """CPU seconds this process has used (all threads): the client's share of the 2 cores."""
+    t = os.times()
+    return t.user + t.system
+
+
+def run_boto3(endpoint: str, path: Path, key: str, cpus: list[float]) -> float:
     # Defaults on purpose (TransferConfig 8 MiB parts, 10 threads; default checksum behaviour).
     s3 = boto3.client(
         "s3",
@@ -88,13 +97,22 @@ def run_boto3(endpoint: str, path: Path, key: str) -> float:
         aws_access_key_id=KEY_ID,
         aws_secret_access_key=SECRET,
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu()
     s3.upload_file(str(path), BUCKET, key)
+    cpus.append(cpu() - c0)
     return time.perf_counter() - t0
 
 
 async def run_noded(
-    endpoint: str, work: Path, data: Path, md5: str, sha256: str, size: int, prefix: str, r2_extra: dict[str, object]
+    endpoint: str,
+    work: Path,
+    data: Path,
+    md5: str,
+    sha256: str,
+    size: int,
+    prefix: str,
+    r2_extra: dict[str, object],
+    cpus: list[float],
 ) -> float:
     cfg = Config.model_validate(
         {
@@ -129,9 +147,19 @@ async def run_noded(
     )
     partial = layout.partial_path(item.id, item.version)
     os.link(data, partial)  # same bytes, no copy
-    publish(partial, layout.final_path(item.key))
-    await store.run(store.set_state, item.id, State.CACHED, size=size, md5=md5, sha256=sha256)
-    t0 = time.perf_counter()
+    st = publish(partial, layout.final_path(item.key))
+    # As the pull pipeline leaves a row it has just verified: checksums, mtime and the time of hashing.
+    await store.run(
+        store.set_state,
+        item.id,
+        State.CACHED,
+        size=size,
+        md5=md5,
+        sha256=sha256,
+        mtime_ns=st.st_mtime_ns,
+        verified_at=time.time(),
+    )
+    t0, c0 = time.perf_counter(), cpu()
     node.notify("cached")  # what the pull pipeline does after publishing
     while True:
         got = await store.run(store.get_item, item.id)
@@ -141,6 +169,7 @@ async def run_noded(
             raise RuntimeError(node.problems["r2"])
         await node.wait("pushed", 0.5)
     elapsed = time.perf_counter() - t0
+    cpus.append(cpu() - c0)
     await pusher.stop()
     await store.close()
     return elapsed
@@ -153,6 +182,11 @@ def main() -> int:
     ap.add_argument("--part-size-mib", type=int, help="override r2.part_size (default: noded's default)")
     ap.add_argument("--concurrency", type=int, help="override r2.max_concurrency (default: noded's default)")
     ap.add_argument("--skip-boto3", action="store_true", help="only time noded (for tuning; no ratio)")
+    ap.add_argument(
+        "--rehash-after",
+        type=float,
+        help="override r2.rehash_after; 0 re-hashes the file while uploading (a copy verified long ago)",
+    )
     args = ap.parse_args()
     size = args.size_mib * MiB
     r2_extra: dict[str, object] = {}
@@ -160,6 +194,8 @@ def main() -> int:
         r2_extra["part_size"] = args.part_size_mib * MiB
     if args.concurrency:
         r2_extra["max_concurrency"] = args.concurrency
+    if args.rehash_after is not None:
+        r2_extra["rehash_after"] = args.rehash_after
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     work = Path(tempfile.mkdtemp(prefix="noded-bench-push-"))
@@ -173,17 +209,21 @@ def main() -> int:
         data = work / "data.bin"
         md5, sha256 = make_file(data, size)
         boto_times, noded_times = [], []
+        boto_cpu: list[float] = []
+        noded_cpu: list[float] = []
         for r in range(args.rounds):
 
             def boto() -> None:
                 if not args.skip_boto3:
-                    boto_times.append(run_boto3(endpoint, data, f"boto3/{r}/file.bin"))
+                    boto_times.append(run_boto3(endpoint, data, f"boto3/{r}/file.bin", boto_cpu))
                     admin.delete_object(Bucket=BUCKET, Key=f"boto3/{r}/file.bin")
 
             if r % 2 == 0:
                 boto()
             noded_times.append(
-                asyncio.run(run_noded(endpoint, work / f"n{r}", data, md5, sha256, size, f"noded/{r}/", r2_extra))
+                asyncio.run(
+                    run_noded(endpoint, work / f"n{r}", data, md5, sha256, size, f"noded/{r}/", r2_extra, noded_cpu)
+                )
             )
             if r % 2 == 1:
                 boto()
@@ -199,6 +239,10 @@ def main() -> int:
     mb = size / 1e6
     print(f"boto3.upload_file (defaults): {b:.2f} s  {mb / b:.1f} MB/s   (runs: {[round(t, 2) for t in boto_times]})")
     print(f"noded R2 pusher (defaults):  {n:.2f} s  {mb / n:.1f} MB/s   (runs: {[round(t, 2) for t in noded_times]})")
+    print(
+        f"client CPU seconds (median): boto3 {median(boto_cpu) if boto_cpu else float('nan'):.2f}, "
+        f"noded {median(noded_cpu):.2f}"
+    )
     print(f"ratio noded/boto3: {b / n:.2f}x")
     print(
         json.dumps(
@@ -210,6 +254,8 @@ def main() -> int:
                 "noded_seconds": round(n, 3),
                 "boto3_MBps": round(mb / b, 1),
                 "noded_MBps": round(mb / n, 1),
+                "boto3_client_cpu_s": round(median(boto_cpu), 2) if boto_cpu else None,
+                "noded_client_cpu_s": round(median(noded_cpu), 2),
                 "ratio_vs_boto3": round(b / n, 3),
             }
         )

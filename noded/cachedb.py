@@ -203,6 +203,7 @@ def record_published(store: Store, item_id: int, h: HashResult, disk: int, mtime
             sha256=h.sha256,
             disk_bytes=disk,
             mtime_ns=mtime_ns,
+            verified_at=now,
             last_access=now,
         )
         store.set_pieces(item_id, h.piece_length, h.pieces)

@@ -239,6 +239,13 @@ class R2Config(_Section):
     access_key_id_env: str = "R2_ACCESS_KEY_ID"
     secret_access_key_env: str = "R2_SECRET_ACCESS_KEY"  # noqa: S105 - a name, not a secret
     multipart_threshold: ByteSize = 64 * 1024**2
+    # Each part carries an x-amz-checksum-crc32 header the store verifies on arrival ("none": only
+    # the whole-file sha256 check before completing; for S3-compatible stores that refuse the header).
+    part_checksum: Literal["crc32", "none"] = "crc32"
+    # A copy hashed and found right less than this long ago, whose file's mtime is unchanged since,
+    # is uploaded without hashing it again; an older one is re-hashed while it uploads so bit rot never
+    # completes into R2. 0: always re-hash.
+    rehash_after: float = Field(3600.0, ge=0, le=30 * 86400)
     # Parts in flight across all uploads (8 MiB x 10 measured fastest against the S3 test server).
     max_concurrency: int = Field(10, ge=1, le=64)
     create_only: bool = False

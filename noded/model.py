@@ -116,6 +116,8 @@ class Item:
     error: str | None
     created_at: float
     updated_at: float
+    # When the file's bytes were last hashed and matched (pull, inbox, re-verification); None: never.
+    verified_at: float | None = None
 
     def public(self) -> dict[str, Any]:
         """The JSON shape of an item in the API."""

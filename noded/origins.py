@@ -543,6 +543,7 @@ class Origins:
                     sha1=result.sha1 or item.sha1,
                     disk_bytes=disk_bytes(st),
                     mtime_ns=st.st_mtime_ns,
+                    verified_at=time.time(),
                 )
                 # Older versions shared the final path: their bytes were just replaced.
                 rows = store.conn.execute(

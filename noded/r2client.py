@@ -60,8 +60,9 @@ def client_config(cfg: R2Config, max_pool: int) -> botocore.config.Config:
     return botocore.config.Config(
         region_name=cfg.region,
         signature_version="s3v4",
-        # Parts carry Content-MD5 and R2 is reached over TLS: hashing every body again for the
-        # signature (botocore's default without TLS) would only cost CPU.
+        # Bodies carry a checksum header (Content-MD5 on single PUTs, CRC32 on parts) and R2 is reached
+        # over TLS: hashing every body again for the signature (botocore's default without TLS) would
+        # only cost CPU.
         s3={"addressing_style": cfg.addressing_style, "payload_signing_enabled": False},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",

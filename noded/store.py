@@ -197,13 +197,17 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (key, version, location)
     );
     """,
+    # 8: when the bytes of a cached copy were last hashed and found right (the pusher trusts a recent one)
+    """
+    ALTER TABLE items ADD COLUMN verified_at REAL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _ITEM_COLS = (
     "id, key, version, origin, state, size, md5, sha1, sha256, etag, urls, infohash, pinned, pushed, "
-    "seeding, last_access, disk_bytes, mtime_ns, error, created_at, updated_at"
+    "seeding, last_access, disk_bytes, mtime_ns, error, created_at, updated_at, verified_at"
 )
 
 
@@ -247,6 +251,7 @@ def _row_to_item(r: Sequence[Any]) -> Item:
         error=r[18],
         created_at=r[19],
         updated_at=r[20],
+        verified_at=r[21],
     )
 
 
@@ -458,6 +463,7 @@ class Store:
             "seeding",
             "disk_bytes",
             "mtime_ns",
+            "verified_at",
             "last_access",
             "pinned",
         }
@@ -490,6 +496,7 @@ class Store:
             "infohash",
             "disk_bytes",
             "mtime_ns",
+            "verified_at",
             "error",
             "sha256",
             "md5",

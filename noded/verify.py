@@ -155,7 +155,7 @@ class Verifier:
             rep.unverifiable.append(item.key)
             return
         loop = asyncio.get_running_loop()
-        t0 = time.monotonic()
+        t0, started = time.monotonic(), time.time()
         self.current = item.key
         try:
             with self.cache.hold(item.id):
@@ -171,6 +171,7 @@ class Verifier:
                 why = mismatch(item, h, pieces)
                 if why is None:
                     rep.ok += 1
+                    await self.store.run(self.store.update_item, item.id, verified_at=started)
                 else:
                     rep.corrupt.append(item.key)
                     log.error("verify.corrupt", key=item.key, version=item.version, reason=why)

@@ -8,6 +8,7 @@ SlowDown, S3 XML) before moto sees them.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import threading
 import time
@@ -42,6 +43,8 @@ class Request:
     query: dict[str, list[str]]
     length: int
     op: str
+    headers: dict[str, str] = field(default_factory=dict)  # x-amz-*, content-encoding (lower-case names)
+    body: bytes = b""  # kept for CompleteMultipartUpload only (small XML)
     start: float = 0.0
     end: float = 0.0  # when the server finished handling it (0 while in flight)
 
@@ -76,7 +79,15 @@ class CountingApp:
         query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
         method = environ["REQUEST_METHOD"]
         path = environ.get("PATH_INFO", "")
-        req = Request(method, path, query, int(environ.get("CONTENT_LENGTH") or 0), s3_op(method, path, query))
+        headers = {
+            k[5:].replace("_", "-").lower(): str(v)
+            for k, v in environ.items()
+            if k.startswith("HTTP_X_AMZ_") or k == "HTTP_CONTENT_ENCODING"
+        }
+        req = Request(method, path, query, int(environ.get("CONTENT_LENGTH") or 0), s3_op(method, path, query), headers)
+        if req.op == "CompleteMultipartUpload":
+            req.body = environ["wsgi.input"].read(req.length)
+            environ["wsgi.input"] = io.BytesIO(req.body)
         if not path.startswith("/moto-api"):
             with self.lock:
                 self.requests.append(req)
@@ -205,9 +216,17 @@ def payload(size: int, seed: int = 0) -> bytes:
     return bytes(out[:size])
 
 
-def add_cached_item(store: Store, layout: CacheLayout, key: str, data: bytes, *, md5: str | None = None) -> Item:
+def add_cached_item(
+    store: Store,
+    layout: CacheLayout,
+    key: str,
+    data: bytes,
+    *,
+    md5: str | None = None,
+    verified_at: float | None = None,
+) -> Item:
     """The real contract for a cached item: a store row in state cached with its checksums, and the
-    verified bytes published under the final path."""
+    verified bytes published under the final path (`verified_at`: when they were hashed; None: unknown)."""
     layout.ensure()
     sha256 = hashlib.sha256(data).hexdigest()
     md5 = md5 or hashlib.md5(data).hexdigest()
@@ -223,6 +242,7 @@ def add_cached_item(store: Store, layout: CacheLayout, key: str, data: bytes, *,
         sha256=sha256,
         disk_bytes=st.st_blocks * 512,
         mtime_ns=st.st_mtime_ns,
+        verified_at=verified_at,
     )
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,11 @@ async def test_pull_publishes_verified_bytes_with_pieces(servers: Servers, make:
     servers.publish("census.parquet", data)
     o = await make()
     await o.refresh_all()
+    before = time.time()
     await o.pull(await one(o, "census.parquet"))
     item = await one(o, "census.parquet")
+    # Hashed on the way in: the pusher may trust this for a while instead of reading the file again.
+    assert item.verified_at is not None and before <= item.verified_at <= time.time()
     assert item.state == State.CACHED and item.error is None
     final = o.layout.final_path("census.parquet")
     assert final.read_bytes() == data

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import os
+import re
+import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -13,8 +18,8 @@ import pytest
 from noded.component import Node
 from noded.config import Config
 from noded.layout import CacheLayout
-from noded.model import Item
-from noded.push import R2Pusher, backoff_delay, record_upload
+from noded.model import Item, State
+from noded.push import R2Pusher, backoff_delay, needs_rehash, record_upload
 from noded.store import Store
 from tests.conftest import base_config
 from tests.r2_fixtures import (
@@ -129,6 +134,57 @@ async def test_small_and_multipart_uploads_land_with_bytes_and_metadata(env: Env
     assert node.traffic.totals[("r2", "out")].bytes >= len(small) + len(big)
     assert (await env.item(a.id)).error is None
     assert "r2" not in node.problems
+
+
+def crc32_b64(data: bytes) -> str:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+def completed_crcs(req: Request) -> dict[int, str]:
+    """Part number -> ChecksumCRC32 named in a CompleteMultipartUpload body."""
+    parts = re.findall(rb"<Part>(.*?)</Part>", req.body, re.S)
+    out = {}
+    for p in parts:
+        n = int(re.search(rb"<PartNumber>(\d+)</PartNumber>", p).group(1))  # type: ignore[union-attr]
+        crc = re.search(rb"<ChecksumCRC32>([^<]*)</ChecksumCRC32>", p)
+        out[n] = crc.group(1).decode() if crc else ""
+    return out
+
+
+async def test_every_part_carries_its_crc32_header_and_the_completion_names_them(env: Env) -> None:
+    node = await env.node()
+    data = payload(3 * 5 * MiB + 123, seed=31)
+    it = await env.add("crc/big.pmtiles", data)
+    await env.pusher(node)
+    await env.pushed(it)
+    srv = env.server.counting
+    [create] = srv.ops("CreateMultipartUpload")
+    assert create.headers.get("x-amz-checksum-algorithm") == "CRC32"
+    sent = {}
+    for r in srv.ops("UploadPart"):
+        n = int(r.query["partNumber"][0])
+        # A header over the signed body, never botocore's aws-chunked trailer (R2 refuses that).
+        assert "x-amz-trailer" not in r.headers and "aws-chunked" not in r.headers.get("content-encoding", "")
+        sent[n] = r.headers["x-amz-checksum-crc32"]
+    want = {n: crc32_b64(data[(n - 1) * 5 * MiB : n * 5 * MiB]) for n in (1, 2, 3, 4)}
+    assert sent == want
+    [complete] = srv.ops("CompleteMultipartUpload")
+    assert completed_crcs(complete) == want
+    assert env.get("crc/big.pmtiles")[0] == data
+
+
+async def test_part_checksums_can_be_turned_off_for_stores_that_refuse_them(env: Env) -> None:
+    node = await env.node(part_checksum="none")
+    data = payload(2 * 5 * MiB + 1, seed=32)
+    it = await env.add("nocrc.bin", data)
+    await env.pusher(node)
+    await env.pushed(it)
+    srv = env.server.counting
+    for r in srv.ops("CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload"):
+        assert not any(h.startswith("x-amz-checksum") for h in r.headers), r.headers
+    [complete] = srv.ops("CompleteMultipartUpload")
+    assert completed_crcs(complete) == {1: "", 2: "", 3: ""}
+    assert env.get("nocrc.bin")[0] == data
 
 
 async def test_parts_grow_with_the_file_and_stay_equal(env: Env) -> None:
@@ -257,6 +313,9 @@ async def test_a_recorded_upload_resumes_with_only_the_missing_parts(env: Env) -
     srv = env.server.counting
     assert sorted(int(r.query["partNumber"][0]) for r in srv.ops("UploadPart")) == [2, 4]
     assert srv.ops("CreateMultipartUpload", "AbortMultipartUpload") == []
+    # ListParts (moto's) reported no checksums for parts 1 and 3: the pusher computed them from its copy.
+    [complete] = srv.ops("CompleteMultipartUpload")
+    assert completed_crcs(complete) == {n: crc32_b64(data[(n - 1) * 5 * MiB : n * 5 * MiB]) for n in (1, 2, 3, 4)}
     assert env.get("resume.bin")[0] == data
     assert env.s3.list_multipart_uploads(Bucket=BUCKET, Prefix=PREFIX).get("Uploads", []) == []
 
@@ -314,15 +373,32 @@ async def test_items_being_read_are_marked_in_use(env: Env) -> None:
     await env.until(lambda: not p.in_use, what="in_use cleared")
 
 
+def flip_byte(path: Path, offset: int, *, keep_mtime: bool) -> None:
+    """One flipped byte, same size; with keep_mtime the change is silent (bit rot, not a write)."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 @pytest.mark.parametrize("size", [50_000, 12 * MiB], ids=["single", "multipart"])
-async def test_bit_rot_after_verification_never_reaches_r2(env: Env, size: int) -> None:
-    node = await env.node()
+@pytest.mark.parametrize(
+    ("verified_ago", "keep_mtime"),
+    [(None, True), (2 * 3600.0, True), (0.0, False)],
+    ids=["never-verified", "silent-rot-verified-2h-ago", "written-after-recent-verification"],
+)
+async def test_bit_rot_after_verification_never_reaches_r2(
+    env: Env, size: int, verified_ago: float | None, keep_mtime: bool
+) -> None:
+    node = await env.node()  # rehash_after: 1 h
     data = payload(size, seed=15)
-    it = await env.add("rotten.bin", data)
-    path = env.layout.final_path("rotten.bin")
-    with open(path, "r+b") as f:  # one flipped byte late in the file, same size
-        f.seek(size - 10)
-        f.write(bytes([data[size - 10] ^ 0xFF]))
+    verified_at = None if verified_ago is None else time.time() - verified_ago
+    it = await env.add("rotten.bin", data, verified_at=verified_at)
+    flip_byte(env.layout.final_path("rotten.bin"), size - 10, keep_mtime=keep_mtime)
 
     async def has_error() -> bool:
         return (await env.item(it.id)).error is not None
@@ -334,6 +410,33 @@ async def test_bit_rot_after_verification_never_reaches_r2(env: Env, size: int) 
     assert env.s3.list_objects_v2(Bucket=BUCKET, Prefix=PREFIX).get("KeyCount") == 0
     assert env.s3.list_multipart_uploads(Bucket=BUCKET, Prefix=PREFIX).get("Uploads", []) == []
     assert env.server.counting.ops("CompleteMultipartUpload") == []
+
+
+@pytest.mark.parametrize("rehash_after", [3600.0, 0.0], ids=["trusted", "always-rehash"])
+async def test_a_copy_verified_moments_ago_is_not_read_a_second_time(env: Env, rehash_after: float) -> None:
+    node = await env.node(rehash_after=rehash_after)
+    small, big = payload(50_000, seed=33), payload(12 * MiB, seed=34)
+    a = await env.add("fresh/small.bin", small, verified_at=time.time())
+    b = await env.add("fresh/big.bin", big, verified_at=time.time())
+    p = await env.pusher(node)
+    await env.pushed(a, b)
+    assert env.get("fresh/small.bin")[0] == small and env.get("fresh/big.bin")[0] == big
+    assert p.status()["bytes_rehashed"] == (0 if rehash_after else len(small) + len(big))
+
+
+def test_needs_rehash_policy() -> None:
+    def item(verified_at: float | None, mtime_ns: int | None) -> Item:
+        return Item(1, "k", 1, "inbox", State.CACHED, 10, None, None, "a" * 64, None, [], None, False, False,
+                    False, 0.0, 4096, mtime_ns, None, 0.0, 0.0, verified_at)  # fmt: skip
+
+    now = 1_000_000.0
+    assert not needs_rehash(item(now - 5, 7), 7, now, 3600)  # just pulled, untouched
+    assert needs_rehash(item(now - 5, 7), 8, now, 3600)  # written since
+    assert needs_rehash(item(now - 3601, 7), 7, now, 3600)  # verified too long ago
+    assert needs_rehash(item(None, 7), 7, now, 3600)  # never verified by this node
+    assert needs_rehash(item(now - 5, None), 7, now, 3600)  # mtime never recorded
+    assert needs_rehash(item(now - 5, 7), 7, now, 0)  # 0: always
+    assert needs_rehash(item(now + 60, 7), 7, now, 3600)  # verified "in the future": clock jumped back
 
 
 async def test_a_vanished_file_is_an_item_error_not_an_outage(env: Env) -> None:
