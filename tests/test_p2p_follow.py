@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from noded.p2p.follow import FollowHasher, HashCancelled, follow_hash, hash_file, lower_priority
 from noded.p2p.session import PieceFollower
-from noded.p2p.sync import HashCancelled, follow_hash, hash_file
 from tests.p2p_helpers import content
 
 PL = 16 * 1024  # small pieces keep the test fast; the logic does not depend on the size
@@ -87,3 +88,59 @@ def test_follow_hash_gives_up_waiting_once_flushed(tmp_path: Path) -> None:
         follower.set_flushed()
         result = fut.result(timeout=10)
     assert result.pieces != b"\1" * 20
+
+
+def test_idle_phase_stops_when_the_transfer_completes_and_the_tail_finishes_the_same_hash(tmp_path: Path) -> None:
+    data = content(6 * PL + 7, 7)
+    path = tmp_path / "part"
+    path.write_bytes(b"\0" * len(data))
+    follower = PieceFollower(7)
+    hasher = FollowHasher(path, PL, len(data), follower, threading.Event())
+    with ThreadPoolExecutor(1, initializer=lower_priority) as idle:
+        early = idle.submit(hasher.run, until_transferred=True, low_priority=True)
+        with open(path, "r+b") as f:  # the first two pieces land while the transfer runs
+            f.write(data[: 2 * PL])
+        follower.add(0)
+        follower.add(1)
+        deadline = time.monotonic() + 10
+        while hasher.done < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert hasher.done == 2 and not early.done()  # following, waiting for piece 2
+        path.write_bytes(data)
+        follower.complete()  # libtorrent: torrent finished
+        assert early.result(timeout=10) is False  # handed over, not finished
+    assert hasher.done < 7
+    follower.set_flushed()
+    result = hasher.finish()  # the tail, on this (normal priority) thread
+    assert result == hash_file(path, PL)
+    assert result.md5 == hashlib.md5(data).hexdigest()
+
+
+def test_the_first_piece_may_be_announced_before_the_file_exists(tmp_path: Path) -> None:
+    data = content(2 * PL, 8)
+    path = tmp_path / "part"
+    follower = PieceFollower(2)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(follow_hash, path, PL, len(data), follower, threading.Event())
+        follower.add(0)  # announced; libtorrent has not created the file yet
+        time.sleep(0.1)
+        assert not fut.done()
+        path.write_bytes(data)
+        follower.add(1)
+        result = fut.result(timeout=10)
+    assert result.md5 == hashlib.md5(data).hexdigest()
+
+
+def test_lower_priority_is_per_thread(tmp_path: Path) -> None:
+    def policy() -> tuple[int, int]:
+        tid = threading.get_native_id()
+        return os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)
+
+    def lowered() -> tuple[int, int]:
+        lower_priority()
+        return policy()
+
+    with ThreadPoolExecutor(1) as pool:
+        low = pool.submit(lowered).result()
+    assert low[0] == os.SCHED_IDLE or low[1] == 19
+    assert policy()[0] == os.SCHED_OTHER  # the calling thread kept its priority

@@ -55,6 +55,8 @@ class PieceFollower:
         self.frontier = 0  # read from another thread: an int assignment is atomic under the GIL
         # Set once the torrent left the session: its storage is closed, every byte is in the file.
         self.flushed = False
+        # Set once libtorrent reported the torrent complete (verification may still trail it).
+        self.transferred = False
         self.changed = threading.Event()
         self._done: set[int] = set()
 
@@ -71,6 +73,7 @@ class PieceFollower:
 
     def complete(self) -> None:
         """libtorrent says the torrent is complete: every piece is on disk, alerts seen or not."""
+        self.transferred = True
         self.frontier = self.num_pieces
         self.changed.set()
 
@@ -204,6 +207,10 @@ class TorrentSession:
 
     def subscribe(self, alert_type: str, fn: AlertHandler) -> None:
         self.subscribers.setdefault(alert_type, []).append(fn)
+
+    def unsubscribe(self, alert_type: str, fn: AlertHandler) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.subscribers[alert_type].remove(fn)
 
     # -- alerts ----------------------------------------------------------------------------
     def _alert_thread(self) -> None:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import os
+import functools
 import re
 import threading
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from noded.logs import get_logger
 from noded.model import CatalogEntry, HashResult, Item
 from noded.p2p import torrent as T
 from noded.p2p.engine import P2PEngine, split_host_port
+from noded.p2p.follow import FollowHasher, lower_priority
 from noded.p2p.session import PieceFollower
 from noded.sources import FetchError
 
@@ -332,15 +332,15 @@ class PeerSource:
         # Bytes of connections that closed before a peer_info sample still land on the right channel.
         first = f"peer:{holders[0][0].name}" if holders else f"seed:{sync.node.cfg.seed_targets[0].name}"
         engine.hint_channel(ih, first)
-        # md5/sha256 follow the download piece by piece (sequential order), reading each piece right
-        # after libtorrent verified and wrote it, while it is still in the page cache.
+        # md5/sha256 follow the download piece by piece (noded/p2p/follow.py): at idle priority on a
+        # thread of its own while the transfer runs, the rest at normal priority once it is complete.
         follower = PieceFollower(meta.num_pieces)
         cancel = threading.Event()
         engine.session.followers[ih] = follower
         loop = asyncio.get_running_loop()
-        hasher = loop.run_in_executor(
-            None, follow_hash, partial, meta.piece_length, meta.total_size, follower, cancel, meta.pieces
-        )
+        hasher = FollowHasher(partial, meta.piece_length, meta.total_size, follower, cancel, meta.pieces)
+        idle = ThreadPoolExecutor(max_workers=1, thread_name_prefix="follow", initializer=lower_priority)
+        early = loop.run_in_executor(idle, functools.partial(hasher.run, until_transferred=True, low_priority=True))
         ok = False
         t0 = time.monotonic()
         try:
@@ -359,10 +359,15 @@ class PeerSource:
             if not ok:
                 cancel.set()
                 with contextlib.suppress(Exception):
-                    await hasher
+                    await early
+                idle.shutdown(wait=False)
                 with contextlib.suppress(FileNotFoundError):
                     await loop.run_in_executor(None, partial.unlink)
-        result = await hasher
+        try:
+            await early
+        finally:
+            idle.shutdown(wait=False)
+        result = await loop.run_in_executor(None, hasher.finish)
         tail = time.monotonic() - t0 - transfer
         self.last_timing = {"transfer_seconds": round(transfer, 3), "verify_tail_seconds": round(tail, 3)}
         if result.size != meta.total_size or result.pieces != meta.pieces:
@@ -411,28 +416,51 @@ class PeerSource:
         session = self.sync.engine.session
         stall = self.sync.node.cfg.bittorrent.peer_stall_timeout
         last_progress, last_bytes, last_connect = time.monotonic(), -1, 0.0
-        while True:
-            now = time.monotonic()
-            if now - last_connect >= RECONNECT_INTERVAL:
-                for host, port in endpoints:
-                    session.connect_peer(ih, host, port)
-                last_connect = now
-            session.post_updates()
-            await asyncio.sleep(0.1)
-            ts = session.states.get(ih)
-            if ts is None:
-                if ih not in session.handles:
-                    raise FetchError(f"{item.key}: torrent left the session", retryable=True)
-                continue
-            if ts.error:
-                raise FetchError(f"{item.key}: {ts.error}", retryable=True)
-            # Decided on a state update (not a state-change alert), so the byte counters are final too.
-            if ts.is_seeding and ts.progress >= 1.0:
-                return
-            if ts.downloaded > last_bytes:
-                last_bytes, last_progress = ts.downloaded, time.monotonic()
-            elif time.monotonic() - last_progress > stall:
-                raise FetchError(f"{item.key}: no progress from peers for {stall:.0f}s", retryable=True)
+        wake = asyncio.Event()
+        finished = False
+
+        def on_finished(a: Any) -> None:
+            # Ask for the final status at once and look at it as soon as it lands, rather than at the
+            # next 0.1 s poll (polling stays the cadence while the download runs).
+            nonlocal finished
+            if session.infohash_of(a.handle) == ih:
+                finished = True
+                session.post_updates()
+
+        def on_update(_: Any) -> None:
+            if finished:
+                wake.set()
+
+        session.subscribe("torrent_finished_alert", on_finished)
+        session.subscribe("state_update_alert", on_update)
+        try:
+            while True:
+                now = time.monotonic()
+                if now - last_connect >= RECONNECT_INTERVAL:
+                    for host, port in endpoints:
+                        session.connect_peer(ih, host, port)
+                    last_connect = now
+                session.post_updates()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), 0.1)
+                wake.clear()
+                ts = session.states.get(ih)
+                if ts is None:
+                    if ih not in session.handles:
+                        raise FetchError(f"{item.key}: torrent left the session", retryable=True)
+                    continue
+                if ts.error:
+                    raise FetchError(f"{item.key}: {ts.error}", retryable=True)
+                # Decided on a state update (not a state-change alert), so the byte counters are final too.
+                if ts.is_seeding and ts.progress >= 1.0:
+                    return
+                if ts.downloaded > last_bytes:
+                    last_bytes, last_progress = ts.downloaded, time.monotonic()
+                elif time.monotonic() - last_progress > stall:
+                    raise FetchError(f"{item.key}: no progress from peers for {stall:.0f}s", retryable=True)
+        finally:
+            session.unsubscribe("torrent_finished_alert", on_finished)
+            session.unsubscribe("state_update_alert", on_update)
 
 
 def _download_params(data: bytes, partial: Path) -> Any:
@@ -450,98 +478,3 @@ def _download_params(data: bytes, partial: Path) -> Any:
     atp.flags &= ~lt.torrent_flags.paused
     atp.flags |= lt.torrent_flags.sequential_download  # lets verification follow the download
     return atp
-
-
-class HashCancelled(Exception):
-    pass
-
-
-def follow_hash(
-    path: Path,
-    piece_length: int,
-    size: int,
-    follower: PieceFollower,
-    cancel: threading.Event,
-    expected: bytes | None = None,
-) -> HashResult:
-    """md5, sha256 and piece sha1s of a file being downloaded, reading each piece once it is complete.
-    Blocking: run in an executor; stops with HashCancelled when `cancel` is set.
-
-    libtorrent announces a piece when its hash passed, which can be before its blocks left the
-    store buffer for the file; a piece that does not match `expected` yet is read again until it
-    does, or until the torrent left the session (`flushed`), after which what the file holds is final.
-    """
-    _lower_priority()
-    md5, sha256 = hashlib.md5(), hashlib.sha256()  # noqa: S324 - md5 is the published checksum
-    pieces = bytearray()
-    n = T.num_pieces(size, piece_length)
-    done = 0
-    f = None
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="md5", initializer=_lower_priority) as pool:
-            pending: Future[None] | None = None
-            while done < n:
-                if cancel.is_set():
-                    raise HashCancelled
-                if follower.frontier <= done:
-                    follower.changed.wait(0.2)
-                    follower.changed.clear()
-                    continue
-                if f is None:
-                    f = open(path, "rb")  # noqa: SIM115 - closed in finally; created by libtorrent
-                flushed = follower.flushed
-                f.seek(done * piece_length)
-                piece = f.read(min(piece_length, size - done * piece_length))
-                digest = hashlib.sha1(piece).digest()  # noqa: S324 - BitTorrent v1 piece hash
-                if expected is not None and digest != expected[done * 20 : done * 20 + 20] and not flushed:
-                    follower.changed.wait(0.02)
-                    follower.changed.clear()
-                    continue
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(md5.update, piece)
-                sha256.update(piece)
-                pieces += digest
-                done += 1
-            if pending is not None:
-                pending.result()
-    finally:
-        if f is not None:
-            f.close()
-    return HashResult(
-        size=size, md5=md5.hexdigest(), sha256=sha256.hexdigest(), pieces=bytes(pieces), piece_length=piece_length
-    )
-
-
-def _lower_priority() -> None:
-    """Verification trails the transfer: let libtorrent's threads have the CPU first (Linux: per thread)."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-
-
-def hash_file(path: Path, piece_length: int) -> HashResult:
-    """md5, sha256 and the sha1 of each piece in one read. Blocking: run in an executor.
-
-    md5 is the slow one (~635 MB/s here): it runs on a second thread while this one does sha256 and
-    sha1 over the same buffer (hashlib releases the GIL on large buffers).
-    """
-    md5, sha256 = hashlib.md5(), hashlib.sha256()  # noqa: S324 - md5 is the published checksum
-    pieces = bytearray()
-    size = 0
-    with open(path, "rb") as f, ThreadPoolExecutor(max_workers=1, thread_name_prefix="md5") as pool:
-        pending: Future[None] | None = None
-        while True:
-            piece = f.read(piece_length)
-            if not piece:
-                break
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(md5.update, piece)
-            size += len(piece)
-            sha256.update(piece)
-            pieces += hashlib.sha1(piece).digest()  # noqa: S324 - BitTorrent v1 piece hash
-        if pending is not None:
-            pending.result()
-    return HashResult(
-        size=size, md5=md5.hexdigest(), sha256=sha256.hexdigest(), pieces=bytes(pieces), piece_length=piece_length
-    )
