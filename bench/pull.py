@@ -7,6 +7,11 @@ Same run, same file, same origin (Debian's nginx on 127.0.0.1 with its own temp 
                                       while streaming, verify, fsync, rename, store row -> cached
 noded is durable (fsync before rename) where curl is not; that cost is included.
 
+It also measures, in the same run, what the three digests alone cost on this machine (md5, sha256
+and 16 MiB-piece sha1 over the file in memory, one core each) and the lower bound they set:
+max(md5, (md5 + sha256 + sha1) / cores), as if receiving and writing were free (`floor_s`,
+`floor_vs_curl`), plus noded's CPU seconds (`noded_cpu_s`).
+
 Run:  /work/venv/bin/python bench/pull.py [--size-mib 1024]
 The last line printed is one JSON object with ratio_vs_serial and ratio_vs_curl (noded / baseline).
 """
@@ -82,13 +87,36 @@ def make_blob(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
+def hash_costs(path: Path) -> dict[str, float]:
+    """Seconds each digest takes over the whole file on one core (bytes already in memory)."""
+    data = path.read_bytes()
+    view = memoryview(data)
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    hashlib.md5(data, usedforsecurity=False).digest()
+    out["md5"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hashlib.sha256(data).digest()
+    out["sha256"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for off in range(0, len(data), 16 * MiB):
+        hashlib.sha1(view[off : off + 16 * MiB], usedforsecurity=False).digest()
+    out["sha1_pieces"] = time.perf_counter() - t0
+    return out
+
+
+def cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def timed(cmd: str) -> float:
     t0 = time.perf_counter()
     subprocess.run(["bash", "-c", cmd], check=True)
     return time.perf_counter() - t0
 
 
-async def noded_pull(tmp: Path, url: str) -> tuple[float, str]:
+async def noded_pull(tmp: Path, url: str) -> tuple[float, str, float]:
     configure("console", "warning")
     cfg_text = f"""
 [node]
@@ -113,12 +141,13 @@ bucket = "b"
         await origins.refresh_all()
         item = await store.run(store.get_current, "big.bin")
         assert item is not None
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         await origins.pull(item)
         elapsed = time.perf_counter() - t0
+        cpu = cpu_seconds() - c0
         done = await store.run(store.get_current, "big.bin")
         assert done is not None and done.state == State.CACHED, done
-        return elapsed, str(done.md5)
+        return elapsed, str(done.md5), cpu
     finally:
         await origins.stop()
         await store.close()
@@ -164,8 +193,11 @@ def main() -> None:
         parts = [timed(step) for step in steps]
         t_serial = sum(parts)
         out.unlink()
-        t_noded, got_md5 = asyncio.run(noded_pull(tmp, url))
+        t_noded, got_md5, noded_cpu = asyncio.run(noded_pull(tmp, url))
         assert got_md5 == md5
+        costs = hash_costs(www / "b" / "big.bin")
+        cores = os.cpu_count() or 1
+        floor = max(costs["md5"], sum(costs.values()) / cores)
         figures = {
             "bench": "pull",
             "size_bytes": size,
@@ -177,11 +209,19 @@ def main() -> None:
             "noded_MBps": round(size / t_noded / 1e6, 1),
             "ratio_vs_curl": round(t_noded / t_curl, 3),
             "ratio_vs_serial": round(t_noded / t_serial, 3),
+            "noded_cpu_s": round(noded_cpu, 2),
+            "hash_one_core_s": {k: round(v, 3) for k, v in costs.items()},
+            "floor_s": round(floor, 3),
+            "floor_vs_curl": round(floor / t_curl, 3),
         }
         print(f"curl -o:                 {t_curl:7.2f} s")
         print(f"curl && md5sum && sha256: {t_serial:7.2f} s  (curl, md5sum, sha256sum: {parts})")
         print(f"noded cached+verified:   {t_noded:7.2f} s")
         print(f"ratio vs curl {figures['ratio_vs_curl']}, vs serial {figures['ratio_vs_serial']}")
+        print(
+            f"digests alone, one core each: {figures['hash_one_core_s']}; on {cores} cores with free I/O they "
+            f"need >= {floor:.2f} s = {floor / t_curl:.2f}x curl; noded used {noded_cpu:.2f} CPU-s"
+        )
         print(json.dumps(figures))
     finally:
         if nginx is not None:
