@@ -128,7 +128,7 @@ class Daemon:
         if self.cfg.r2.enabled:
             from noded.push import R2Pusher
 
-            comps.append(R2Pusher(self.node))
+            comps.append(R2Pusher(self.node, up=self.schedule.up))
         # -- end r2 --
         comps.append(ApiServer(self.node, self.routes, api_token(self.cfg)))
         return comps
@@ -143,7 +143,7 @@ class Daemon:
         self.routes.append(p2p_routes.setup)
         out: list[Component] = []
         if self.cfg.bittorrent.enabled:
-            engine = P2PEngine(self.node)
+            engine = P2PEngine(self.node, schedule=self.schedule)
             # The origins pipeline takes `self.peer_sync.source` as its first source (before origins).
             self.peer_sync = PeerSync(self.node, engine)
             out += [engine, self.peer_sync]

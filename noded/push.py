@@ -35,6 +35,7 @@ from noded.logs import get_logger
 from noded.model import Item, State
 from noded.partsize import PartPlan, plan_parts
 from noded.r2client import MissingCredentials, R2Client, R2Failure, load_credentials
+from noded.schedule import TokenBucket
 from noded.store import Store
 
 log = get_logger("noded.push")
@@ -161,8 +162,9 @@ class R2Pusher:
 
     name = "r2"
 
-    def __init__(self, node: Node, layout: CacheLayout | None = None) -> None:
+    def __init__(self, node: Node, layout: CacheLayout | None = None, up: TokenBucket | None = None) -> None:
         self.node = node
+        self.up = up  # the bandwidth timetable's upload bucket (None: unlimited)
         self.cfg = node.cfg.r2
         self.layout = layout or CacheLayout(node.cfg.paths.cache_dir, node.cfg.paths.state_dir)
         self.in_use: set[int] = set()  # also read by the cache through items_in_use()
@@ -385,6 +387,9 @@ class R2Pusher:
             # The md5 recorded when the bytes were verified: R2 refuses the PUT if the file changed since.
             extra["ContentMD5"] = _b64(bytes.fromhex(item.md5))
 
+        if self.up is not None:
+            await self.up.take(size)
+
         def put() -> dict[str, Any]:
             try:
                 f = open(path, "rb")  # noqa: SIM115 - closed by the with below
@@ -490,6 +495,8 @@ class R2Pusher:
         client = self._require_client()
         assert self._slots is not None and self._buffers is not None
         loop = asyncio.get_running_loop()
+        if self.up is not None:
+            await self.up.take(length)  # before taking a slot and a buffer: waiting holds neither
         async with self._slots, self._buffers.hold(length):
             checksum: dict[str, str] = {}
             try:

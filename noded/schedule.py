@@ -2,7 +2,9 @@
 
 `rates_at` is the pure policy (first matching slot wins, else the defaults; None = unlimited). The
 `Schedule` component re-evaluates it at each hour boundary and on reload (SIGHUP), and adjusts the
-two shared buckets in place, so transfers already running slow down or speed up at once.
+two shared buckets in place, so transfers already running slow down or speed up at once. The HTTP pull
+engine takes from `down`, the R2 pusher from `up`; the BitTorrent session has a rate limiter of its
+own, which follows the same rates through `on_change`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -80,7 +83,13 @@ class Schedule:
         self._wake = asyncio.Event()
         # (down, up, until as a unix time): an operator's temporary override of the timetable (API).
         self.override: tuple[int | None, int | None, float] | None = None
+        self._listeners: list[Callable[[int | None, int | None], None]] = []
         self.apply()
+
+    def on_change(self, fn: Callable[[int | None, int | None], None]) -> None:
+        """Call fn(down, up) now and whenever the rates in force change (None = unlimited)."""
+        self._listeners.append(fn)
+        fn(self.down.rate, self.up.rate)
 
     def set_override(self, down: int | None, up: int | None, seconds: float) -> None:
         self.override = (down, up, time.time() + seconds)
@@ -100,10 +109,17 @@ class Schedule:
             down, up = self.override[0], self.override[1]
         else:
             down, up = rates_at(self.cfg, now)
-        if (down, up) != (self.down.rate, self.up.rate):
+        changed = (down, up) != (self.down.rate, self.up.rate)
+        if changed:
             log.info("schedule.rates", down=down, up=up)
         self.down.set_rate(down)
         self.up.set_rate(up)
+        if changed:
+            for fn in list(getattr(self, "_listeners", ())):
+                try:
+                    fn(self.down.rate, self.up.rate)
+                except Exception as e:  # one listener's failure must not stop the others
+                    log.warning("schedule.listener_failed", error=str(e))
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="schedule")

@@ -9,10 +9,12 @@ from pathlib import Path
 import libtorrent as lt
 
 from noded.component import Node
+from noded.config import ScheduleConfig
 from noded.layout import CacheLayout
 from noded.model import PIECE_LENGTH, Item
 from noded.p2p import torrent as T
 from noded.p2p.engine import P2PEngine
+from noded.schedule import Schedule
 from tests.p2p_helpers import content, leech, make_config, open_node, put_cached_sync
 
 
@@ -91,6 +93,34 @@ async def test_item_without_stored_pieces_is_hashed_off_loop(tmp_path: Path) -> 
         )
         assert row.infohash == T.infohash_of(info)
         assert str(lt.torrent_info(layout.torrent_path(row.infohash).read_bytes()).info_hashes().v1) == row.infohash
+    finally:
+        await engine.stop()
+        await node.store.close()
+
+
+async def test_the_bittorrent_session_follows_the_bandwidth_timetable(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path / "a")
+    node = await open_node(cfg)
+    sched = Schedule(ScheduleConfig(default_down="40MB/s", default_up="20MB/s"))
+    engine = P2PEngine(node, CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir), schedule=sched)
+    await engine.start()
+
+    async def limits(want: tuple[int, int]) -> tuple[int, int]:
+        # apply_settings is asynchronous in libtorrent: read back what the session holds.
+        got = (-1, -1)
+        for _ in range(100):
+            s = engine.session.ses.get_settings()
+            got = (int(s["download_rate_limit"]), int(s["upload_rate_limit"]))
+            if got == want:
+                break
+            await asyncio.sleep(0.02)
+        return got
+
+    try:
+        assert await limits((40_000_000, 20_000_000)) == (40_000_000, 20_000_000)
+        sched.set_override(None, 3_000_000, 60)  # an operator's override through the API
+        assert await limits((0, 3_000_000)) == (0, 3_000_000)  # 0: unlimited
+        assert engine.status()["rate_limits"] == {"down": None, "up": 3_000_000}
     finally:
         await engine.stop()
         await node.store.close()

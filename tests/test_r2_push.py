@@ -20,6 +20,7 @@ from noded.config import Config
 from noded.layout import CacheLayout
 from noded.model import Item, State
 from noded.push import R2Pusher, backoff_delay, needs_rehash, record_upload
+from noded.schedule import TokenBucket
 from noded.store import Store
 from tests.conftest import base_config
 from tests.r2_fixtures import (
@@ -60,8 +61,8 @@ class Env:
         assert self.store is not None
         return await self.store.run(add_cached_item, self.store, self.layout, key, data, **kw)
 
-    async def pusher(self, node: Node) -> R2Pusher:
-        p = R2Pusher(node)
+    async def pusher(self, node: Node, up: TokenBucket | None = None) -> R2Pusher:
+        p = R2Pusher(node, up=up)
         self.pushers.append(p)
         await p.start()
         return p
@@ -171,6 +172,19 @@ async def test_every_part_carries_its_crc32_header_and_the_completion_names_them
     [complete] = srv.ops("CompleteMultipartUpload")
     assert completed_crcs(complete) == want
     assert env.get("crc/big.pmtiles")[0] == data
+
+
+async def test_uploads_keep_to_the_timetables_up_rate_measured_at_the_server(env: Env) -> None:
+    node = await env.node()
+    data = payload(3 * 5 * MiB, seed=35)
+    it = await env.add("slow/up.bin", data)
+    await env.pusher(node, up=TokenBucket(5 * MiB))  # 15 MiB at 5 MiB/s: the last part after ~3 s
+    await env.pushed(it)
+    starts = sorted(r.start for r in env.server.counting.ops("UploadPart"))
+    assert len(starts) == 3
+    # A lower bound only: a loaded machine can make it slower, never faster than the limit allows.
+    assert starts[-1] - starts[0] >= 1.5
+    assert env.get("slow/up.bin")[0] == data
 
 
 async def test_part_checksums_can_be_turned_off_for_stores_that_refuse_them(env: Env) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from noded.config import FetchConfig, ScheduleConfig, ScheduleSlot
 from noded.fetch import HttpClient
-from noded.schedule import TokenBucket, rates_at
+from noded.schedule import Schedule, TokenBucket, rates_at
 from noded.traffic import Traffic
 from tests.conftest import base_config, write_config
 from tests.origin import Origin
@@ -59,6 +59,17 @@ async def test_down_bucket_limits_a_pull_measured_at_the_server(aiohttp_server: 
         await client.close()
     # A lower bound only: a loaded machine can make it slower, never faster than the limit allows.
     assert time.monotonic() - t0 >= 1.5
+
+
+def test_listeners_hear_the_rates_now_and_on_every_change() -> None:
+    sched = Schedule(ScheduleConfig(default_down="100MB/s"))
+    heard: list[tuple[int | None, int | None]] = []
+    sched.on_change(lambda down, up: heard.append((down, up)))
+    assert heard == [(100_000_000, None)]
+    sched.set_override(5_000_000, 1_000_000, 60)
+    sched.set_override(5_000_000, 1_000_000, 30)  # same rates: nobody is called again
+    sched.clear_override()
+    assert heard == [(100_000_000, None), (5_000_000, 1_000_000), (100_000_000, None)]
 
 
 def test_sighup_changes_the_rates_of_a_running_daemon(tmp_path: Path, noded_factory: Any) -> None:

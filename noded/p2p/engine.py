@@ -28,6 +28,7 @@ from noded.p2p.importer import import_configured
 from noded.p2p.resume import SeedPlan, load_plan, remove_files, seed_params
 from noded.p2p.session import TorrentSession
 from noded.p2p.settings import session_settings
+from noded.schedule import Schedule
 
 log = get_logger("noded.p2p")
 
@@ -45,8 +46,9 @@ def split_host_port(hp: str) -> tuple[str, int]:
 class P2PEngine:
     name = "p2p"
 
-    def __init__(self, node: Node, layout: CacheLayout | None = None) -> None:
+    def __init__(self, node: Node, layout: CacheLayout | None = None, schedule: Schedule | None = None) -> None:
         self.node = node
+        self.schedule = schedule
         cfg = node.cfg
         self.layout = layout or CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir)
         self.session = TorrentSession(session_settings(cfg.bittorrent))
@@ -63,6 +65,7 @@ class P2PEngine:
         self.restore_seconds: float | None = None
         self.seed_errors = 0
         self._started = False
+        self.rate_limits: tuple[int | None, int | None] = (None, None)
         self._seed_lock = asyncio.Lock()  # one scan at a time: the loop and callers never race on a torrent
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -71,6 +74,8 @@ class P2PEngine:
         await loop.run_in_executor(None, self.layout.ensure)
         self._channels = await loop.run_in_executor(None, self._resolve_channels)
         await self.session.start()
+        if self.schedule is not None:
+            self.schedule.on_change(self._apply_rates)
         self.imported, _ = await import_configured(self.node, self.layout)
         t0 = time.monotonic()
         await self._restore()
@@ -115,7 +120,14 @@ class P2PEngine:
             "restore_seconds": self.restore_seconds,
             "checking_seen": len(self.session.checking_seen),
             "seed_errors": self.seed_errors,
+            "rate_limits": {"down": self.rate_limits[0], "up": self.rate_limits[1]},
         }
+
+    def _apply_rates(self, down: int | None, up: int | None) -> None:
+        """The bandwidth timetable for BitTorrent: libtorrent's own limiter (0 = unlimited). As libtorrent
+        does by default, peers on the local network are not limited."""
+        self.rate_limits = (down, up)
+        self.session.apply_settings({"download_rate_limit": down or 0, "upload_rate_limit": up or 0})
 
     async def reload(self, cfg: Any) -> None:
         self._channels = await asyncio.get_running_loop().run_in_executor(None, self._resolve_channels)
