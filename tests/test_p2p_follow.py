@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from noded.p2p.follow import FollowHasher, HashCancelled, follow_hash, hash_file, lower_priority
+from noded.p2p.follow import FollowHasher, HashCancelled, hash_file, lower_priority
 from noded.p2p.session import PieceFollower
 from tests.p2p_helpers import content
 
@@ -25,14 +25,14 @@ def test_follower_frontier_is_contiguous() -> None:
         assert f.frontier == want
 
 
-def test_follow_hash_waits_for_pieces_and_matches_a_full_read(tmp_path: Path) -> None:
+def test_follower_waits_for_pieces_and_matches_a_full_read(tmp_path: Path) -> None:
     data = content(5 * PL + 100, 5)
     path = tmp_path / "part"
     path.write_bytes(b"\0" * len(data))  # preallocated, as libtorrent leaves it
     follower = PieceFollower(6)
     cancel = threading.Event()
     with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(follow_hash, path, PL, len(data), follower, cancel)
+        fut = pool.submit(FollowHasher(path, PL, len(data), follower, cancel).finish)
         # Pieces land out of order; each is written before libtorrent would announce it.
         with open(path, "r+b") as f:
             for i in [1, 0, 3, 2, 5, 4]:
@@ -47,25 +47,25 @@ def test_follow_hash_waits_for_pieces_and_matches_a_full_read(tmp_path: Path) ->
     assert result.md5 == hashlib.md5(data).hexdigest() and result.sha256 == hashlib.sha256(data).hexdigest()
 
 
-def test_follow_hash_cancel(tmp_path: Path) -> None:
+def test_follower_cancel(tmp_path: Path) -> None:
     path = tmp_path / "part"
     path.write_bytes(b"\0" * PL)
     cancel = threading.Event()
     with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(follow_hash, path, PL, 3 * PL, PieceFollower(3), cancel)
+        fut = pool.submit(FollowHasher(path, PL, 3 * PL, PieceFollower(3), cancel).finish)
         cancel.set()
         with pytest.raises(HashCancelled):
             fut.result(timeout=5)
 
 
-def test_follow_hash_rereads_a_piece_announced_before_it_reached_the_file(tmp_path: Path) -> None:
+def test_follower_rereads_a_piece_announced_before_it_reached_the_file(tmp_path: Path) -> None:
     data = content(2 * PL, 6)
     expected = hashlib.sha1(data[:PL]).digest() + hashlib.sha1(data[PL:]).digest()
     path = tmp_path / "part"
     path.write_bytes(b"\0" * len(data))
     follower = PieceFollower(2)
     with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(follow_hash, path, PL, len(data), follower, threading.Event(), expected)
+        fut = pool.submit(FollowHasher(path, PL, len(data), follower, threading.Event(), expected).finish)
         follower.add(0)  # announced while the file still holds zeros
         follower.add(1)
         time.sleep(0.2)
@@ -76,13 +76,13 @@ def test_follow_hash_rereads_a_piece_announced_before_it_reached_the_file(tmp_pa
     assert result.pieces == expected and result.md5 == hashlib.md5(data).hexdigest()
 
 
-def test_follow_hash_gives_up_waiting_once_flushed(tmp_path: Path) -> None:
+def test_follower_gives_up_waiting_once_flushed(tmp_path: Path) -> None:
     """Bytes that never match (a bad peer) end as a result whose pieces differ: the caller rejects it."""
     path = tmp_path / "part"
     path.write_bytes(b"\0" * PL)
     follower = PieceFollower(1)
     with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(follow_hash, path, PL, PL, follower, threading.Event(), b"\1" * 20)
+        fut = pool.submit(FollowHasher(path, PL, PL, follower, threading.Event(), b"\1" * 20).finish)
         follower.add(0)
         time.sleep(0.1)
         follower.set_flushed()
@@ -121,7 +121,7 @@ def test_the_first_piece_may_be_announced_before_the_file_exists(tmp_path: Path)
     path = tmp_path / "part"
     follower = PieceFollower(2)
     with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(follow_hash, path, PL, len(data), follower, threading.Event())
+        fut = pool.submit(FollowHasher(path, PL, len(data), follower, threading.Event()).finish)
         follower.add(0)  # announced; libtorrent has not created the file yet
         time.sleep(0.1)
         assert not fut.done()

@@ -29,7 +29,7 @@ from noded.model import HashResult
 from noded.p2p import torrent as T
 from noded.p2p.session import PieceFollower
 
-__all__ = ["FollowHasher", "HashCancelled", "follow_hash", "hash_file", "lower_priority"]
+__all__ = ["FollowHasher", "HashCancelled", "hash_file", "lower_priority"]
 
 
 class HashCancelled(Exception):
@@ -147,21 +147,9 @@ class FollowHasher:
         self.follower.changed.clear()
 
 
-def follow_hash(
-    path: Path,
-    piece_length: int,
-    size: int,
-    follower: PieceFollower,
-    cancel: threading.Event,
-    expected: bytes | None = None,
-) -> HashResult:
-    """FollowHasher in one go, on the calling thread. Blocking; HashCancelled when `cancel` is set."""
-    return FollowHasher(path, piece_length, size, follower, cancel, expected).finish()
-
-
 def hash_file(path: Path, piece_length: int) -> HashResult:
     """md5, sha256 and the sha1 of each piece of a complete file, in one read. Blocking."""
     size = path.stat().st_size
     follower = PieceFollower(T.num_pieces(size, piece_length))
     follower.set_flushed()
-    return follow_hash(path, piece_length, size, follower, threading.Event())
+    return FollowHasher(path, piece_length, size, follower, threading.Event()).finish()
