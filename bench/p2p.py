@@ -44,12 +44,10 @@ from noded.config import BitTorrentConfig, load_config  # noqa: E402
 from noded.layout import CacheLayout, disk_bytes  # noqa: E402
 from noded.model import PIECE_LENGTH, CatalogEntry, State  # noqa: E402
 from noded.p2p import torrent as T  # noqa: E402
-from noded.p2p.engine import P2PEngine  # noqa: E402
 from noded.p2p.settings import session_settings  # noqa: E402
-from noded.p2p.sync import PeerSync  # noqa: E402
 from noded.store import Store  # noqa: E402
 from tests.conftest import NodedProcess, base_config, free_port, write_config  # noqa: E402
-from tests.p2p_helpers import make_config, open_node  # noqa: E402
+from tests.p2p_helpers import make_config, sync_node  # noqa: E402
 from tests.third_party import Transmission, VethNamespace, netns_available  # noqa: E402
 
 MiB = 1024 * 1024
@@ -106,28 +104,18 @@ async def run_noded(work: Path, src: Path, pieces: bytes, md5: str) -> dict[str,
             peers=[{"name": "toronto", "api_url": a.api, "bittorrent": f"127.0.0.1:{bt_port}"}],
             cache={"budget": "4GB"},
         )
-        node = await open_node(b_cfg)
-        b_layout = CacheLayout(b_cfg.paths.cache_dir, b_cfg.paths.state_dir)
-        engine = P2PEngine(node, b_layout)
-        sync = PeerSync(node, engine, b_layout)
-        await engine.start()
-        await sync.start()
-        try:
-            b_item, _ = await node.store.run(
-                node.store.upsert_entry, CatalogEntry("sourcecoop", "bench/big.bin", (), size, md5)
+        async with sync_node(b_cfg) as b:
+            b_item, _ = await b.node.store.run(
+                b.node.store.upsert_entry, CatalogEntry("sourcecoop", "bench/big.bin", (), size, md5)
             )
-            await sync.poll_all()
-            partial = b_layout.partial_path(b_item.id, b_item.version)
+            await b.sync.poll_all()
+            partial = b.layout.partial_path(b_item.id, b_item.version)
             t0 = time.monotonic()
-            result = await sync.source.fetch(b_item, partial)
+            result = await b.sync.source.fetch(b_item, partial)
             total = time.monotonic() - t0
             assert result.md5 == md5 and result.size == size
-            timing = dict(sync.source.last_timing)
+            timing = dict(b.sync.source.last_timing)
             partial.unlink()
-        finally:
-            await sync.stop()
-            await engine.stop()
-            await node.store.close()
     finally:
         a.stop()
     return {"transfer_seconds": timing["transfer_seconds"], "end_to_end_seconds": round(total, 3)}

@@ -3,8 +3,11 @@ exactly as the pull pipeline leaves them (publish, upsert, CACHED, piece hashes)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,8 @@ from noded.config import Config, parse_config
 from noded.layout import CacheLayout, disk_bytes, publish
 from noded.model import PIECE_LENGTH, CatalogEntry, Item, State
 from noded.p2p import torrent as T
+from noded.p2p.engine import P2PEngine
+from noded.p2p.sync import PeerSync
 from noded.store import Store
 from tests.conftest import base_config, deep_merge, to_toml
 
@@ -119,3 +124,32 @@ def leech(torrent: bytes, save_dir: Path, peer: tuple[str, int], timeout: float 
     finally:
         ses.pause()
         del ses
+
+
+@dataclass
+class SyncNode:
+    """Node B of the P2P tests: a store, the BitTorrent engine and peer sync, started."""
+
+    node: Node
+    layout: CacheLayout
+    engine: P2PEngine
+    sync: PeerSync
+
+
+@contextlib.asynccontextmanager
+async def sync_node(cfg: Config) -> AsyncIterator[SyncNode]:
+    """Start engine then sync on a fresh node; stop them in reverse and close the store."""
+    node = await open_node(cfg)
+    layout = CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir)
+    engine = P2PEngine(node, layout)
+    sync = PeerSync(node, engine, layout)
+    await engine.start()
+    try:
+        await sync.start()
+        try:
+            yield SyncNode(node, layout, engine, sync)
+        finally:
+            await sync.stop()
+    finally:
+        await engine.stop()
+        await node.store.close()

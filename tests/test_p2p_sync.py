@@ -15,12 +15,10 @@ import pytest
 from noded.config import load_config
 from noded.layout import CacheLayout
 from noded.model import CatalogEntry, State
-from noded.p2p.engine import P2PEngine
-from noded.p2p.sync import PeerSync
 from noded.sources import FetchError
 from noded.store import Store
 from tests.conftest import NodedProcess, free_port
-from tests.p2p_helpers import content, make_config, open_node, put_cached_sync
+from tests.p2p_helpers import content, make_config, put_cached_sync, sync_node
 
 SIZE = 5 * 1024 * 1024 + 999
 
@@ -55,13 +53,8 @@ async def test_wanted_item_comes_from_peer_then_peer_down(noded_factory: Any, tm
         peers=[{"name": "toronto", "api_url": a.api, "bittorrent": a_bt}],
         bittorrent={"peer_stall_timeout": 5.0},
     )
-    node = await open_node(cfg)
-    layout = CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir)
-    engine = P2PEngine(node, layout)
-    sync = PeerSync(node, engine, layout)
-    await engine.start()
-    await sync.start()
-    try:
+    async with sync_node(cfg) as b:
+        node, layout, engine, sync = b.node, b.layout, b.engine, b.sync
         md5 = hashlib.md5(data).hexdigest()
         item, _ = await node.store.run(
             node.store.upsert_entry,
@@ -91,10 +84,6 @@ async def test_wanted_item_comes_from_peer_then_peer_down(noded_factory: Any, tm
         assert not await sync.source.offers(row)
         with pytest.raises(FetchError):
             await sync.source.fetch(row, layout.partial_path(item.id, item.version + 1))
-    finally:
-        await sync.stop()
-        await engine.stop()
-        await node.store.close()
 
 
 @pytest.mark.slow
@@ -109,26 +98,19 @@ async def test_stalled_peer_gives_up_and_cleans_partial(noded_factory: Any, tmp_
         peers=[{"name": "toronto", "api_url": a.api, "bittorrent": f"127.0.0.1:{free_port()}"}],
         bittorrent={"peer_stall_timeout": 3.0},
     )
-    node = await open_node(cfg)
-    layout = CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir)
-    engine = P2PEngine(node, layout)
-    sync = PeerSync(node, engine, layout)
-    await engine.start()
-    await sync.start()
     try:
-        item, _ = await node.store.run(
-            node.store.upsert_entry,
-            CatalogEntry("sourcecoop", "layers/x.pmtiles", (), SIZE, hashlib.md5(data).hexdigest()),
-        )
-        await sync.poll_all()
-        assert await sync.source.offers(item)
-        partial = layout.partial_path(item.id, item.version)
-        with pytest.raises(FetchError, match="no progress"):
-            await sync.source.fetch(item, partial)
-        assert not partial.exists()
-        assert engine.session.handles == {}
+        async with sync_node(cfg) as b:
+            node, layout, engine, sync = b.node, b.layout, b.engine, b.sync
+            item, _ = await node.store.run(
+                node.store.upsert_entry,
+                CatalogEntry("sourcecoop", "layers/x.pmtiles", (), SIZE, hashlib.md5(data).hexdigest()),
+            )
+            await sync.poll_all()
+            assert await sync.source.offers(item)
+            partial = layout.partial_path(item.id, item.version)
+            with pytest.raises(FetchError, match="no progress"):
+                await sync.source.fetch(item, partial)
+            assert not partial.exists()
+            assert engine.session.handles == {}
     finally:
-        await sync.stop()
-        await engine.stop()
-        await node.store.close()
         await asyncio.to_thread(a.stop)

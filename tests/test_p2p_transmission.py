@@ -22,11 +22,9 @@ from noded.config import load_config
 from noded.layout import CacheLayout
 from noded.model import State
 from noded.p2p import torrent as T
-from noded.p2p.engine import P2PEngine
-from noded.p2p.sync import PeerSync
 from noded.store import Store
 from tests.conftest import NodedProcess, free_port
-from tests.p2p_helpers import content, make_config, open_node, put_cached_sync
+from tests.p2p_helpers import content, make_config, put_cached_sync, sync_node
 from tests.third_party import Transmission, transmission  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
@@ -113,13 +111,8 @@ async def test_noded_downloads_item_seeded_only_by_transmission(
         seed_targets=[{"name": "netcup", "bittorrent": f"{transmission.ns.ns_ip}:{transmission.peer_port}"}],
         origins={"torrents": {"files": [str(tpath)]}},
     )
-    node = await open_node(cfg)
-    layout = CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir)
-    engine = P2PEngine(node, layout)
-    sync = PeerSync(node, engine, layout)
-    await engine.start()
-    await sync.start()
-    try:
+    async with sync_node(cfg) as b:
+        node, layout, sync = b.node, b.layout, b.sync
         item = await node.store.run(node.store.get_current, "published.pmtiles")
         assert item is not None and item.state == State.WANTED and item.infohash == T.infohash_of(info)
         assert item.md5 == md5s[0] and item.size == SIZE
@@ -130,10 +123,6 @@ async def test_noded_downloads_item_seeded_only_by_transmission(
         assert result.md5 == md5s[0] and result.sha256 == hashlib.sha256(data).hexdigest()
         assert partial.read_bytes() == data
         assert node.traffic.totals[("seed:netcup", "in")].bytes >= SIZE
-    finally:
-        await sync.stop()
-        await engine.stop()
-        await node.store.close()
 
 
 def test_transmission_downloads_from_noded_web_seed_only(
