@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,8 +24,39 @@ SHARED = ROOT.parent / "shared"
 FIXTURE_TORRENTS = SHARED / "fixtures" / "d4c-torrents"
 
 
+_GIVEN: set[int] = set()
+_RANDOM = random.SystemRandom()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    return lo, hi
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port nothing listens on, chosen outside the kernel's ephemeral range and never twice per session.
+
+    A port from bind(0) is an ephemeral one: before the daemon under test binds it, the kernel can hand
+    it out as the local port of some outgoing connection (another daemon's peer poll), and the daemon
+    then refuses to start ("already in use"; seen in CI).
+    """
+    lo, hi = _ephemeral_range()
+    first, last = (10_000, lo - 1) if lo > 12_000 else (hi + 1, 65_535)
+    for _ in range(500):
+        port = _RANDOM.randint(first, last)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    with socket.socket() as s:  # a crowded machine: fall back to the kernel's choice
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
