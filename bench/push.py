@@ -88,7 +88,16 @@ def cpu() -> float:
     return t.user + t.system
 
 
-def run_boto3(endpoint: str, path: Path, key: str, cpus: list[float]) -> float:
+def proc_cpu(pid: int) -> float:
+    """CPU seconds a process has used (the S3 server's share of the 2 cores)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+SERVER_PID = 0  # set in main(): the moto_server process
+
+
+def run_boto3(endpoint: str, path: Path, key: str, cpus: list[float], server: list[float]) -> float:
     # Defaults on purpose (TransferConfig 8 MiB parts, 10 threads; default checksum behaviour).
     s3 = boto3.client(
         "s3",
@@ -97,9 +106,10 @@ def run_boto3(endpoint: str, path: Path, key: str, cpus: list[float]) -> float:
         aws_access_key_id=KEY_ID,
         aws_secret_access_key=SECRET,
     )
-    t0, c0 = time.perf_counter(), cpu()
+    t0, c0, s0 = time.perf_counter(), cpu(), proc_cpu(SERVER_PID)
     s3.upload_file(str(path), BUCKET, key)
     cpus.append(cpu() - c0)
+    server.append(proc_cpu(SERVER_PID) - s0)
     return time.perf_counter() - t0
 
 
@@ -113,6 +123,7 @@ async def run_noded(
     prefix: str,
     r2_extra: dict[str, object],
     cpus: list[float],
+    server: list[float],
 ) -> float:
     cfg = Config.model_validate(
         {
@@ -159,7 +170,7 @@ async def run_noded(
         mtime_ns=st.st_mtime_ns,
         verified_at=time.time(),
     )
-    t0, c0 = time.perf_counter(), cpu()
+    t0, c0, s0 = time.perf_counter(), cpu(), proc_cpu(SERVER_PID)
     node.notify("cached")  # what the pull pipeline does after publishing
     while True:
         got = await store.run(store.get_item, item.id)
@@ -170,6 +181,7 @@ async def run_noded(
         await node.wait("pushed", 0.5)
     elapsed = time.perf_counter() - t0
     cpus.append(cpu() - c0)
+    server.append(proc_cpu(SERVER_PID) - s0)
     await pusher.stop()
     await store.close()
     return elapsed
@@ -200,6 +212,8 @@ def main() -> int:
     endpoint = f"http://127.0.0.1:{port}"
     work = Path(tempfile.mkdtemp(prefix="noded-bench-push-"))
     moto = start_moto(port)
+    global SERVER_PID
+    SERVER_PID = moto.pid
     try:
         admin = boto3.client(
             "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET
@@ -211,18 +225,31 @@ def main() -> int:
         boto_times, noded_times = [], []
         boto_cpu: list[float] = []
         noded_cpu: list[float] = []
+        boto_server: list[float] = []
+        noded_server: list[float] = []
         for r in range(args.rounds):
 
             def boto() -> None:
                 if not args.skip_boto3:
-                    boto_times.append(run_boto3(endpoint, data, f"boto3/{r}/file.bin", boto_cpu))
+                    boto_times.append(run_boto3(endpoint, data, f"boto3/{r}/file.bin", boto_cpu, boto_server))
                     admin.delete_object(Bucket=BUCKET, Key=f"boto3/{r}/file.bin")
 
             if r % 2 == 0:
                 boto()
             noded_times.append(
                 asyncio.run(
-                    run_noded(endpoint, work / f"n{r}", data, md5, sha256, size, f"noded/{r}/", r2_extra, noded_cpu)
+                    run_noded(
+                        endpoint,
+                        work / f"n{r}",
+                        data,
+                        md5,
+                        sha256,
+                        size,
+                        f"noded/{r}/",
+                        r2_extra,
+                        noded_cpu,
+                        noded_server,
+                    )
                 )
             )
             if r % 2 == 1:
@@ -241,7 +268,8 @@ def main() -> int:
     print(f"noded R2 pusher (defaults):  {n:.2f} s  {mb / n:.1f} MB/s   (runs: {[round(t, 2) for t in noded_times]})")
     print(
         f"client CPU seconds (median): boto3 {median(boto_cpu) if boto_cpu else float('nan'):.2f}, "
-        f"noded {median(noded_cpu):.2f}"
+        f"noded {median(noded_cpu):.2f}; server CPU seconds (median): "
+        f"boto3 {median(boto_server) if boto_server else float('nan'):.2f}, noded {median(noded_server):.2f}"
     )
     print(f"ratio noded/boto3: {b / n:.2f}x")
     print(
@@ -256,6 +284,8 @@ def main() -> int:
                 "noded_MBps": round(mb / n, 1),
                 "boto3_client_cpu_s": round(median(boto_cpu), 2) if boto_cpu else None,
                 "noded_client_cpu_s": round(median(noded_cpu), 2),
+                "boto3_server_cpu_s": round(median(boto_server), 2) if boto_server else None,
+                "noded_server_cpu_s": round(median(noded_server), 2),
                 "ratio_vs_boto3": round(b / n, 3),
             }
         )
