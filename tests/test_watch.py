@@ -16,6 +16,8 @@ from noded.layout import CacheLayout
 from noded.model import PIECE_LENGTH
 from noded.store import Store
 from tests.cachekit import seed_cached, small_filesystem
+from tests.conftest import free_port
+from tests.r2_fixtures import BUCKET, CountingMotoServer, s3_client, s3server  # noqa: F401 - fixture
 
 
 def _row(node_dir: Path, key: str) -> dict[str, Any] | None:
@@ -291,130 +293,103 @@ def test_inbox_file_larger_than_budget_stays_with_a_clear_problem(noded_factory:
     assert _row(d, "huge.bin") is None
 
 
-def test_inbox_file_reaches_r2_and_peer(noded_factory: Any, tmp_path: Path) -> None:
+def test_inbox_file_reaches_r2_and_peer(
+    noded_factory: Any,
+    tmp_path: Path,
+    s3server: CountingMotoServer,  # noqa: F811
+) -> None:
     """Acceptance 4 end to end: slow writer -> published -> pushed to the test S3 server -> on the peer.
 
     Written against the contracts: the R2 component pushes CACHED items after node.notify("cached")
     (object key = r2.prefix + item key) and sets pushed=1; the P2P component seeds them and the peer
     node, configured under [[peers]], takes them over BitTorrent into its own cache.
     """
-    import boto3
-    from moto.server import ThreadedMotoServer
+    s3 = s3_client(s3server.endpoint)
+    env = {"R2_ACCESS_KEY_ID": "test", "R2_SECRET_ACCESS_KEY": "test"}
+    r2 = {
+        "enabled": True,
+        "endpoint": s3server.endpoint,
+        "bucket": BUCKET,  # the s3server fixture created it
+        "region": "us-east-1",
+    }
+    ports = {n: (free_port(), free_port()) for n in ("toronto", "amsterdam")}
 
-    from tests.conftest import free_port
-
-    s3_port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
-    server.start()
-    try:
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=f"http://127.0.0.1:{s3_port}",
-            region_name="us-east-1",
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-        )
-        s3.create_bucket(Bucket="dataforcanada")
-        env = {"R2_ACCESS_KEY_ID": "test", "R2_SECRET_ACCESS_KEY": "test"}
-        r2 = {
-            "enabled": True,
-            "endpoint": f"http://127.0.0.1:{s3_port}",
-            "bucket": "dataforcanada",
-            "region": "us-east-1",
+    def cfg(name: str, other: str) -> dict[str, Any]:
+        api, bt = ports[name]
+        o_api, o_bt = ports[other]
+        return {
+            "env": env,
+            "r2": r2,
+            "api": {"bind": "127.0.0.1", "port": api},
+            "bittorrent": {"listen_interfaces": f"127.0.0.1:{bt}"},
+            "peers": [{"name": other, "api_url": f"http://127.0.0.1:{o_api}", "bittorrent": f"127.0.0.1:{o_bt}"}],
+            "origins": {"inbox": {"dir": str(tmp_path / name / "inbox"), "stable_seconds": 3.0}},
         }
-        ports = {n: (free_port(), free_port()) for n in ("toronto", "amsterdam")}
 
-        def cfg(name: str, other: str) -> dict[str, Any]:
-            api, bt = ports[name]
-            o_api, o_bt = ports[other]
-            return {
-                "env": env,
-                "r2": r2,
-                "api": {"bind": "127.0.0.1", "port": api},
-                "bittorrent": {"listen_interfaces": f"127.0.0.1:{bt}"},
-                "peers": [{"name": other, "api_url": f"http://127.0.0.1:{o_api}", "bittorrent": f"127.0.0.1:{o_bt}"}],
-                "origins": {"inbox": {"dir": str(tmp_path / name / "inbox"), "stable_seconds": 3.0}},
-            }
-
-        noded_factory("toronto", **cfg("toronto", "amsterdam"))
-        noded_factory("amsterdam", **cfg("amsterdam", "toronto"))
-        data = os.urandom(20 * 1024 * 1024 + 7)  # more than one 16 MiB piece
-        src = tmp_path / "toronto" / "inbox" / "sync" / "tiles.pmtiles"
-        src.parent.mkdir(parents=True, exist_ok=True)
-        with open(src, "wb") as f:
-            for off in range(0, len(data), 1024 * 1024):
-                f.write(data[off : off + 1024 * 1024])
-                f.flush()
-                time.sleep(0.1)
-                assert _row(tmp_path / "toronto", "sync/tiles.pmtiles") is None
-        _until(
-            lambda: (r := _row(tmp_path / "toronto", "sync/tiles.pmtiles")) and r["pushed"] == 1,
-            timeout=120,
-            what="the R2 push",
-        )
-        obj = s3.get_object(Bucket="dataforcanada", Key="sync/tiles.pmtiles")
-        assert obj["Body"].read() == data
-        peer_file = tmp_path / "amsterdam" / "cache" / "sync" / "tiles.pmtiles"
-        _until(
-            lambda: (r := _row(tmp_path / "amsterdam", "sync/tiles.pmtiles")) and r["state"] == "cached",
-            timeout=120,
-            what="the copy on the peer",
-        )
-        assert peer_file.read_bytes() == data
-    finally:
-        server.stop()
+    noded_factory("toronto", **cfg("toronto", "amsterdam"))
+    noded_factory("amsterdam", **cfg("amsterdam", "toronto"))
+    data = os.urandom(20 * 1024 * 1024 + 7)  # more than one 16 MiB piece
+    src = tmp_path / "toronto" / "inbox" / "sync" / "tiles.pmtiles"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "wb") as f:
+        for off in range(0, len(data), 1024 * 1024):
+            f.write(data[off : off + 1024 * 1024])
+            f.flush()
+            time.sleep(0.1)
+            assert _row(tmp_path / "toronto", "sync/tiles.pmtiles") is None
+    _until(
+        lambda: (r := _row(tmp_path / "toronto", "sync/tiles.pmtiles")) and r["pushed"] == 1,
+        timeout=120,
+        what="the R2 push",
+    )
+    obj = s3.get_object(Bucket=BUCKET, Key="sync/tiles.pmtiles")
+    assert obj["Body"].read() == data
+    peer_file = tmp_path / "amsterdam" / "cache" / "sync" / "tiles.pmtiles"
+    _until(
+        lambda: (r := _row(tmp_path / "amsterdam", "sync/tiles.pmtiles")) and r["state"] == "cached",
+        timeout=120,
+        what="the copy on the peer",
+    )
+    assert peer_file.read_bytes() == data
 
 
-def test_deleted_by_hand_is_fetched_again(noded_factory: Any, tmp_path: Path) -> None:
+def test_deleted_by_hand_is_fetched_again(
+    noded_factory: Any,
+    tmp_path: Path,
+    s3server: CountingMotoServer,  # noqa: F811
+) -> None:
     """Acceptance 5, first half end to end: the WANTED marking tested above, then the pull pipeline
     fetches the item again from the origin (moto as the Source Cooperative S3 endpoint, path-style)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
+    s3 = s3_client(s3server.endpoint)
+    s3.create_bucket(Bucket="d4c")
+    data = os.urandom(2 * 1024 * 1024)
+    # Source Cooperative is public: anonymous GETs must succeed, as they do there.
+    s3.put_object(Bucket="d4c", Key="data/x.parquet", Body=data, ACL="public-read")
+    d = tmp_path / "toronto"
+    node = noded_factory(
+        origins={
+            "refresh_interval": 2.0,
+            "sourcecoop": {
+                "enabled": True,
+                "endpoint": s3server.endpoint,
+                "bucket": "d4c",
+                "prefixes": ["data/"],
+            },
+        }
+    )
+    _until(lambda: (r := _row(d, "data/x.parquet")) and r["state"] == "cached", timeout=60, what="first fetch")
+    (d / "cache" / "data" / "x.parquet").unlink()
 
-    from tests.conftest import free_port
+    def events(name: str) -> list[dict[str, Any]]:
+        return [e for e in node.log_events() if e["event"] == name and e.get("key") == "data/x.parquet"]
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=f"http://127.0.0.1:{port}",
-            region_name="us-east-1",
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-        )
-        s3.create_bucket(Bucket="d4c")
-        data = os.urandom(2 * 1024 * 1024)
-        # Source Cooperative is public: anonymous GETs must succeed, as they do there.
-        s3.put_object(Bucket="d4c", Key="data/x.parquet", Body=data, ACL="public-read")
-        d = tmp_path / "toronto"
-        node = noded_factory(
-            origins={
-                "refresh_interval": 2.0,
-                "sourcecoop": {
-                    "enabled": True,
-                    "endpoint": f"http://127.0.0.1:{port}",
-                    "bucket": "d4c",
-                    "prefixes": ["data/"],
-                },
-            }
-        )
-        _until(lambda: (r := _row(d, "data/x.parquet")) and r["state"] == "cached", timeout=60, what="first fetch")
-        (d / "cache" / "data" / "x.parquet").unlink()
-
-        def events(name: str) -> list[dict[str, Any]]:
-            return [e for e in node.log_events() if e["event"] == name and e.get("key") == "data/x.parquet"]
-
-        # The deletion is noticed (row back to wanted), then the pipeline pulls it again: the wanted state
-        # can be too brief to poll, so the node's own log is the witness.
-        _until(lambda: events("cache.external_change"), what="deletion noticed")
-        assert events("cache.external_change")[0]["state"] == "wanted"
-        _until(lambda: len(events("pull.cached")) >= 2, timeout=60, what="the refetch")
-        row = _until(
-            lambda: (r := _row(d, "data/x.parquet")) and r["state"] == "cached" and r, timeout=60, what="cached again"
-        )
-        assert row["sha256"] == hashlib.sha256(data).hexdigest()
-        assert (d / "cache" / "data" / "x.parquet").read_bytes() == data
-    finally:
-        server.stop()
+    # The deletion is noticed (row back to wanted), then the pipeline pulls it again: the wanted state
+    # can be too brief to poll, so the node's own log is the witness.
+    _until(lambda: events("cache.external_change"), what="deletion noticed")
+    assert events("cache.external_change")[0]["state"] == "wanted"
+    _until(lambda: len(events("pull.cached")) >= 2, timeout=60, what="the refetch")
+    row = _until(
+        lambda: (r := _row(d, "data/x.parquet")) and r["state"] == "cached" and r, timeout=60, what="cached again"
+    )
+    assert row["sha256"] == hashlib.sha256(data).hexdigest()
+    assert (d / "cache" / "data" / "x.parquet").read_bytes() == data
