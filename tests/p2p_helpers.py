@@ -64,6 +64,8 @@ async def open_node(cfg: Config) -> Node:
 
 
 def drop_page_cache(paths: list[Path]) -> None:
+    """Evict the files' pages, so later reads show in /proc/PID/io (only clean pages go: sync first)."""
+    os.sync()
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:

@@ -19,19 +19,10 @@ import pytest
 from noded.layout import CacheLayout
 from noded.store import Store
 from tests.cachekit import seed_cached
+from tests.p2p_helpers import drop_page_cache
 
 N = 10_000
 SIZE = 4096
-
-
-def _drop_from_page_cache(paths: list[Path]) -> None:
-    os.sync()
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _read_bytes(pid: int) -> int:
@@ -64,7 +55,7 @@ def test_restart_with_10000_items_reads_nothing(noded_factory: Any, tmp_path: Pa
     assert node.stop() == 0
 
     # Control: reading the files after dropping them from the page cache shows up in read_bytes.
-    _drop_from_page_cache(paths[:2000])
+    drop_page_cache(paths[:2000])
     ctl = subprocess.Popen(
         [
             sys.executable,
@@ -82,7 +73,7 @@ def test_restart_with_10000_items_reads_nothing(noded_factory: Any, tmp_path: Pa
         ctl.wait()
     assert control >= 0.9 * 2000 * SIZE, f"the control read of {2000 * SIZE} bytes was not visible ({control})"
 
-    _drop_from_page_cache(paths)
+    drop_page_cache(paths)
     t0 = time.monotonic()
     node.start(timeout=60)
     ready = time.monotonic() - t0
