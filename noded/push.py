@@ -537,7 +537,6 @@ class R2Pusher:
         cache = self.node.get("cache")
         if cache is not None and hasattr(cache, "wake"):
             cache.wake()
-        self.node.notify("pushed")
 
     # -- leftovers --------------------------------------------------------------------------
     async def _cleanup_uploads(self) -> None:
