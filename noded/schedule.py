@@ -15,21 +15,20 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
-from noded.config import Config, ScheduleConfig, parse_days, parse_hours
+from noded.component import cancel_task
+from noded.config import Config, ScheduleConfig
 from noded.logs import get_logger
+from noded.offpeak import limits_in_force
 
 log = get_logger("noded.schedule")
 
 
 def rates_at(cfg: ScheduleConfig, when: datetime) -> tuple[int | None, int | None]:
-    """(down, up) bytes per second in force at `when` (an aware datetime)."""
-    local = when.astimezone(ZoneInfo(cfg.timezone))
-    for slot in cfg.slots:
-        if local.weekday() in parse_days(slot.days) and local.hour in parse_hours(slot.hours):
-            return slot.down, slot.up
-    return cfg.default_down, cfg.default_up
+    """(down, up) bytes per second in force at `when` (an aware datetime): the rule the traffic
+    statistics report too (offpeak.limits_in_force)."""
+    limits = limits_in_force(cfg, when.timestamp())
+    return limits.down, limits.up
 
 
 class TokenBucket:
@@ -115,7 +114,7 @@ class Schedule:
         self.down.set_rate(down)
         self.up.set_rate(up)
         if changed:
-            for fn in list(getattr(self, "_listeners", ())):
+            for fn in list(self._listeners):
                 try:
                     fn(self.down.rate, self.up.rate)
                 except Exception as e:  # one listener's failure must not stop the others
@@ -137,10 +136,7 @@ class Schedule:
             self.apply()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_task(self._task)
 
     async def reload(self, cfg: Config) -> None:
         self.cfg = cfg.schedule
