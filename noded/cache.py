@@ -509,7 +509,7 @@ class Cache:
     async def recheck(self, item_id: int, reason: str) -> Item | None:
         """Same size, new mtime: re-hash (the only case where the cache reads a file by itself) and
         keep the copy if its bytes still match the record; otherwise quarantine and fetch again."""
-        from noded.filehash import hash_file
+        from noded.hashing import hash_file
         from noded.verify import mismatch  # verify builds on this module
 
         store = self.node.store

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from noded.cache import Cache
-from noded.filehash import hash_file
+from noded.hashing import hash_file
 from noded.layout import UnsafePath
 from noded.logs import get_logger
 from noded.model import HashResult, Item, State

@@ -44,7 +44,7 @@ from watchdog.observers import Observer
 from noded import cachedb
 from noded.cache import Cache, CacheFull
 from noded.component import Node
-from noded.filehash import hash_file
+from noded.hashing import hash_file
 from noded.layout import UnsafePath, disk_bytes, fsync_dir, publish
 from noded.logs import get_logger
 from noded.model import CatalogEntry, HashResult, State

@@ -15,7 +15,7 @@ import pytest
 from noded import cachedb
 from noded.cache import Cache, CacheFull
 from noded.eviction import NOT_DURABLE
-from noded.filehash import hash_file
+from noded.hashing import hash_file
 from noded.layout import disk_bytes, publish
 from noded.model import CatalogEntry, State
 from tests.cachekit import make_config, running_cache, seed_cached, small_filesystem, tree_disk_bytes
