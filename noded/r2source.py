@@ -10,7 +10,6 @@ what the bytes must match.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from urllib.parse import quote
 import aiohttp
 
 from noded.config import R2Config
+from noded.hashing import StreamHasher
 from noded.logs import get_logger
 from noded.model import PIECE_LENGTH, CatalogEntry, HashResult, Item
 from noded.r2client import CHANNEL, MissingCredentials, R2Client, load_credentials
@@ -148,19 +148,13 @@ async def list_catalog(
 
 
 # -- hashing while streaming -----------------------------------------------------------------------
-# TODO(integrator): replace with noded/hashing.py (the origins helper's one-pass hasher) once merged.
 class _HashingWriter:
-    """Writes a stream to a file while taking md5, sha256 and the sha1 of each torrent piece."""
+    """Writes a stream to a file while the one-pass hasher (noded/hashing.py) takes md5, sha256 and
+    the sha1 of each torrent piece."""
 
     def __init__(self, path: Path, piece_length: int = PIECE_LENGTH) -> None:
         self.path = path
-        self.piece_length = piece_length
-        self.md5 = hashlib.md5(usedforsecurity=False)
-        self.sha256 = hashlib.sha256()
-        self.piece = hashlib.sha1(usedforsecurity=False)
-        self.piece_fill = 0
-        self.pieces: list[bytes] = []
-        self.size = 0
+        self.hasher = StreamHasher(piece_length=piece_length)
         self.f: BinaryIO | None = None
 
     def open(self) -> None:
@@ -170,33 +164,18 @@ class _HashingWriter:
     def write(self, data: bytes) -> None:
         assert self.f is not None
         self.f.write(data)
-        self.md5.update(data)
-        self.sha256.update(data)
-        view = memoryview(data)
-        while view:
-            take = min(len(view), self.piece_length - self.piece_fill)
-            self.piece.update(view[:take])
-            self.piece_fill += take
-            view = view[take:]
-            if self.piece_fill == self.piece_length:
-                self.pieces.append(self.piece.digest())
-                self.piece = hashlib.sha1(usedforsecurity=False)
-                self.piece_fill = 0
-        self.size += len(data)
+        self.hasher.update_sync(data)
 
     def finish(self) -> HashResult:
-        if self.piece_fill:
-            self.pieces.append(self.piece.digest())
-        self.close()
-        return HashResult(
-            size=self.size,
-            md5=self.md5.hexdigest(),
-            sha256=self.sha256.hexdigest(),
-            pieces=b"".join(self.pieces),
-            piece_length=self.piece_length,
-        )
+        self._close_file()
+        return self.hasher.finish_sync()
 
     def close(self) -> None:
+        """Also on failure: the file is closed and the hasher's threads are let go."""
+        self._close_file()
+        self.hasher.close()
+
+    def _close_file(self) -> None:
         if self.f is not None:
             self.f.flush()
             self.f.close()
