@@ -130,7 +130,8 @@ class TorrentSession:
                 fut.set_exception(SessionError("session stopped"))
 
     def apply_settings(self, settings: dict[str, Any]) -> None:
-        self._settings = settings
+        """Change some settings; the others keep their values (also for a later start())."""
+        self._settings = {**self._settings, **settings}
         if self.ses is not None:
             self.ses.apply_settings(settings)  # asynchronous in libtorrent
 
