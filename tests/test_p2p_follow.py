@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from noded.p2p.follow import FollowHasher, HashCancelled, hash_file, lower_priority
+from noded.hashing import hash_file
+from noded.p2p.follow import FollowHasher, HashCancelled, lower_priority
 from noded.p2p.session import PieceFollower
 from tests.p2p_helpers import content
 
@@ -42,7 +43,7 @@ def test_follower_waits_for_pieces_and_matches_a_full_read(tmp_path: Path) -> No
                 follower.add(i)
                 time.sleep(0.01)
         result = fut.result(timeout=10)
-    full = hash_file(path, PL)
+    full = hash_file(path, piece_length=PL)
     assert result == full
     assert result.md5 == hashlib.md5(data).hexdigest() and result.sha256 == hashlib.sha256(data).hexdigest()
 
@@ -97,7 +98,7 @@ def test_idle_phase_stops_when_the_transfer_completes_and_the_tail_finishes_the_
     follower = PieceFollower(7)
     hasher = FollowHasher(path, PL, len(data), follower, threading.Event())
     with ThreadPoolExecutor(1, initializer=lower_priority) as idle:
-        early = idle.submit(hasher.run, until_transferred=True, low_priority=True)
+        early = idle.submit(hasher.run, until_transferred=True)
         with open(path, "r+b") as f:  # the first two pieces land while the transfer runs
             f.write(data[: 2 * PL])
         follower.add(0)
@@ -112,7 +113,7 @@ def test_idle_phase_stops_when_the_transfer_completes_and_the_tail_finishes_the_
     assert hasher.done < 7
     follower.set_flushed()
     result = hasher.finish()  # the tail, on this (normal priority) thread
-    assert result == hash_file(path, PL)
+    assert result == hash_file(path, piece_length=PL)
     assert result.md5 == hashlib.md5(data).hexdigest()
 
 

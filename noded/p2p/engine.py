@@ -65,7 +65,6 @@ class P2PEngine:
         self.restore_seconds: float | None = None
         self.seed_errors = 0
         self._started = False
-        self.rate_limits: tuple[int | None, int | None] = (None, None)
         self._seed_lock = asyncio.Lock()  # one scan at a time: the loop and callers never race on a torrent
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -120,13 +119,15 @@ class P2PEngine:
             "restore_seconds": self.restore_seconds,
             "checking_seen": len(self.session.checking_seen),
             "seed_errors": self.seed_errors,
-            "rate_limits": {"down": self.rate_limits[0], "up": self.rate_limits[1]},
+            "rate_limits": {
+                "down": self.schedule.down.rate if self.schedule else None,
+                "up": self.schedule.up.rate if self.schedule else None,
+            },
         }
 
     def _apply_rates(self, down: int | None, up: int | None) -> None:
         """The bandwidth timetable for BitTorrent: libtorrent's own limiter (0 = unlimited). As libtorrent
         does by default, peers on the local network are not limited."""
-        self.rate_limits = (down, up)
         self.session.apply_settings({"download_rate_limit": down or 0, "upload_rate_limit": up or 0})
 
     async def reload(self, cfg: Any) -> None:

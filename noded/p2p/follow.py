@@ -29,7 +29,7 @@ from noded.model import HashResult
 from noded.p2p import torrent as T
 from noded.p2p.session import PieceFollower
 
-__all__ = ["FollowHasher", "HashCancelled", "hash_file", "lower_priority"]
+__all__ = ["FollowHasher", "HashCancelled", "lower_priority"]
 
 
 class HashCancelled(Exception):
@@ -72,15 +72,16 @@ class FollowHasher:
         self.expected = expected
         self.num_pieces = T.num_pieces(size, piece_length)
         self.done = 0  # pieces hashed so far, in order
-        self._md5 = hashlib.md5()  # noqa: S324 - md5 is the published checksum
+        self._md5 = hashlib.md5(usedforsecurity=False)
         self._sha256 = hashlib.sha256()
         self._pieces = bytearray()
 
-    def run(self, *, until_transferred: bool = False, low_priority: bool = False) -> bool:
+    def run(self, *, until_transferred: bool = False) -> bool:
         """Hash pieces as they complete. True once every piece is hashed; False when it stopped early
-        because the transfer finished (`until_transferred`): the rest is for `finish`."""
+        because the transfer finished (`until_transferred`, the idle phase: its md5 thread runs at idle
+        priority too): the rest is for `finish`."""
         f: BinaryIO | None = None
-        init = lower_priority if low_priority else None
+        init = lower_priority if until_transferred else None
         try:
             # md5 (~635 MB/s) is the slow one: it runs on a second thread while this one does sha256
             # and sha1 over the same buffer (hashlib releases the GIL on large buffers).
@@ -145,11 +146,3 @@ class FollowHasher:
     def _wait(self, timeout: float) -> None:
         self.follower.changed.wait(timeout)
         self.follower.changed.clear()
-
-
-def hash_file(path: Path, piece_length: int) -> HashResult:
-    """md5, sha256 and the sha1 of each piece of a complete file, in one read. Blocking."""
-    size = path.stat().st_size
-    follower = PieceFollower(T.num_pieces(size, piece_length))
-    follower.set_flushed()
-    return FollowHasher(path, piece_length, size, follower, threading.Event()).finish()

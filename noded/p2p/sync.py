@@ -340,7 +340,7 @@ class PeerSource:
         loop = asyncio.get_running_loop()
         hasher = FollowHasher(partial, meta.piece_length, meta.total_size, follower, cancel, meta.pieces)
         idle = ThreadPoolExecutor(max_workers=1, thread_name_prefix="follow", initializer=lower_priority)
-        early = loop.run_in_executor(idle, functools.partial(hasher.run, until_transferred=True, low_priority=True))
+        early = loop.run_in_executor(idle, functools.partial(hasher.run, until_transferred=True))
         ok = False
         t0 = time.monotonic()
         try:
@@ -428,7 +428,10 @@ class PeerSource:
                 session.post_updates()
 
         def on_update(_: Any) -> None:
-            if finished:
+            # Only the update that ends the wait: an earlier one would make the loop post and wake
+            # at alert speed instead of every 0.1 s.
+            ts = session.states.get(ih)
+            if finished and ts is not None and (ts.is_seeding or ts.error):
                 wake.set()
 
         session.subscribe("torrent_finished_alert", on_finished)
