@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from noded import cachedb
-from noded.cache import Cache, CacheFull
+from noded.cache import Cache, CacheFull, _unlink
 from noded.component import Node
 from noded.hashing import hash_file
 from noded.layout import UnsafePath, disk_bytes, fsync_dir, publish
@@ -413,13 +414,8 @@ def _stat_many(paths: list[Path]) -> list[os.stat_result | None]:
         except OSError:
             out.append(None)
             continue
-        out.append(st if os.path.isfile(p) else None)
+        out.append(st if stat.S_ISREG(st.st_mode) else None)  # the same stat, not a second one
     return out
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
 
 
 def _move_in(src: Path, dst: Path) -> None:
