@@ -129,7 +129,6 @@ class Cache:
         self._last_flush = time.monotonic()
         self._last_check = time.monotonic()
         self.evicted_total = 0
-        self.evicted_bytes_total = 0
         self.reconcile_report: dict[str, int] = {}
         # Paths the cache itself is renaming/deleting: the watcher ignores events for them.
         self.own_ops: set[Path] = set()

@@ -152,11 +152,6 @@ def mark_gone(store: Store, item_id: int, reason: str, *, quarantined: bool) -> 
         return store.set_state(item_id, State.WANTED, error=reason, **cols)
 
 
-def quarantine_then_want(store: Store, item_id: int, reason: str) -> Item | None:
-    """Verification failed: CACHED -> QUARANTINED -> WANTED in one transaction."""
-    return mark_gone(store, item_id, reason, quarantined=True)
-
-
 def set_pinned(store: Store, key: str, pinned: bool, now: float | None = None) -> Item | None:
     """Pin or unpin the current version of `key`; pinning counts as an access (LRU)."""
     now = time.time() if now is None else now

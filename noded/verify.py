@@ -69,7 +69,6 @@ class Verifier:
         self.store = cache.node.store
         configured = cache.node.cfg.cache.verify_rate
         self.rate = rate if rate is not None else (configured or None)
-        self.current: str | None = None  # key being verified (status)
 
     async def verify_keys(self, keys: Sequence[str]) -> VerifyReport:
         """Verify the current version of each key now (no checkpoint)."""
@@ -156,28 +155,24 @@ class Verifier:
             return
         loop = asyncio.get_running_loop()
         t0, started = time.monotonic(), time.time()
-        self.current = item.key
-        try:
-            with self.cache.hold(item.id):
-                try:
-                    h = await loop.run_in_executor(None, hash_file, path)
-                except FileNotFoundError:
-                    rep.missing.append(item.key)
-                    await self.cache.external_change(item.id, "verify: file missing from the cache", changed=False)
-                    return
-                pieces = await self.store.run(self.store.get_pieces, item.id)
-                rep.checked += 1
-                rep.bytes_read += h.size
-                why = mismatch(item, h, pieces)
-                if why is None:
-                    rep.ok += 1
-                    await self.store.run(self.store.update_item, item.id, verified_at=started)
-                else:
-                    rep.corrupt.append(item.key)
-                    log.error("verify.corrupt", key=item.key, version=item.version, reason=why)
-                    await self.cache.external_change(item.id, f"verify: {why}", changed=True)
-        finally:
-            self.current = None
+        with self.cache.hold(item.id):
+            try:
+                h = await loop.run_in_executor(None, hash_file, path)
+            except FileNotFoundError:
+                rep.missing.append(item.key)
+                await self.cache.external_change(item.id, "verify: file missing from the cache", changed=False)
+                return
+            pieces = await self.store.run(self.store.get_pieces, item.id)
+            rep.checked += 1
+            rep.bytes_read += h.size
+            why = mismatch(item, h, pieces)
+            if why is None:
+                rep.ok += 1
+                await self.store.run(self.store.update_item, item.id, verified_at=started)
+            else:
+                rep.corrupt.append(item.key)
+                log.error("verify.corrupt", key=item.key, version=item.version, reason=why)
+                await self.cache.external_change(item.id, f"verify: {why}", changed=True)
         await self._pace(h.size, time.monotonic() - t0)
 
     async def _pace(self, nbytes: int, elapsed: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from noded.catalog.base import CatalogError, EntryCollector, HttpGetter, Limits, Listing
 from noded.config import InternetArchiveConfig
@@ -25,7 +25,6 @@ class InternetArchiveAdapter:
         self.cfg = cfg
         self.http = http
         self.limits = limits
-        self._host = urlsplit(cfg.base_url).netloc
 
     def owns(self, url: str) -> bool:
         return url.startswith(self.cfg.base_url + "/download/")
