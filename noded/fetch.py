@@ -25,7 +25,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -241,16 +241,17 @@ class HttpClient:
             h.not_before = max(h.not_before, now + retry_after)
         if h.failures >= self.cfg.host_failure_threshold:
             # The whole host waits, growing with each further failure, with jitter against herds.
-            exp = h.failures - self.cfg.host_failure_threshold
-            delay = min(self.cfg.retry_max, self.cfg.retry_initial * 2**exp) * random.uniform(0.5, 1.0)
-            h.not_before = max(h.not_before, now + delay)
+            h.not_before = max(h.not_before, now + self._backoff(h.failures - self.cfg.host_failure_threshold))
 
     def _wait(self, rs: RetryCallState) -> float:
         exc = rs.outcome.exception() if rs.outcome else None
         if isinstance(exc, Retryable) and exc.retry_after is not None:
             return 0.0  # the host gate already holds every request until Retry-After has passed
-        base = min(self.cfg.retry_max, self.cfg.retry_initial * 2 ** (rs.attempt_number - 1))
-        return float(base * random.uniform(0.5, 1.0))
+        return self._backoff(rs.attempt_number - 1)
+
+    def _backoff(self, n: int) -> float:
+        """Doubling from retry_initial, capped at retry_max, with jitter against herds."""
+        return float(min(self.cfg.retry_max, self.cfg.retry_initial * 2**n) * random.uniform(0.5, 1.0))
 
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
@@ -259,6 +260,16 @@ class HttpClient:
             retry=retry_if_exception_type(Retryable),
             reraise=True,
         )
+
+    async def with_retries(self, url: str, once: Callable[[], Awaitable[T]]) -> T:
+        """`once()` retried on Retryable with backoff; a FetchError once the attempts are spent."""
+        try:
+            async for attempt in self._retrying():
+                with attempt:
+                    return await once()
+        except Retryable as e:
+            raise FetchError(f"GET {url} failed after {self.cfg.max_attempts} attempts: {e}") from None
+        raise AssertionError("unreachable")
 
     def _classify(self, h: HostState, channel: str, e: BaseException) -> Retryable:
         """Turn a transport failure into a retryable error, counting it against the host."""
@@ -280,13 +291,7 @@ class HttpClient:
         max_bytes: int,
     ) -> HttpReply:
         h = self.host(url)
-        try:
-            async for attempt in self._retrying():
-                with attempt:
-                    return await self._get_once(h, url, channel, params, headers, max_bytes)
-        except Retryable as e:
-            raise FetchError(f"GET {url} failed after {self.cfg.max_attempts} attempts: {e}") from None
-        raise AssertionError("unreachable")
+        return await self.with_retries(url, lambda: self._get_once(h, url, channel, params, headers, max_bytes))
 
     async def _get_once(
         self,
@@ -414,19 +419,21 @@ class _Pull:
         else:
             log.info("fetch.resume", url=self.url, have=sum(s.done for s in st.segments), size=st.size)
         self.state = st
-        self.fd = await self.c._run_io(self._open, st.size)
-        hasher = StreamHasher(want_sha1=self.want_sha1)
-        hash_task = asyncio.create_task(self._hash(hasher))
-        ckpt_task = asyncio.create_task(self._checkpoint_loop())
+        # The probe's open response goes to whichever worker starts first; if none ever starts (the
+        # file cannot be opened, or cancelled at once), the finally below gives its connection slot back.
+        self._first = first
+        hash_task: asyncio.Task[None] | None = None
+        ckpt_task: asyncio.Task[None] | None = None
         try:
+            self.fd = await self.c._run_io(self._open, st.size)
+            hasher = StreamHasher(want_sha1=self.want_sha1)
+            hash_task = asyncio.create_task(self._hash(hasher))
+            ckpt_task = asyncio.create_task(self._checkpoint_loop())
             pending = [s for s in st.segments if not s.complete]
             queue: asyncio.Queue[Segment] = asyncio.Queue()
             for s in pending:
                 queue.put_nowait(s)
             workers = max(1, min(cfg.segments_per_item, len(pending)) if st.ranges else 1)
-            # The probe's open response goes to whichever worker starts first; if none ever starts
-            # (cancelled at once), the finally below gives its connection slot back.
-            self._first, first = first, None
             tasks = [asyncio.create_task(self._worker(queue)) for _ in range(workers)]
             try:
                 await asyncio.gather(*tasks)
@@ -445,14 +452,13 @@ class _Pull:
             await self.c._run_io(_finish, self.partial)
             return result
         finally:
-            if first is not None:
-                self._release_first(first)
             if self._first is not None:
                 self._release_first(self._first)
                 self._first = None
-            ckpt_task.cancel()
-            hash_task.cancel()
-            await asyncio.gather(ckpt_task, hash_task, return_exceptions=True)
+            started = [t for t in (ckpt_task, hash_task) if t is not None]
+            for t in started:
+                t.cancel()
+            await asyncio.gather(*started, return_exceptions=True)
             hasher.close()
             if self.fd >= 0:
                 # A cancelled await leaves its thread running: the fd must outlive every use of it.
@@ -480,13 +486,7 @@ class _Pull:
     # -- first request: learn size, validators and whether ranges work -------------------------
     async def _probe(self) -> tuple[PullState, aiohttp.ClientResponse | None]:
         seg = self.c.cfg.segment_size
-        try:
-            async for attempt in self.c._retrying():
-                with attempt:
-                    return await self._probe_once(seg)
-        except Retryable as e:
-            raise FetchError(f"GET {self.url} failed after {self.c.cfg.max_attempts} attempts: {e}") from None
-        raise AssertionError("unreachable")
+        return await self.c.with_retries(self.url, lambda: self._probe_once(seg))
 
     async def _probe_once(self, seg: int) -> tuple[PullState, aiohttp.ClientResponse | None]:
         h = self.h
