@@ -343,18 +343,13 @@ class Cache:
         """Evict the planned items; returns how many were evicted."""
         store = self.node.store
         loop = asyncio.get_running_loop()
-        p2p = self.node.get("p2p")
         done = 0
         for item_id in plan.evict:
             # Re-checked inside the write: a pin or a new user since the plan wins.
             item = await store.run(cachedb.mark_evicted, store, item_id, self.in_use(), self.listed_since())
             if item is None:
                 continue
-            if item.infohash and p2p is not None and hasattr(p2p, "remove_torrent"):
-                try:
-                    await p2p.remove_torrent(item.infohash)
-                except Exception as e:  # the file goes anyway; libtorrent reports the missing file
-                    log.warning("cache.remove_torrent_failed", key=item.key, infohash=item.infohash, error=str(e))
+            await self.drop_torrent(item)
             try:
                 path = self.layout.final_path(item.key)
             except UnsafePath:
@@ -469,6 +464,19 @@ class Cache:
         return (await Verifier(self).verify_keys([key])).as_dict()
 
     # -- files changed behind our back --------------------------------------------------------
+    async def drop_torrent(self, item: Item) -> None:
+        """Take the item's torrent out of the BitTorrent session, if there is one. A failure is logged
+        and otherwise ignored: the file goes anyway, and libtorrent reports a missing file itself."""
+        p2p = self.node.get("p2p")
+        if not item.infohash or p2p is None or not hasattr(p2p, "remove_torrent"):
+            return
+        try:
+            await p2p.remove_torrent(item.infohash)
+        except Exception as e:
+            log.warning(
+                "cache.remove_torrent_failed", key=item.key, version=item.version, infohash=item.infohash, error=str(e)
+            )
+
     async def external_change(self, item_id: int, reason: str, *, changed: bool) -> Item | None:
         """A cached file was deleted (changed=False) or modified (changed=True) outside noded.
 
@@ -496,10 +504,7 @@ class Cache:
         new = await store.run(cachedb.mark_gone, store, item_id, reason, quarantined=changed)
         if new is None:
             return None
-        p2p = self.node.get("p2p")
-        if item.infohash and p2p is not None and hasattr(p2p, "remove_torrent"):
-            with contextlib.suppress(Exception):
-                await p2p.remove_torrent(item.infohash)
+        await self.drop_torrent(item)
         log.warning("cache.external_change", key=item.key, version=item.version, reason=reason, state=new.state.value)
         self.node.notify("wanted")
         self._changed.set()

@@ -393,13 +393,8 @@ class Watcher:
         finally:
             self.cache.own_ops.discard(final)
         _item, *retired = await store.run(cachedb.record_published, store, item.id, h, disk_bytes(fst), fst.st_mtime_ns)
-        p2p = self.node.get("p2p")
         for old in retired:
-            if old.infohash and p2p is not None and hasattr(p2p, "remove_torrent"):
-                try:
-                    await p2p.remove_torrent(old.infohash)
-                except Exception as e:
-                    log.warning("inbox.remove_torrent_failed", key=old.key, version=old.version, error=str(e))
+            await self.cache.drop_torrent(old)
         self.published += 1
         log.info("inbox.published", key=rel, version=item.version, size=h.size, sha256=h.sha256)
         self.node.notify("cached")
