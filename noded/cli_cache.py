@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import sys
 import urllib.parse
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from noded.cli import EX_UNAVAILABLE, EXTRA_COMMANDS, _table, api_call, load_or_exit
 from noded.config import Config, read_secret
 from noded.units import format_size, parse_rate
+
+if TYPE_CHECKING:
+    from noded.cache import Cache
 
 
 def _log_to_stderr(cfg: Config) -> None:
@@ -80,7 +85,9 @@ def _evict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offline", action="store_true", help="read the store directly even if the node is running")
 
 
-async def _offline_plan(cfg: Config, limit: int) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def _offline_cache(cfg: Config) -> AsyncIterator[Cache]:
+    """The cache component over the node's store, not started: for commands run beside (or without) the daemon."""
     from noded.cache import Cache
     from noded.component import Node
     from noded.store import Store
@@ -88,9 +95,14 @@ async def _offline_plan(cfg: Config, limit: int) -> dict[str, Any]:
     store = Store(cfg.paths.state_dir / "noded.sqlite3")
     await store.open()
     try:
-        return await Cache(Node(cfg=cfg, store=store)).plan_report(limit)
+        yield Cache(Node(cfg=cfg, store=store))
     finally:
         await store.close()
+
+
+async def _offline_plan(cfg: Config, limit: int) -> dict[str, Any]:
+    async with _offline_cache(cfg) as cache:
+        return await cache.plan_report(limit)
 
 
 def render_plan(plan: dict[str, Any], source: str) -> str:
@@ -157,19 +169,12 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 
 async def _verify(cfg: Config, args: argparse.Namespace, rate: int | None) -> dict[str, Any]:
-    from noded.cache import Cache
-    from noded.component import Node
-    from noded.store import Store
     from noded.verify import Verifier
 
-    store = Store(cfg.paths.state_dir / "noded.sqlite3")
-    await store.open()
-    try:
-        v = Verifier(Cache(Node(cfg=cfg, store=store)), rate=rate)
+    async with _offline_cache(cfg) as cache:
+        v = Verifier(cache, rate=rate)
         rep = await (v.verify_keys(args.keys) if args.keys else v.verify_all(restart=args.restart))
         return rep.as_dict()
-    finally:
-        await store.close()
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
