@@ -152,14 +152,16 @@ class NodeCollector(Collector):
                 continue
             for k, v in sorted(values.items()):
                 name = _metric_name("noded", cname, str(k))
+                # Families are named without "_total" (prometheus_client's counters too): compare those.
+                family = name.removesuffix("_total")
                 # Prometheus names carry base units: "_ms" style fields are left out.
-                if name in seen or _ABBREVIATED_UNIT.search(name):
+                if family in seen or _ABBREVIATED_UNIT.search(name):
                     continue
                 if _number(v):
-                    seen.add(name)
+                    seen.add(family)
                     # A field named *_total is a running count: exposed as a counter, as promtool expects.
                     if name.endswith("_total"):
-                        c = CounterMetricFamily(name.removesuffix("_total"), f"{cname} {k}")
+                        c = CounterMetricFamily(family, f"{cname} {k}")
                         c.add_metric([], float(v))
                         yield c
                         continue

@@ -66,10 +66,8 @@ class PeerView:
     error: str | None = None
     items: dict[str, PeerItem] = field(default_factory=dict)
     pages: dict[int, tuple[str, dict[str, Any]]] = field(default_factory=dict)  # cursor -> (etag, body)
-    adopted: set[str] = field(default_factory=set)
-    down_since: float | None = (
-        None  # first failed poll of the current outage  # peer keys already considered (adoption is once per key)
-    )
+    adopted: set[str] = field(default_factory=set)  # peer keys already considered (adoption is once per key)
+    down_since: float | None = None  # first failed poll of the current outage
 
 
 class InventoryError(ValueError):
