@@ -10,7 +10,6 @@ what the bytes must match.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -20,6 +19,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from noded.catalog.base import is_hex
 from noded.config import R2Config
 from noded.hashing import StreamHasher
 from noded.logs import get_logger
@@ -32,8 +32,6 @@ log = get_logger("noded.r2source")
 
 MAX_KEY_LENGTH = 1024
 WRITE_BATCH = 8 * 1024 * 1024  # bytes handed to the hashing/writing thread at once
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 # -- listing (pure) ------------------------------------------------------------------------------
@@ -54,7 +52,7 @@ def normalise_key(object_key: str, prefix: str) -> str | None:
 def plain_md5(etag: str | None) -> str | None:
     """A single-part object's ETag is the md5 of its bytes; a multipart ETag ('...-N') is not."""
     e = (etag or "").strip('"').lower()
-    return e if _HEX32.match(e) else None
+    return e if is_hex(e, 32) else None
 
 
 def entries_from_listing(
@@ -98,7 +96,7 @@ def checksums_from_metadata(meta: dict[str, str]) -> tuple[str | None, str | Non
     m = {k.lower(): v.strip().lower() for k, v in meta.items()}
     sha256 = m.get("sha256")
     md5 = m.get("md5")
-    return (sha256 if sha256 and _HEX64.match(sha256) else None, md5 if md5 and _HEX32.match(md5) else None)
+    return (sha256 if sha256 and is_hex(sha256, 64) else None, md5 if md5 and is_hex(md5, 32) else None)
 
 
 async def list_catalog(

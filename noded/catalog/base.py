@@ -7,6 +7,7 @@ that exceeds its bounds, is a `CatalogError` for that origin only, and the calle
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -77,6 +78,19 @@ class Adapter(Protocol):
     async def list(self) -> Listing:
         """The whole current listing; raises CatalogError when it cannot be trusted as a whole."""
         ...
+
+
+def is_hex(value: str, length: int) -> bool:
+    """`value` is a lowercase hex digest of `length` characters (32 md5, 40 sha1, 64 sha256)."""
+    return _HEX[length].fullmatch(value) is not None  # fullmatch: "$" alone would let a trailing newline in
+
+
+def parse_json(body: bytes, what: str) -> Any:
+    """A JSON body, or CatalogError naming what it was."""
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CatalogError(f"{what}: malformed JSON: {e}") from None
 
 
 def checksum(value: Any, length: int) -> str | None:

@@ -6,12 +6,11 @@ strings (some entries have no size), `md5` and `sha1`. Originals only unless der
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 from urllib.parse import quote
 
-from noded.catalog.base import CatalogError, EntryCollector, HttpGetter, Limits, Listing
+from noded.catalog.base import CatalogError, EntryCollector, HttpGetter, Limits, Listing, parse_json
 from noded.config import InternetArchiveConfig
 
 NAME = "ia"
@@ -44,10 +43,7 @@ class InternetArchiveAdapter:
             if reply.status != 200:
                 raise CatalogError(f"metadata of {ident} answered HTTP {reply.status}")
             out.page(len(reply.body))
-            try:
-                meta: Any = json.loads(reply.body)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise CatalogError(f"metadata of {ident}: malformed JSON: {e}") from None
+            meta: Any = parse_json(reply.body, f"metadata of {ident}")
             if not isinstance(meta, dict):
                 raise CatalogError(f"metadata of {ident} is not a JSON object")
             if not meta:  # the API answers {} for an unknown identifier

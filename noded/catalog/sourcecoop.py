@@ -7,19 +7,17 @@ published elsewhere, e.g. in the organisation's torrent).
 
 from __future__ import annotations
 
-import re
 from urllib.parse import quote
 from xml.etree.ElementTree import Element
 
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
-from noded.catalog.base import CatalogError, EntryCollector, HttpGetter, Limits, Listing
+from noded.catalog.base import CatalogError, EntryCollector, HttpGetter, Limits, Listing, is_hex
 from noded.config import SourceCoopConfig
 
 NAME = "sourcecoop"
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
-_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 
 
 def _text(el: Element, tag: str) -> str | None:
@@ -101,7 +99,7 @@ class SourceCoopAdapter:
                 for key, size, etag, modified in rows:
                     if key.endswith("/") and (size in (None, "0")):
                         continue  # a "directory marker" object, not a file
-                    md5 = etag if etag and _MD5_ETAG.match(etag) else None
+                    md5 = etag if etag and is_hex(etag, 32) else None
                     out.add(
                         key,
                         urls=(self.object_url(bucket, key),),

@@ -7,22 +7,14 @@ requests/min) and `X-RateLimit-*` headers are honoured by the shared HTTP client
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from noded.catalog.base import CatalogError, EntryCollector, HttpGetter, Limits, Listing
+from noded.catalog.base import CatalogError, EntryCollector, HttpGetter, Limits, Listing, parse_json
 from noded.config import ZenodoConfig
 
 NAME = "zenodo"
 PAGE_SIZE = 25  # Zenodo's guest maximum for search pages
-
-
-def _json(body: bytes, what: str) -> Any:
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CatalogError(f"{what}: malformed JSON: {e}") from None
 
 
 class ZenodoAdapter:
@@ -57,13 +49,13 @@ class ZenodoAdapter:
         for rid in self.cfg.records:
             body = await self._get(f"{self.cfg.base_url}/api/records/{rid}", f"record {rid}")
             out.page(len(body))
-            self._record(out, _json(body, f"record {rid}"), f"record {rid}")
+            self._record(out, parse_json(body, f"record {rid}"), f"record {rid}")
         for cid in self.cfg.concepts:
             # Resolves (by redirect) to the newest published version of the concept.
             url = f"{self.cfg.base_url}/api/records/{cid}/versions/latest"
             body = await self._get(url, f"concept {cid}")
             out.page(len(body))
-            self._record(out, _json(body, f"concept {cid}"), f"concept {cid}")
+            self._record(out, parse_json(body, f"concept {cid}"), f"concept {cid}")
         for slug in self.cfg.communities:
             await self._community(out, slug)
         return out.listing
@@ -76,7 +68,7 @@ class ZenodoAdapter:
         while next_url:
             body = await self._get(next_url, what, params)
             out.page(len(body))
-            page = _json(body, what)
+            page = parse_json(body, what)
             hits = page.get("hits") if isinstance(page, dict) else None
             records = hits.get("hits") if isinstance(hits, dict) else None
             if not isinstance(records, list):

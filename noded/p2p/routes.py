@@ -5,20 +5,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 from typing import Any
 
 from aiohttp import web
 
 from noded.api.app import NODE_KEY
 from noded.api.errors import ApiError
+from noded.catalog.base import is_hex
 from noded.layout import CacheLayout
 from noded.model import Item, State
 from noded.p2p.rss import FeedItem, render_feed
 
 INVENTORY_MAX_LIMIT = 5000
 INVENTORY_DEFAULT_LIMIT = 1000
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
 
 
 def inventory_entry(i: Item) -> dict[str, Any]:
@@ -74,7 +73,7 @@ async def inventory(request: web.Request) -> web.StreamResponse:
 async def torrent_file(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE_KEY]
     ih = request.match_info["infohash"].lower()
-    if not _HEX40.match(ih):
+    if not is_hex(ih, 40):
         raise ApiError(400, "expected a 40-hex-digit v1 infohash")
     item = await node.store.run(node.store.get_by_infohash, ih)
     if item is None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import re
 import threading
 import time
 import warnings
@@ -26,6 +25,7 @@ from typing import Any
 import aiohttp
 import libtorrent as lt
 
+from noded.catalog.base import is_hex
 from noded.catalog.keys import normalise_key
 from noded.component import Node
 from noded.layout import CacheLayout, atomic_write
@@ -39,9 +39,6 @@ from noded.sources import FetchError
 
 log = get_logger("noded.p2p.sync")
 
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 PAGE_LIMIT = 1000
 RECONNECT_INTERVAL = 5.0
 HASH_CHUNK = 4 * 1024 * 1024
@@ -90,14 +87,14 @@ def parse_inventory_page(body: Any, max_items: int) -> tuple[list[PeerItem], int
         key, ih, size, md5 = e.get("key"), e.get("infohash"), e.get("size"), e.get("md5")
         if not isinstance(key, str) or not key or len(key) > 1024 or "\0" in key:
             continue
-        if not isinstance(ih, str) or not _HEX40.match(ih):
+        if not isinstance(ih, str) or not is_hex(ih, 40):
             continue
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
             continue
-        if md5 is not None and (not isinstance(md5, str) or not _HEX32.match(md5)):
+        if md5 is not None and (not isinstance(md5, str) or not is_hex(md5, 32)):
             continue
         sha256 = e.get("sha256")
-        if sha256 is not None and (not isinstance(sha256, str) or not _HEX64.match(sha256)):
+        if sha256 is not None and (not isinstance(sha256, str) or not is_hex(sha256, 64)):
             continue
         out.append(PeerItem(key, ih, size, md5, sha256))
     return out, nxt

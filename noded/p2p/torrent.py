@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import libtorrent as lt
 
+from noded.catalog.base import is_hex
 from noded.model import PIECE_LENGTH, CatalogEntry
 
 MAX_TORRENT_BYTES = 16 * 1024 * 1024  # 5 TB at 16 MiB pieces is 6 MB of hashes; anything larger is hostile
@@ -34,7 +35,6 @@ CREATED_BY = "noded"
 # Components we never accept in a name: they would escape or alias the directory they land in.
 _BAD_COMPONENTS = {"", ".", ".."}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _B32 = re.compile(r"^[A-Z2-7]{32}$")
 
 
@@ -358,7 +358,7 @@ def parse_torrent(data: bytes, *, max_total: int = DEFAULT_MAX_TOTAL) -> Torrent
 
 def _md5(v: Any) -> str:
     s = _text(v, "md5sum").lower()
-    if not re.fullmatch(r"[0-9a-f]{32}", s):
+    if not is_hex(s, 32):
         raise TorrentError(f"md5sum {s[:40]!r} is not 32 hex digits")
     return s
 
@@ -377,7 +377,7 @@ def parse_magnet(uri: str) -> MagnetLink:
     if len(xts) != 1:
         raise TorrentError("magnet link needs exactly one xt=urn:btih:<infohash>")
     h = xts[0][9:]
-    if _HEX40.match(h.lower()):
+    if is_hex(h.lower(), 40):
         ih = h.lower()
     elif _B32.match(h.upper()):
         import base64
