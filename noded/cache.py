@@ -493,8 +493,7 @@ class Cache:
                 src = self.layout.final_path(item.key)
             except UnsafePath:
                 return None
-            current = await store.run(store.get_current, item.key)
-            if current is not None and current.version == item.version:
+            if await store.run(cachedb.is_current, store, item):
                 dst = self.layout.quarantine_path(item.id, item.version)
                 self.own_ops.add(src)
                 try:

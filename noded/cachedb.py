@@ -114,7 +114,8 @@ def record_stat(store: Store, updates: list[tuple[int, int, int]]) -> None:
         )
 
 
-def _is_current(store: Store, item: Item) -> bool:
+def is_current(store: Store, item: Item) -> bool:
+    """No newer version of the key exists (the item is the one its path belongs to)."""
     r = store.conn.execute("SELECT MAX(version) FROM items WHERE key = ?", (item.key,)).fetchone()
     return r[0] is None or int(r[0]) <= item.version
 
@@ -145,7 +146,7 @@ def mark_gone(store: Store, item_id: int, reason: str, *, quarantined: bool) -> 
         if item is None or item.state is not State.CACHED:
             return None
         cols = {"disk_bytes": 0, "seeding": False, "mtime_ns": None}
-        if not _is_current(store, item):
+        if not is_current(store, item):
             return store.set_state(item_id, State.EVICTED, error=f"superseded; {reason}", **cols)
         if quarantined:
             store.set_state(item_id, State.QUARANTINED, error=reason, **cols)
