@@ -78,10 +78,13 @@ async def torrent_file(request: web.Request) -> web.StreamResponse:
     item = await node.store.run(node.store.get_by_infohash, ih)
     if item is None:
         raise ApiError(404, f"no torrent {ih} on this node")
-    layout = CacheLayout(node.cfg.paths.cache_dir, node.cfg.paths.state_dir)
-    path = layout.torrent_path(ih)
+    paths = node.cfg.paths
+
+    def read() -> bytes:  # CacheLayout resolves its directories on disk: off the loop too
+        return CacheLayout(paths.cache_dir, paths.state_dir).torrent_path(ih).read_bytes()
+
     try:
-        data = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
+        data = await asyncio.get_running_loop().run_in_executor(None, read)
     except FileNotFoundError:
         raise ApiError(404, f"torrent {ih} is known but its .torrent file is not built yet") from None
     name = item.key.rsplit("/", 1)[-1]
