@@ -36,14 +36,14 @@ sys.path.insert(0, str(ROOT))
 
 from conftest import base_config, free_port, noded_env, write_config  # noqa: E402
 
-from noded.units import parse_size  # noqa: E402
+from noded.core.units import parse_size  # noqa: E402
 
 # The demo's Zenodo-shaped origin, in its own process, publishing the file when told (SIGUSR1).
 ORIGIN = """
 import signal, sys
 from pathlib import Path
 from aiohttp import web
-from noded.cli_demo import OriginState, origin_app
+from noded.cli.demo import OriginState, origin_app
 path, port = Path(sys.argv[1]), int(sys.argv[2])
 state = OriginState()
 signal.signal(signal.SIGUSR1, lambda *_: setattr(state, "published", True))

@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from noded import cachedb, eviction  # noqa: E402
-from noded.cache import PLAN_MAX_ITEMS  # noqa: E402
-from noded.model import State  # noqa: E402
-from noded.store import Store  # noqa: E402
+from noded.cache.accounting import PLAN_MAX_ITEMS  # noqa: E402
+from noded.core.model import State  # noqa: E402
+from noded.core.store import Store  # noqa: E402
 
 _INSERT_REPLICA = "INSERT INTO replicas(key, location, size, md5, sha256, seen_at) VALUES(?,?,?,?,?,?)"
 _INSERT = (

@@ -40,12 +40,12 @@ sys.path.insert(0, str(ROOT))
 import libtorrent as lt  # noqa: E402
 from aiohttp import web  # noqa: E402
 
-from noded.config import BitTorrentConfig, load_config  # noqa: E402
-from noded.layout import CacheLayout, disk_bytes  # noqa: E402
-from noded.model import PIECE_LENGTH, CatalogEntry, State  # noqa: E402
+from noded.cache.layout import CacheLayout, disk_bytes  # noqa: E402
+from noded.core.config import BitTorrentConfig, load_config  # noqa: E402
+from noded.core.model import PIECE_LENGTH, CatalogEntry, State  # noqa: E402
+from noded.core.store import Store  # noqa: E402
 from noded.p2p import torrent as T  # noqa: E402
 from noded.p2p.settings import session_settings  # noqa: E402
-from noded.store import Store  # noqa: E402
 from tests.conftest import NodedProcess, base_config, free_port, write_config  # noqa: E402
 from tests.p2p_helpers import make_config, sync_node  # noqa: E402
 from tests.third_party import Transmission, VethNamespace, netns_available  # noqa: E402

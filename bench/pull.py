@@ -38,12 +38,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from noded.component import Node  # noqa: E402
-from noded.config import parse_config  # noqa: E402
-from noded.logs import configure  # noqa: E402
-from noded.model import State  # noqa: E402
-from noded.origins import Origins  # noqa: E402
-from noded.store import Store  # noqa: E402
+from noded.core.component import Node  # noqa: E402
+from noded.core.config import parse_config  # noqa: E402
+from noded.core.logs import configure  # noqa: E402
+from noded.core.model import State  # noqa: E402
+from noded.core.store import Store  # noqa: E402
+from noded.origins.pipeline import Origins  # noqa: E402
 
 MiB = 1024 * 1024
 

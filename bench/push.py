@@ -34,12 +34,12 @@ import boto3
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from noded.component import Node  # noqa: E402
-from noded.config import Config  # noqa: E402
-from noded.layout import CacheLayout, publish  # noqa: E402
-from noded.model import CatalogEntry, State  # noqa: E402
-from noded.push import R2Pusher  # noqa: E402
-from noded.store import Store  # noqa: E402
+from noded.cache.layout import CacheLayout, publish  # noqa: E402
+from noded.core.component import Node  # noqa: E402
+from noded.core.config import Config  # noqa: E402
+from noded.core.model import CatalogEntry, State  # noqa: E402
+from noded.core.store import Store  # noqa: E402
+from noded.r2.push import R2Pusher  # noqa: E402
 
 BUCKET = "bench"
 KEY_ID, SECRET = "AKIDBENCH000000", "bench-secret-value-000000"

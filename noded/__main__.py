@@ -1,3 +1,3 @@
-from noded.cli import main
+from noded.cli.main import main
 
 raise SystemExit(main())

@@ -15,23 +15,25 @@ from pathlib import Path
 from typing import Any
 
 from noded.api import cache_routes, origins_routes
+from noded.api import torrents as torrent_routes
 from noded.api.app import ApiServer, RouteSetup
 from noded.api.transparency import ROUTES as TRANSPARENCY_ROUTES
-from noded.cache import Cache
-from noded.component import Component, Node, Reloadable
-from noded.config import Config, ConfigError, diff_sections, load_config, read_secret
-from noded.logs import configure as configure_logging
-from noded.logs import get_logger
-from noded.metrics import Metrics
-from noded.origins import Origins
-from noded.probe import Prober
-from noded.reverify import ReverifyQueue
-from noded.schedule import Schedule
-from noded.sdnotify import Notifier, watchdog_interval
-from noded.store import Store
-from noded.traffic_recorder import TrafficRecorder
-from noded.units import format_size
-from noded.watch import Watcher
+from noded.cache.accounting import Cache
+from noded.cache.watch import Watcher
+from noded.core.component import Component, Node, Reloadable
+from noded.core.config import Config, ConfigError, diff_sections, load_config, read_secret
+from noded.core.logs import configure as configure_logging
+from noded.core.logs import get_logger
+from noded.core.sdnotify import Notifier, watchdog_interval
+from noded.core.store import Store
+from noded.core.units import format_size
+from noded.origins.pipeline import Origins
+from noded.origins.schedule import Schedule
+from noded.r2.catalog import R2Origin
+from noded.transparency.metrics import Metrics
+from noded.transparency.probe import Prober
+from noded.transparency.reverify import ReverifyQueue
+from noded.transparency.traffic import TrafficRecorder
 
 log = get_logger("noded.daemon")
 
@@ -101,46 +103,42 @@ class Daemon:
     def build(self) -> list[Component]:
         """Every component in start order. The store first, the API last (READY means serving)."""
         comps: list[Component] = [StoreComponent(self.store)]
-        # -- transparency (issue 7): traffic buckets, metrics, mirror probes, their API routes --
+        # Transparency: traffic buckets, metrics, mirror probes, their API routes.
         comps += [TrafficRecorder(self.node), Metrics(self.node), Prober(self.node), ReverifyQueue(self.node)]
         self.routes += TRANSPARENCY_ROUTES
-        # -- end transparency --
         # Cache before P2P: startup reconciliation settles which files are intact before anything is seeded.
         cache = Cache(self.node)
         comps += [cache, Watcher(self.node, cache)]
         self.routes.append(cache_routes.setup)
-        # -- origins (issue 3): bandwidth timetable, catalog refresh and the pull pipeline --------
-        # Peer/R2 sources plug in with origins.sources_first.append(...) / sources_last.append(...).
+        # Origins: bandwidth timetable, catalog refresh and the pull pipeline. The peer's source goes
+        # first (below); R2 as an origin is an extension whose source goes last.
         self.schedule = Schedule(self.cfg.schedule)
         self.origins = Origins(self.node, down=self.schedule.down)
+        self.origins.extensions.append(R2Origin(self.cfg, self.node.traffic))
         comps += [self.schedule, self.origins]
         self.routes.append(origins_routes.setup)
-        # -- end origins --------------------------------------------------------------------------
         comps += self._p2p_components()
-        # -- origins x p2p: the peer is the pull pipeline's first source, and tells who is up ----
+        # The peer is the pull pipeline's first source, and tells who is up.
         sync = getattr(self, "peer_sync", None)
         if sync is not None:
             self.origins.sources_first.append(sync.source)
             self.origins.peer_up = lambda name: peer_not_down(sync, name, peer_down_grace(self.node.cfg))
             self.origins.peers_ready = lambda: peers_settled(sync, peer_down_grace(self.node.cfg))
-        # -- end origins x p2p -------------------------------------------------------------------
-        # -- r2: push cached items to R2 (issue 5) --
+        # R2: push cached items.
         if self.cfg.r2.enabled:
-            from noded.push import R2Pusher
+            from noded.r2.push import R2Pusher
 
             comps.append(R2Pusher(self.node, up=self.schedule.up))
-        # -- end r2 --
         comps.append(ApiServer(self.node, self.routes, api_token(self.cfg)))
         return comps
 
     def _p2p_components(self) -> list[Component]:
         """BitTorrent engine, peer sync (its `source` is the pipeline's "peer" source), web seed."""
-        from noded.p2p import routes as p2p_routes
         from noded.p2p.engine import P2PEngine
         from noded.p2p.sync import PeerSync
         from noded.p2p.webseed import WebSeedServer
 
-        self.routes.append(p2p_routes.setup)
+        self.routes.append(torrent_routes.setup)
         out: list[Component] = []
         if self.cfg.bittorrent.enabled:
             engine = P2PEngine(self.node, schedule=self.schedule)

@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from noded.cache import Cache
-from noded.component import Node
-from noded.config import Config, load_config
-from noded.layout import CacheLayout, disk_bytes
-from noded.model import CatalogEntry, Item, State
-from noded.store import Store
+from noded.cache.accounting import Cache
+from noded.cache.layout import CacheLayout, disk_bytes
+from noded.core.component import Node
+from noded.core.config import Config, load_config
+from noded.core.model import CatalogEntry, Item, State
+from noded.core.store import Store
 from tests.conftest import base_config, deep_merge, write_config
 
 

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from noded.component import Node
-from noded.config import Config, parse_config
-from noded.layout import CacheLayout, disk_bytes, publish
-from noded.model import PIECE_LENGTH, CatalogEntry, Item, State
+from noded.cache.layout import CacheLayout, disk_bytes, publish
+from noded.core.component import Node
+from noded.core.config import Config, parse_config
+from noded.core.model import PIECE_LENGTH, CatalogEntry, Item, State
+from noded.core.store import Store
 from noded.p2p import torrent as T
 from noded.p2p.engine import P2PEngine
 from noded.p2p.sync import PeerSync
-from noded.store import Store
 from tests.conftest import base_config, deep_merge, to_toml
 
 

@@ -26,9 +26,9 @@ from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
 from werkzeug.serving import make_server
 
-from noded.layout import CacheLayout, publish
-from noded.model import CatalogEntry, Item, State
-from noded.store import Store
+from noded.cache.layout import CacheLayout, publish
+from noded.core.model import CatalogEntry, Item, State
+from noded.core.store import Store
 
 ACCESS_KEY = "AKIDNODEDTEST123456"
 SECRET_KEY = "s3cr3t-NODED-test-value-9f8e7d6c"

@@ -95,7 +95,7 @@ def test_secret_never_reaches_logs_or_api(tmp_path: Path) -> None:
 
 
 def test_logging_scrubs_registered_secrets(capsys) -> None:  # type: ignore[no-untyped-def]
-    from noded import logs
+    from noded.core import logs
 
     logs.configure("json", "info", secrets=["hunter2-but-longer"])
     log = logs.get_logger("t")

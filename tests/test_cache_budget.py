@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from noded import cachedb
-from noded.cache import Cache, CacheFull
-from noded.eviction import NOT_DURABLE
-from noded.hashing import hash_file
-from noded.layout import disk_bytes, publish
-from noded.model import CatalogEntry, State
+from noded.cache import db as cachedb
+from noded.cache.accounting import Cache, CacheFull
+from noded.cache.eviction import NOT_DURABLE
+from noded.cache.layout import disk_bytes, publish
+from noded.core.hashing import hash_file
+from noded.core.model import CatalogEntry, State
 from tests.cachekit import make_config, running_cache, seed_cached, small_filesystem, tree_disk_bytes
 
 

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from noded.layout import CacheLayout
-from noded.store import Store
+from noded.cache.layout import CacheLayout
+from noded.core.store import Store
 from tests.cachekit import seed_cached
 from tests.conftest import ROOT, base_config, noded_env, write_config
 

@@ -6,9 +6,9 @@ import sqlite3
 import time
 from pathlib import Path
 
-from noded import cachedb
-from noded.model import CatalogEntry, State
-from noded.store import SCHEMA_VERSION, Store
+from noded.cache import db as cachedb
+from noded.core.model import CatalogEntry, State
+from noded.core.store import SCHEMA_VERSION, Store
 from tests.cachekit import make_config, running_cache, seed_cached
 
 
@@ -81,9 +81,9 @@ async def test_touch_pin_and_accounting_fixups(tmp_path: Path) -> None:
 
 
 async def test_large_need_is_met_in_bounded_rounds(tmp_path: Path, monkeypatch: object) -> None:
-    import noded.cache
+    import noded.cache.accounting
 
-    monkeypatch.setattr(noded.cache, "PLAN_MAX_ITEMS", 2)  # type: ignore[attr-defined]
+    monkeypatch.setattr(noded.cache.accounting, "PLAN_MAX_ITEMS", 2)  # type: ignore[attr-defined]
     cfg = make_config(
         tmp_path, cache={"budget": 100_000, "high_watermark": 0.9, "low_watermark": 0.3, "free_space_floor": "1MB"}
     )

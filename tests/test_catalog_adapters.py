@@ -13,13 +13,13 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from noded.catalog.base import CatalogError, Limits
-from noded.catalog.ia import InternetArchiveAdapter
-from noded.catalog.sourcecoop import SourceCoopAdapter
-from noded.catalog.zenodo import ZenodoAdapter
-from noded.config import FetchConfig, InternetArchiveConfig, SourceCoopConfig, ZenodoConfig
-from noded.fetch import HttpClient
-from noded.traffic import Traffic
+from noded.core.config import FetchConfig, InternetArchiveConfig, SourceCoopConfig, ZenodoConfig
+from noded.core.counters import Traffic
+from noded.origins.catalog.base import CatalogError, Limits
+from noded.origins.catalog.ia import InternetArchiveAdapter
+from noded.origins.catalog.sourcecoop import SourceCoopAdapter
+from noded.origins.catalog.zenodo import ZenodoAdapter
+from noded.origins.fetch import HttpClient
 from tests.catalog_servers import ArchiveServer, ZenodoServer, ia_file, ia_metadata, zenodo_file, zenodo_record
 
 

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from noded.catalog.keys import KeyError_, normalise_key
-from noded.component import Node
-from noded.config import parse_config
-from noded.layout import CacheLayout, UnsafePath
-from noded.origins import Origins
-from noded.store import Store
+from noded.cache.layout import CacheLayout, UnsafePath
+from noded.core.component import Node
+from noded.core.config import parse_config
+from noded.core.store import Store
+from noded.origins.catalog.keys import KeyError_, normalise_key
+from noded.origins.pipeline import Origins
 from tests.catalog_servers import ArchiveServer, RawS3Server, ZenodoServer, ia_metadata, s3_page, zenodo_record
 from tests.conftest import base_config, to_toml
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from noded.config import EX_CONFIG, ConfigError, diff_sections, parse_config, parse_days, parse_hours
+from noded.core.config import EX_CONFIG, ConfigError, diff_sections, parse_config, parse_days, parse_hours
 from tests.conftest import ROOT, base_config, noded_env, to_toml
 
 

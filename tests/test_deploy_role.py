@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from noded.config import parse_config
+from noded.core.config import parse_config
 from tests.conftest import ROOT
 
 UNIT = ROOT / "systemd" / "noded.service"

@@ -15,9 +15,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from noded import cachedb, eviction
-from noded.model import CatalogEntry, State
-from noded.store import Store
+from noded.cache import db as cachedb
+from noded.cache import eviction
+from noded.core.model import CatalogEntry, State
+from noded.core.store import Store
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from noded.config import FetchConfig
-from noded.fetch import HttpClient, state_path
-from noded.sources import FetchError
-from noded.traffic import Traffic
+from noded.core.config import FetchConfig
+from noded.core.counters import Traffic
+from noded.origins.fetch import HttpClient, state_path
+from noded.origins.sources import FetchError
 from tests.origin import Blob, ConnectionCountingProxy, Origin
 
 MiB = 1024 * 1024

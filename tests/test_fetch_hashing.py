@@ -11,7 +11,7 @@ from pathlib import Path
 
 import libtorrent as lt
 
-from noded.hashing import StreamHasher, hash_file
+from noded.core.hashing import StreamHasher, hash_file
 
 MiB = 1024 * 1024
 

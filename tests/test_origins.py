@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from noded.component import Node
-from noded.config import parse_config
-from noded.hashing import hash_file
-from noded.model import HashResult, Item, State
-from noded.origins import Origins, mismatch, order_sources, suspects
-from noded.rendezvous import rank
-from noded.store import Store
+from noded.core.component import Node
+from noded.core.config import parse_config
+from noded.core.hashing import hash_file
+from noded.core.model import HashResult, Item, State
+from noded.core.store import Store
+from noded.origins.pipeline import Origins, mismatch, order_sources, suspects
+from noded.origins.rendezvous import rank
 from tests.catalog_servers import ArchiveServer, ZenodoServer, ia_file, ia_metadata, zenodo_file, zenodo_record
 from tests.conftest import base_config, to_toml
 from tests.origin import Origin

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
-from noded.component import Node
-from noded.config import Config
-from noded.model import State
-from noded.origins import Origins
-from noded.store import Store
+from noded.core.component import Node
+from noded.core.config import Config
+from noded.core.model import State
+from noded.core.store import Store
+from noded.origins.pipeline import Origins
+from noded.r2.catalog import R2Origin
 from tests.conftest import base_config
 from tests.r2_fixtures import (
     ACCESS_KEY,
@@ -43,6 +44,7 @@ async def test_r2_listing_and_source_plug_into_the_pipeline(
     store = Store(cfg.paths.state_dir / "noded.sqlite3")
     await store.open()
     o = Origins(Node(cfg=cfg, store=store))
+    o.extensions.append(R2Origin(cfg, o.node.traffic))  # as the daemon plugs it in
     try:
         await o.open()
         assert [s.name for s in o.sources()] == ["r2"] and [a.name for a in o.adapters] == ["r2"]

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import libtorrent as lt
 
-from noded.component import Node
-from noded.config import ScheduleConfig
-from noded.layout import CacheLayout
-from noded.model import PIECE_LENGTH, Item
+from noded.cache.layout import CacheLayout
+from noded.core.component import Node
+from noded.core.config import ScheduleConfig
+from noded.core.model import PIECE_LENGTH, Item
+from noded.origins.schedule import Schedule
 from noded.p2p import torrent as T
 from noded.p2p.engine import P2PEngine
-from noded.schedule import Schedule
 from tests.p2p_helpers import content, leech, make_config, open_node, put_cached_sync
 
 

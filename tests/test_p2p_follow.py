@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from noded.hashing import hash_file
+from noded.core.hashing import hash_file
 from noded.p2p.follow import FollowHasher, HashCancelled, lower_priority
 from noded.p2p.session import PieceFollower
 from tests.p2p_helpers import content

@@ -9,8 +9,8 @@ from typing import Any
 import libtorrent as lt
 import pytest
 
-from noded.layout import CacheLayout
-from noded.model import State
+from noded.cache.layout import CacheLayout
+from noded.core.model import State
 from noded.p2p import torrent as T
 from noded.p2p.importer import import_configured
 from tests.conftest import FIXTURE_TORRENTS

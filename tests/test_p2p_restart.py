@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from noded.config import load_config
-from noded.layout import CacheLayout
-from noded.store import Store
+from noded.cache.layout import CacheLayout
+from noded.core.config import load_config
+from noded.core.store import Store
 from tests.conftest import NodedProcess
 from tests.p2p_helpers import content, drop_page_cache, put_cached_sync
 

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from noded.config import load_config
-from noded.layout import CacheLayout
-from noded.model import CatalogEntry, State
-from noded.sources import FetchError
-from noded.store import Store
+from noded.cache.layout import CacheLayout
+from noded.core.config import load_config
+from noded.core.model import CatalogEntry, State
+from noded.core.store import Store
+from noded.origins.sources import FetchError
 from tests.conftest import NodedProcess, free_port
 from tests.p2p_helpers import content, make_config, put_cached_sync, sync_node
 

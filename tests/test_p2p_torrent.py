@@ -10,7 +10,7 @@ from pathlib import Path
 import libtorrent as lt
 import pytest
 
-from noded.model import PIECE_LENGTH
+from noded.core.model import PIECE_LENGTH
 from noded.p2p import torrent as T
 from tests.conftest import FIXTURE_TORRENTS
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from noded.config import load_config
-from noded.layout import CacheLayout
-from noded.model import State
+from noded.cache.layout import CacheLayout
+from noded.core.config import load_config
+from noded.core.model import State
+from noded.core.store import Store
 from noded.p2p import torrent as T
-from noded.store import Store
 from tests.conftest import NodedProcess, free_port
 from tests.p2p_helpers import content, make_config, put_cached_sync, sync_node
 from tests.third_party import Transmission, transmission  # noqa: F401 - fixture

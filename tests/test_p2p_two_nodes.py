@@ -26,7 +26,7 @@ from tests.p2p_helpers import content
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("noded.origins") is None, reason="needs origins pipeline"),
+    pytest.mark.skipif(importlib.util.find_spec("noded.origins.pipeline") is None, reason="needs origins pipeline"),
 ]
 
 BUCKET = "dataforcanada"

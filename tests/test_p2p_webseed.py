@@ -9,10 +9,10 @@ from xml.etree import ElementTree as ET
 import aiohttp
 import pytest
 
+from noded.api import torrents as routes
 from noded.api.app import create_app
-from noded.layout import CacheLayout
-from noded.model import CatalogEntry, State
-from noded.p2p import routes
+from noded.cache.layout import CacheLayout
+from noded.core.model import CatalogEntry, State
 from noded.p2p import torrent as T
 from noded.p2p.webseed import WebSeedServer, key_from_path
 from tests.p2p_helpers import content, make_config, open_node, put_cached_sync

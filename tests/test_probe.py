@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from noded.component import Node
-from noded.config import parse_config
-from noded.mirror_state import MirrorStatus
-from noded.probe import Prober
-from noded.store import Store
+from noded.core.component import Node
+from noded.core.config import parse_config
+from noded.core.store import Store
+from noded.transparency.mirror_state import MirrorStatus
+from noded.transparency.probe import Prober
 from tests.conftest import base_config, free_port, to_toml
 from tests.transparency_helpers import PeerReadyz, ZenodoOrigin, seed_item
 

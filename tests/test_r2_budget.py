@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from noded.budget import ByteBudget
+from noded.r2.budget import ByteBudget
 
 
 async def test_holds_never_exceed_the_limit_and_all_complete() -> None:

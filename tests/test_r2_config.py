@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from noded.config import ConfigError, parse_config
-from noded.r2client import MissingCredentials, R2Credentials, client_config, load_credentials
-from noded.r2source import R2Source
-from noded.traffic import Traffic
+from noded.core.config import ConfigError, parse_config
+from noded.core.counters import Traffic
+from noded.r2.client import MissingCredentials, R2Credentials, client_config, load_credentials
+from noded.r2.source import R2Source
 from tests.conftest import base_config, to_toml
 
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from noded.partsize import MAX_PART, MAX_PARTS, MAX_SINGLE_PUT, MIN_PART, GiB, MiB, TiB, plan_parts
+from noded.r2.partsize import MAX_PART, MAX_PARTS, MAX_SINGLE_PUT, MIN_PART, GiB, MiB, TiB, plan_parts
 
 
 def check(size: int, threshold: int, part_size: int) -> None:

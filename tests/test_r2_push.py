@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from noded.component import Node
-from noded.config import Config
-from noded.layout import CacheLayout
-from noded.model import Item, State
-from noded.push import R2Pusher, backoff_delay, needs_rehash, record_upload
-from noded.schedule import TokenBucket
-from noded.store import Store
+from noded.cache.layout import CacheLayout
+from noded.core.component import Node
+from noded.core.config import Config
+from noded.core.model import Item, State
+from noded.core.store import Store
+from noded.origins.schedule import TokenBucket
+from noded.r2.push import R2Pusher, backoff_delay, needs_rehash, record_upload
 from tests.conftest import base_config
 from tests.r2_fixtures import (
     BUCKET,

@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from noded.config import Config
-from noded.layout import CacheLayout, publish
-from noded.model import PIECE_LENGTH, State
-from noded.r2client import R2Client, R2Credentials
-from noded.r2source import R2Source, entries_from_listing, list_catalog, normalise_key
-from noded.sources import FetchError, Source
-from noded.store import Store
-from noded.traffic import Traffic
+from noded.cache.layout import CacheLayout, publish
+from noded.core.config import Config
+from noded.core.counters import Traffic
+from noded.core.model import PIECE_LENGTH, State
+from noded.core.store import Store
+from noded.origins.sources import FetchError, Source
+from noded.r2.client import R2Client, R2Credentials
+from noded.r2.source import R2Source, entries_from_listing, list_catalog, normalise_key
 from tests.conftest import base_config
 from tests.r2_fixtures import (
     ACCESS_KEY,

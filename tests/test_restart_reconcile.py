@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from noded.layout import CacheLayout
-from noded.store import Store
+from noded.cache.layout import CacheLayout
+from noded.core.store import Store
 from tests.cachekit import seed_cached
 from tests.p2p_helpers import drop_page_cache
 

@@ -11,11 +11,11 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from noded.component import Node
-from noded.config import parse_config
-from noded.reports import NewReport, insert_report, pending_verifications
-from noded.reverify import ReverifyQueue, verdict
-from noded.store import Store
+from noded.core.component import Node
+from noded.core.config import parse_config
+from noded.core.store import Store
+from noded.transparency.reports import NewReport, insert_report, pending_verifications
+from noded.transparency.reverify import ReverifyQueue, verdict
 from tests.conftest import base_config, to_toml
 from tests.transparency_helpers import seed_item
 

@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from noded.config import FetchConfig, ScheduleConfig, ScheduleSlot
-from noded.fetch import HttpClient
-from noded.schedule import Schedule, TokenBucket, rates_at
-from noded.traffic import Traffic
+from noded.core.config import FetchConfig, ScheduleConfig, ScheduleSlot
+from noded.core.counters import Traffic
+from noded.origins.fetch import HttpClient
+from noded.origins.schedule import Schedule, TokenBucket, rates_at
 from tests.conftest import base_config, write_config
 from tests.origin import Origin
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from noded.model import CatalogEntry, State, TransitionError
-from noded.store import MIGRATIONS, SCHEMA_VERSION, Store, StoreError
+from noded.core.model import CatalogEntry, State, TransitionError
+from noded.core.store import MIGRATIONS, SCHEMA_VERSION, Store, StoreError
 from tests.conftest import ROOT, noded_env
 
 
@@ -105,8 +105,8 @@ async def test_async_access_runs_on_the_store_thread(tmp_path: Path) -> None:
 WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from noded.model import CatalogEntry, State
-    from noded.store import Store
+    from noded.core.model import CatalogEntry, State
+    from noded.core.store import Store
     s = Store(Path(sys.argv[1]))
     s.open_sync()
     batch = 0

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from noded.config import ScheduleConfig
-from noded.locate import Candidate, magnet, rank
-from noded.mirror_state import MirrorState, MirrorStatus, Outcome, advance
-from noded.offpeak import hour_of_week, limits_in_force, load_profile, quiet_hours
-from noded.reports import ReportInvalid, validate_report
+from noded.core.config import ScheduleConfig
+from noded.transparency.locate import Candidate, magnet, rank
+from noded.transparency.mirror_state import MirrorState, MirrorStatus, Outcome, advance
+from noded.transparency.offpeak import hour_of_week, limits_in_force, load_profile, quiet_hours
+from noded.transparency.reports import ReportInvalid, validate_report
 
 OK = Outcome(True, 10.0, "fine")
 SLOW = Outcome(True, 5000.0, "5000 ms > 2000 ms", slow=True)
@@ -151,7 +151,7 @@ def test_valid_report() -> None:
 
 
 def test_traffic_rates_over_the_window_and_pending_buckets() -> None:
-    from noded.traffic import Traffic
+    from noded.core.counters import Traffic
 
     t = Traffic(window=10.0)
     t.add("zenodo", "in", 1000, now=100.0)
@@ -170,9 +170,9 @@ def test_traffic_rates_over_the_window_and_pending_buckets() -> None:
 
 
 async def test_flush_merges_into_buckets_and_reads_never_double_count(tmp_path: Path) -> None:
-    from noded.store import Store
-    from noded.traffic import Traffic
-    from noded.traffic_recorder import buckets_since, flush_pending
+    from noded.core.counters import Traffic
+    from noded.core.store import Store
+    from noded.transparency.traffic import buckets_since, flush_pending
 
     store = Store(tmp_path / "s.sqlite3")
     await store.open()

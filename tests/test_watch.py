@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from noded.layout import CacheLayout
-from noded.model import PIECE_LENGTH
-from noded.store import Store
+from noded.cache.layout import CacheLayout
+from noded.core.model import PIECE_LENGTH
+from noded.core.store import Store
 from tests.cachekit import seed_cached, small_filesystem
 from tests.conftest import free_port
 from tests.r2_fixtures import BUCKET, CountingMotoServer, s3_client, s3server  # noqa: F401 - fixture

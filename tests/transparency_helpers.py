@@ -18,8 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
-from noded.model import CatalogEntry, State
-from noded.store import Store
+from noded.core.model import CatalogEntry, State
+from noded.core.store import Store
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 

@@ -15,8 +15,8 @@ from aiohttp import web
 from noded import __version__
 from noded.api.auth import TOKEN_KEY
 from noded.api.errors import error_middleware
-from noded.component import Node
-from noded.logs import get_logger
+from noded.core.component import Node
+from noded.core.logs import get_logger
 
 NODE_KEY = web.AppKey("node", Node)
 log = get_logger("noded.api")

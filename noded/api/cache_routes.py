@@ -13,8 +13,8 @@ from aiohttp import web
 from noded.api.app import NODE_KEY
 from noded.api.auth import require_token
 from noded.api.errors import ApiError
-from noded.cache import Cache
-from noded.layout import UnsafePath
+from noded.cache.accounting import Cache
+from noded.cache.layout import UnsafePath
 
 MAX_KEY = 1024
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from noded.logs import get_logger
+from noded.core.logs import get_logger
 
 log = get_logger("noded.api")
 

@@ -10,12 +10,12 @@ from aiohttp import web
 from noded.api.app import NODE_KEY
 from noded.api.errors import ApiError
 from noded.api.mirrors import mirror_list
-from noded.component import Node
-from noded.locate import Candidate, cache_url, magnet, origin_of, places, rank
-from noded.mirror_state import MirrorStatus
-from noded.model import Item, State
-from noded.probe import r2_public_object_url, targets_from_config
-from noded.reports import open_counts
+from noded.core.component import Node
+from noded.core.model import Item, State
+from noded.transparency.locate import Candidate, cache_url, magnet, origin_of, places, rank
+from noded.transparency.mirror_state import MirrorStatus
+from noded.transparency.probe import r2_public_object_url, targets_from_config
+from noded.transparency.reports import open_counts
 
 
 def _origin_bases(node: Node) -> dict[str, str]:

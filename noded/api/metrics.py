@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from noded.api.app import NODE_KEY
 from noded.api.errors import ApiError
-from noded.metrics import Metrics
+from noded.transparency.metrics import Metrics
 
 
 async def get_metrics(request: web.Request) -> web.Response:

@@ -8,9 +8,9 @@ from aiohttp import web
 
 from noded.api.app import NODE_KEY
 from noded.api.errors import ApiError
-from noded.component import Node
-from noded.probe import Prober
-from noded.reports import open_counts
+from noded.core.component import Node
+from noded.transparency.probe import Prober
+from noded.transparency.reports import open_counts
 
 
 def prober_of(node: Node) -> Prober:

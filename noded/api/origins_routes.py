@@ -15,8 +15,8 @@ from aiohttp import web
 from noded.api.app import NODE_KEY
 from noded.api.auth import require_token
 from noded.api.errors import ApiError, read_json
-from noded.schedule import Schedule
-from noded.units import parse_rate
+from noded.core.units import parse_rate
+from noded.origins.schedule import Schedule
 
 MAX_OVERRIDE_SECONDS = 7 * 86400
 

@@ -7,10 +7,10 @@ from aiohttp import web
 from noded.api.app import NODE_KEY
 from noded.api.auth import require_token
 from noded.api.errors import ApiError, read_json
-from noded.component import Node
-from noded.logs import get_logger
-from noded.probe import Prober, targets_from_config
-from noded.reports import (
+from noded.core.component import Node
+from noded.core.logs import get_logger
+from noded.transparency.probe import Prober, targets_from_config
+from noded.transparency.reports import (
     KINDS,
     STATUSES,
     RateLimited,

@@ -11,9 +11,9 @@ from aiohttp import web
 
 from noded.api.app import NODE_KEY
 from noded.api.errors import ApiError
-from noded.catalog.base import is_hex
-from noded.layout import CacheLayout
-from noded.model import Item, State
+from noded.cache.layout import CacheLayout
+from noded.core.model import Item, State
+from noded.origins.catalog.base import is_hex
 from noded.p2p.rss import FeedItem, render_feed
 
 INVENTORY_MAX_LIMIT = 5000

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from noded.api.app import NODE_KEY
 from noded.api.errors import ApiError
-from noded.traffic_recorder import TrafficRecorder
+from noded.transparency.traffic import TrafficRecorder
 
 
 async def get_traffic(request: web.Request) -> web.Response:

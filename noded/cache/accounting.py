@@ -24,11 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from noded import cachedb, eviction
-from noded.component import Node, cancel_task
-from noded.layout import INTERNAL, CacheLayout, UnsafePath, disk_bytes
-from noded.logs import get_logger
-from noded.model import Item, State
+from noded.cache import db as cachedb
+from noded.cache import eviction
+from noded.cache.layout import INTERNAL, CacheLayout, UnsafePath, disk_bytes
+from noded.cache.verify import Verifier, mismatch
+from noded.core.component import Node, cancel_task
+from noded.core.hashing import hash_file
+from noded.core.logs import get_logger
+from noded.core.model import Item, State
 
 log = get_logger("noded.cache")
 
@@ -459,8 +462,6 @@ class Cache:
 
     async def reverify(self, key: str) -> dict[str, Any]:
         """Re-hash one item now (e.g. a community "corrupt" report); corrupt -> quarantined -> wanted."""
-        from noded.verify import Verifier  # verify builds on this module
-
         return (await Verifier(self).verify_keys([key])).as_dict()
 
     # -- files changed behind our back --------------------------------------------------------
@@ -512,9 +513,6 @@ class Cache:
     async def recheck(self, item_id: int, reason: str) -> Item | None:
         """Same size, new mtime: re-hash (the only case where the cache reads a file by itself) and
         keep the copy if its bytes still match the record; otherwise quarantine and fetch again."""
-        from noded.hashing import hash_file
-        from noded.verify import mismatch  # verify builds on this module
-
         store = self.node.store
         item = await store.run(store.get_item, item_id)
         if item is None or item.state is not State.CACHED:

@@ -11,9 +11,9 @@ import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
-from noded import eviction
-from noded.model import HashResult, Item, State
-from noded.store import Store
+from noded.cache import eviction
+from noded.core.model import HashResult, Item, State
+from noded.core.store import Store
 
 # Copies that count as durable: the organisation's origins and R2. Not the inbox (that is us), not
 # peers (caches like this one, which may evict too). The same list is in migration 4's triggers,

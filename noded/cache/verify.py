@@ -14,13 +14,15 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from noded.cache import Cache
-from noded.hashing import hash_file
-from noded.layout import UnsafePath
-from noded.logs import get_logger
-from noded.model import HashResult, Item, State
+from noded.cache.layout import UnsafePath
+from noded.core.hashing import hash_file
+from noded.core.logs import get_logger
+from noded.core.model import HashResult, Item, State
+
+if TYPE_CHECKING:  # the cache builds verifiers over itself
+    from noded.cache.accounting import Cache
 
 log = get_logger("noded.verify")
 

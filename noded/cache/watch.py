@@ -42,13 +42,13 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from noded import cachedb
-from noded.cache import Cache, CacheFull, _unlink
-from noded.component import Node
-from noded.hashing import hash_file
-from noded.layout import UnsafePath, disk_bytes, fsync_dir, publish
-from noded.logs import get_logger
-from noded.model import CatalogEntry, HashResult, State
+from noded.cache import db as cachedb
+from noded.cache.accounting import Cache, CacheFull, _unlink
+from noded.cache.layout import UnsafePath, disk_bytes, fsync_dir, publish
+from noded.core.component import Node
+from noded.core.hashing import hash_file
+from noded.core.logs import get_logger
+from noded.core.model import CatalogEntry, HashResult, State
 
 log = get_logger("noded.watch")
 

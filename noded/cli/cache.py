@@ -18,19 +18,19 @@ import urllib.parse
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from noded.cli import EX_UNAVAILABLE, EXTRA_COMMANDS, _table, api_call, load_or_exit
-from noded.config import Config, read_secret
-from noded.units import format_size, parse_rate
+from noded.cli.main import EX_UNAVAILABLE, EXTRA_COMMANDS, _table, api_call, load_or_exit
+from noded.core.config import Config, read_secret
+from noded.core.units import format_size, parse_rate
 
 if TYPE_CHECKING:
-    from noded.cache import Cache
+    from noded.cache.accounting import Cache
 
 
 def _log_to_stderr(cfg: Config) -> None:
     """Commands that work in-process print their results on stdout; their log lines go to stderr."""
     import structlog
 
-    from noded.logs import configure
+    from noded.core.logs import configure
 
     configure("console" if cfg.log.format == "auto" else cfg.log.format, cfg.log.level)
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
@@ -88,9 +88,9 @@ def _evict_args(p: argparse.ArgumentParser) -> None:
 @contextlib.asynccontextmanager
 async def _offline_cache(cfg: Config) -> AsyncIterator[Cache]:
     """The cache component over the node's store, not started: for commands run beside (or without) the daemon."""
-    from noded.cache import Cache
-    from noded.component import Node
-    from noded.store import Store
+    from noded.cache.accounting import Cache
+    from noded.core.component import Node
+    from noded.core.store import Store
 
     store = Store(cfg.paths.state_dir / "noded.sqlite3")
     await store.open()
@@ -169,7 +169,7 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 
 async def _verify(cfg: Config, args: argparse.Namespace, rate: int | None) -> dict[str, Any]:
-    from noded.verify import Verifier
+    from noded.cache.verify import Verifier
 
     async with _offline_cache(cfg) as cache:
         v = Verifier(cache, rate=rate)

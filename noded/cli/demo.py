@@ -29,8 +29,8 @@ from typing import Any, BinaryIO
 
 from aiohttp import ClientSession, ClientTimeout, web
 
-from noded.cli import EXTRA_COMMANDS
-from noded.units import format_size, parse_size
+from noded.cli.main import EXTRA_COMMANDS
+from noded.core.units import format_size, parse_size
 
 RECORD_ID = 4242
 NODES = ("toronto", "amsterdam")

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from noded import __version__
-from noded.config import EX_CONFIG, Config, ConfigError, load_and_check, load_config
-from noded.units import format_size
+from noded.core.config import EX_CONFIG, Config, ConfigError, load_and_check, load_config
+from noded.core.units import format_size
 
 EX_UNAVAILABLE = 69
 DEFAULT_CONFIG = "/etc/noded/config.toml"
@@ -62,9 +62,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from noded.config import read_secret
+    from noded.core.config import read_secret
+    from noded.core.logs import configure
     from noded.daemon import run_daemon
-    from noded.logs import configure
 
     cfg = load_or_exit(args)
     configure(
@@ -211,7 +211,7 @@ def _register_extra_commands() -> None:
     """Import the modules that add sub-commands (kept out of module import time)."""
     import importlib
 
-    for mod in ("noded.cli_cache", "noded.cli_demo", "noded.cli_p2p"):
+    for mod in ("noded.cli.cache", "noded.cli.demo", "noded.cli.p2p"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from noded.cli import EXTRA_COMMANDS
-from noded.model import PIECE_LENGTH
+from noded.cli.main import EXTRA_COMMANDS
+from noded.core.model import PIECE_LENGTH
 
 EX_DATAERR = 65  # sysexits.h: the input data was incorrect
 

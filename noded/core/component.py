@@ -8,11 +8,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from noded.traffic import Traffic
+from noded.core.counters import Traffic
 
 if TYPE_CHECKING:
-    from noded.config import Config
-    from noded.store import Store
+    from noded.core.config import Config
+    from noded.core.store import Store
 
 
 async def cancel_task(task: asyncio.Task[Any] | None) -> None:

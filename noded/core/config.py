@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from noded.units import parse_rate, parse_size
+from noded.core.units import parse_rate, parse_size
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus uses it
 

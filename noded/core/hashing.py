@@ -16,7 +16,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from noded.model import PIECE_LENGTH, HashResult
+from noded.core.model import PIECE_LENGTH, HashResult
 
 BLOCK = 4 * 1024 * 1024  # read size for files; large buffers keep the GIL released while hashing
 DEPTH = 4  # blocks in flight per hasher: bounds memory while letting reads overlap hashing

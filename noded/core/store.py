@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from noded.model import CatalogEntry, Item, State, check_transition
+from noded.core.model import CatalogEntry, Item, State, check_transition
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -35,15 +35,15 @@ from urllib.parse import urlsplit
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from noded.catalog.base import HttpReply
-from noded.config import FetchConfig
-from noded.hashing import StreamHasher, feed_range
-from noded.layout import atomic_write
-from noded.logs import get_logger
-from noded.model import HashResult
-from noded.schedule import TokenBucket
-from noded.sources import FetchError
-from noded.traffic import Traffic
+from noded.cache.layout import atomic_write
+from noded.core.config import FetchConfig
+from noded.core.counters import Traffic
+from noded.core.hashing import StreamHasher, feed_range
+from noded.core.logs import get_logger
+from noded.core.model import HashResult
+from noded.origins.catalog.base import HttpReply
+from noded.origins.schedule import TokenBucket
+from noded.origins.sources import FetchError
 
 log = get_logger("noded.fetch")
 T = TypeVar("T")

@@ -24,21 +24,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from noded.catalog.base import Adapter, CatalogError, Limits
-from noded.catalog.ia import InternetArchiveAdapter
-from noded.catalog.sourcecoop import SourceCoopAdapter
-from noded.catalog.zenodo import ZenodoAdapter
-from noded.component import Node
-from noded.config import Config
-from noded.fetch import HttpClient, state_path
-from noded.hashing import hash_file
-from noded.layout import CacheLayout, UnsafePath, disk_bytes, publish
-from noded.logs import get_logger
-from noded.model import CatalogEntry, HashResult, Item, State
-from noded.rendezvous import decide
-from noded.schedule import TokenBucket
-from noded.sources import FetchError, Source
-from noded.store import Store
+from noded.cache.layout import CacheLayout, UnsafePath, disk_bytes, publish
+from noded.core.component import Node
+from noded.core.config import Config
+from noded.core.hashing import hash_file
+from noded.core.logs import get_logger
+from noded.core.model import CatalogEntry, HashResult, Item, State
+from noded.core.store import Store
+from noded.origins.catalog.base import Adapter, CatalogError, Limits
+from noded.origins.catalog.ia import InternetArchiveAdapter
+from noded.origins.catalog.sourcecoop import SourceCoopAdapter
+from noded.origins.catalog.zenodo import ZenodoAdapter
+from noded.origins.fetch import HttpClient, state_path
+from noded.origins.rendezvous import decide
+from noded.origins.schedule import TokenBucket
+from noded.origins.sources import FetchError, OriginExtension, Source
 
 log = get_logger("noded.origins")
 
@@ -172,7 +172,7 @@ class Origins:
         # Other components add their sources here before start (the peer first, R2 last).
         self.sources_first: list[Source] = sources_first if sources_first is not None else []
         self.sources_last: list[Source] = sources_last if sources_last is not None else []
-        # Catalog adapters of other issues (inbox, R2 as an origin) are listed here before start.
+        # Catalog adapters other components provide (the inbox, R2 as an origin) join here before start.
         self.extra_adapters: list[Adapter] = []
         # Is this peer up? The P2P component replaces this; until then every peer counts as up.
         self.peer_up: Callable[[str], bool] = lambda name: True
@@ -180,7 +180,9 @@ class Origins:
         # pulled from an origin, or a restarting node would fetch what its peer already holds.
         self.peers_ready: Callable[[], bool] = lambda: True
         self._started_at = time.time()
-        self._r2: Any = None  # R2Source when R2 is an origin
+        # Origins other stages provide (R2), plugged in by the composition root; opened with open().
+        self.extensions: list[OriginExtension] = []
+        self._opened: list[tuple[OriginExtension, Source | None, Adapter | None]] = []
         self._deferred: dict[int, float] = {}  # item id -> wall time until which its owner is awaited
         self.client = HttpClient(node.cfg.fetch, node.traffic, down)
         self.layout = CacheLayout(node.cfg.paths.cache_dir, node.cfg.paths.state_dir)
@@ -200,24 +202,20 @@ class Origins:
         """Everything but the background loops (tests drive refresh() and pull() directly)."""
         await asyncio.get_running_loop().run_in_executor(None, self.layout.ensure)
         await self.client.start()
-        await self._open_r2()
+        await self._open_extensions()
         self._configure(self.node.cfg)
 
-    async def _open_r2(self) -> None:
-        """R2 as an origin (origins.r2.enabled): its source goes last, its listing joins the catalogs."""
-        cfg = self.node.cfg
-        if not cfg.origins.r2.enabled or self._r2 is not None or any(s.name == "r2" for s in self.sources_last):
-            return
-        from noded.catalog.r2 import R2Adapter
-        from noded.r2source import R2Source
-
-        self._r2 = await R2Source.open(cfg.r2, self.node.traffic)
-        if self._r2 is None:
-            log.warning("origins.r2_unavailable", reason="neither R2 credentials nor r2.public_url are configured")
-            return
-        self.sources_last.append(self._r2)
-        if self._r2.client is not None:
-            self.extra_adapters.append(R2Adapter(self._r2, limits_of(cfg)))
+    async def _open_extensions(self) -> None:
+        opened = {id(ext) for ext, _, _ in self._opened}
+        for ext in self.extensions:
+            if id(ext) in opened or any(s.name == ext.name for s in self.sources_last):
+                continue
+            source, adapter = await ext.open()
+            self._opened.append((ext, source, adapter))
+            if source is not None:
+                self.sources_last.append(source)
+            if adapter is not None:
+                self.extra_adapters.append(adapter)
 
     async def start(self) -> None:
         self._started_at = time.time()
@@ -242,11 +240,11 @@ class Origins:
         self._active.clear()
         self._per_origin.clear()
         await self.client.close()
-        if self._r2 is not None:
-            r2, self._r2 = self._r2, None
-            self.sources_last = [s for s in self.sources_last if s is not r2]
-            self.extra_adapters = [a for a in self.extra_adapters if getattr(a, "source", None) is not r2]
-            await r2.close()
+        for ext, source, adapter in reversed(self._opened):
+            self.sources_last = [s for s in self.sources_last if s is not source]
+            self.extra_adapters = [a for a in self.extra_adapters if a is not adapter]
+            await ext.close()
+        self._opened.clear()
 
     async def reload(self, cfg: Config) -> None:
         self._configure(cfg)

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from noded.component import cancel_task
-from noded.config import Config, ScheduleConfig
-from noded.logs import get_logger
-from noded.offpeak import limits_in_force
+from noded.core.component import cancel_task
+from noded.core.config import Config, ScheduleConfig
+from noded.core.logs import get_logger
+from noded.transparency.offpeak import limits_in_force
 
 log = get_logger("noded.schedule")
 

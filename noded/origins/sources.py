@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from noded.model import HashResult, Item
+from noded.core.model import HashResult, Item
+from noded.origins.catalog.base import Adapter
 
 
 class FetchError(Exception):
@@ -34,3 +35,15 @@ class Source(Protocol):
     async def fetch(self, item: Item, partial: Path) -> HashResult:
         """Write the complete item to `partial`; return the hashes taken from the stream."""
         ...
+
+
+class OriginExtension(Protocol):
+    """An origin another stage provides (R2): the composition root adds it to the pipeline's
+    `extensions`; the pipeline opens it with itself and closes it when it stops. `open` returns the
+    source to try last and the adapter whose listing joins the catalogs (either may be None)."""
+
+    name: str
+
+    async def open(self) -> tuple[Source | None, Adapter | None]: ...
+
+    async def close(self) -> None: ...

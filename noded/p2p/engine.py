@@ -19,16 +19,16 @@ from typing import Any
 
 import libtorrent as lt
 
-from noded.component import Node
-from noded.layout import CacheLayout, UnsafePath, atomic_write
-from noded.logs import get_logger
-from noded.model import PIECE_LENGTH, Item, State
+from noded.cache.layout import CacheLayout, UnsafePath, atomic_write
+from noded.core.component import Node
+from noded.core.logs import get_logger
+from noded.core.model import PIECE_LENGTH, Item, State
+from noded.origins.schedule import Schedule
 from noded.p2p import torrent as T
 from noded.p2p.importer import import_configured
 from noded.p2p.resume import SeedPlan, load_plan, remove_files, seed_params
 from noded.p2p.session import TorrentSession
 from noded.p2p.settings import session_settings
-from noded.schedule import Schedule
 
 log = get_logger("noded.p2p")
 

@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-from noded.model import HashResult
+from noded.core.model import HashResult
 from noded.p2p import torrent as T
 from noded.p2p.session import PieceFollower
 

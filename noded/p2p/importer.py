@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from noded.component import Node
-from noded.layout import CacheLayout, atomic_write
-from noded.logs import get_logger
-from noded.model import CatalogEntry
+from noded.cache.layout import CacheLayout, atomic_write
+from noded.core.component import Node
+from noded.core.logs import get_logger
+from noded.core.model import CatalogEntry
 from noded.p2p import torrent as T
 
 log = get_logger("noded.p2p.import")

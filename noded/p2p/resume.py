@@ -16,7 +16,7 @@ from typing import Any
 
 import libtorrent as lt
 
-from noded.layout import CacheLayout
+from noded.cache.layout import CacheLayout
 
 
 @dataclass(frozen=True, slots=True)

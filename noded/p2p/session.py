@@ -19,7 +19,7 @@ from typing import Any
 
 import libtorrent as lt
 
-from noded.logs import get_logger
+from noded.core.logs import get_logger
 
 log = get_logger("noded.p2p.session")
 

@@ -7,7 +7,7 @@ from typing import Any
 import libtorrent as lt
 
 from noded import __version__
-from noded.config import BitTorrentConfig
+from noded.core.config import BitTorrentConfig
 
 ALERT_MASK = (
     lt.alert_category.status

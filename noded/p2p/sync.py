@@ -25,17 +25,17 @@ from typing import Any
 import aiohttp
 import libtorrent as lt
 
-from noded.catalog.base import is_hex
-from noded.catalog.keys import normalise_key
-from noded.component import Node
-from noded.layout import CacheLayout, atomic_write
-from noded.logs import get_logger
-from noded.model import CatalogEntry, HashResult, Item
+from noded.cache.layout import CacheLayout, atomic_write
+from noded.core.component import Node
+from noded.core.logs import get_logger
+from noded.core.model import CatalogEntry, HashResult, Item
+from noded.origins.catalog.base import is_hex
+from noded.origins.catalog.keys import normalise_key
+from noded.origins.sources import FetchError
 from noded.p2p import torrent as T
 from noded.p2p.engine import P2PEngine, split_host_port
 from noded.p2p.follow import FollowHasher, lower_priority
 from noded.p2p.session import PieceFollower
-from noded.sources import FetchError
 
 log = get_logger("noded.p2p.sync")
 

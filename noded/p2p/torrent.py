@@ -21,8 +21,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import libtorrent as lt
 
-from noded.catalog.base import is_hex
-from noded.model import PIECE_LENGTH, CatalogEntry
+from noded.core.model import PIECE_LENGTH, CatalogEntry
+from noded.origins.catalog.base import is_hex
 
 MAX_TORRENT_BYTES = 16 * 1024 * 1024  # 5 TB at 16 MiB pieces is 6 MB of hashes; anything larger is hostile
 MAX_FILES = 10_000

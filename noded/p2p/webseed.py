@@ -17,10 +17,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from noded.component import Node
-from noded.layout import CacheLayout, UnsafePath
-from noded.logs import get_logger
-from noded.model import State
+from noded.cache.layout import CacheLayout, UnsafePath
+from noded.core.component import Node
+from noded.core.logs import get_logger
+from noded.core.model import State
 
 log = get_logger("noded.p2p.webseed")
 

@@ -20,9 +20,9 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from noded.config import R2Config, read_secret
-from noded.logs import register_secret
-from noded.traffic import Traffic
+from noded.core.config import R2Config, read_secret
+from noded.core.counters import Traffic
+from noded.core.logs import register_secret
 
 T = TypeVar("T")
 CHANNEL = "r2"

@@ -28,15 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from noded.budget import ByteBudget
-from noded.component import Node, cancel_task
-from noded.layout import CacheLayout, UnsafePath
-from noded.logs import get_logger
-from noded.model import Item, State
-from noded.partsize import PartPlan, plan_parts
-from noded.r2client import MissingCredentials, R2Client, R2Failure, load_credentials
-from noded.schedule import TokenBucket
-from noded.store import Store
+from noded.cache.layout import CacheLayout, UnsafePath
+from noded.core.component import Node, cancel_task
+from noded.core.logs import get_logger
+from noded.core.model import Item, State
+from noded.core.store import Store
+from noded.origins.schedule import TokenBucket
+from noded.r2.budget import ByteBudget
+from noded.r2.client import MissingCredentials, R2Client, R2Failure, load_credentials
+from noded.r2.partsize import PartPlan, plan_parts
 
 log = get_logger("noded.push")
 

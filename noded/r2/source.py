@@ -19,14 +19,14 @@ from urllib.parse import quote
 
 import aiohttp
 
-from noded.catalog.base import is_hex
-from noded.config import R2Config
-from noded.hashing import StreamHasher
-from noded.logs import get_logger
-from noded.model import PIECE_LENGTH, CatalogEntry, HashResult, Item
-from noded.r2client import CHANNEL, MissingCredentials, R2Client, load_credentials
-from noded.sources import FetchError
-from noded.traffic import Traffic
+from noded.core.config import R2Config
+from noded.core.counters import Traffic
+from noded.core.hashing import StreamHasher
+from noded.core.logs import get_logger
+from noded.core.model import PIECE_LENGTH, CatalogEntry, HashResult, Item
+from noded.origins.catalog.base import is_hex
+from noded.origins.sources import FetchError
+from noded.r2.client import CHANNEL, MissingCredentials, R2Client, load_credentials
 
 log = get_logger("noded.r2source")
 

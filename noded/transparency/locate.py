@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from noded.mirror_state import MirrorStatus
+from noded.transparency.mirror_state import MirrorStatus
 
 STATUS_PENALTY = {
     MirrorStatus.UP: 0.0,

@@ -21,10 +21,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from noded import __version__
-from noded.component import Node, cancel_task
-from noded.logs import get_logger
-from noded.mirror_state import MirrorStatus
-from noded.reports import open_counts
+from noded.core.component import Node, cancel_task
+from noded.core.logs import get_logger
+from noded.transparency.mirror_state import MirrorStatus
+from noded.transparency.reports import open_counts
 
 log = get_logger("noded.metrics")
 LAG_INTERVAL = 0.1

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
-from noded.config import ScheduleConfig, parse_days, parse_hours
+from noded.core.config import ScheduleConfig, parse_days, parse_hours
 
 HOURS_PER_WEEK = 168
 

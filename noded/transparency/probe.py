@@ -4,7 +4,7 @@ A probe checks content, not only reachability: where the store knows an item at 
 for a small byte range of it and compares the total size and ETag with the catalog, and the bytes with
 this node's verified copy when it holds one. Each outcome goes into the `probes` table (uptime over
 24 h and 7 d is computed from there, so it survives restarts) and through the hysteresis of
-`noded.mirror_state`.
+`noded.transparency.mirror_state`.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from urllib.parse import quote
 
 import aiohttp
 
-from noded.component import Node, cancel_task
-from noded.config import Config
-from noded.layout import CacheLayout, UnsafePath
-from noded.logs import get_logger
-from noded.mirror_state import MirrorState, MirrorStatus, Outcome, advance
-from noded.store import Store
+from noded.cache.layout import CacheLayout, UnsafePath
+from noded.core.component import Node, cancel_task
+from noded.core.config import Config
+from noded.core.logs import get_logger
+from noded.core.store import Store
+from noded.transparency.mirror_state import MirrorState, MirrorStatus, Outcome, advance
 
 log = get_logger("noded.probe")
 

@@ -14,8 +14,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from noded.model import State
-from noded.store import Store
+from noded.core.model import State
+from noded.core.store import Store
 
 KINDS = ("unreachable", "slow", "corrupt", "missing", "other")
 STATUSES = ("open", "resolved", "dismissed")

@@ -1,6 +1,6 @@
 """Re-verification asked for by community reports: drains `verify_queue` into the cache's verifier.
 
-A `corrupt` report on an item this node holds queues the copy (noded.reports) and notifies "verify".
+A `corrupt` report on an item this node holds queues the copy (noded.transparency.reports) and notifies "verify".
 This component takes the queue in order and hands each key to the component named "cache", which must
 offer `async reverify(key) -> dict` (the report of noded/verify.py: `ok`, `corrupt`, `missing` lists...).
 Without such a component the rows stay queued (nothing is lost) and /v1/status shows why.
@@ -12,9 +12,9 @@ import asyncio
 from collections import deque
 from typing import Any
 
-from noded.component import Node, cancel_task
-from noded.logs import get_logger
-from noded.reports import finish_verification, pending_verifications
+from noded.core.component import Node, cancel_task
+from noded.core.logs import get_logger
+from noded.transparency.reports import finish_verification, pending_verifications
 
 log = get_logger("noded.reverify")
 

@@ -11,12 +11,12 @@ import asyncio
 import time
 from typing import Any
 
-from noded.component import Node, cancel_task
-from noded.config import Config
-from noded.logs import get_logger
-from noded.offpeak import hour_of_week, limits_in_force, load_profile, quiet_hours
-from noded.store import Store
-from noded.traffic import Counter, Traffic
+from noded.core.component import Node, cancel_task
+from noded.core.config import Config
+from noded.core.counters import Counter, Traffic
+from noded.core.logs import get_logger
+from noded.core.store import Store
+from noded.transparency.offpeak import hour_of_week, limits_in_force, load_profile, quiet_hours
 
 log = get_logger("noded.traffic")
 

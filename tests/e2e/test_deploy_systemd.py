@@ -1,4 +1,4 @@
-"""End to end: ansible-playbook over SSH deploys noded into a booted systemd (issue 8, items 1-5).
+"""End to end: ansible-playbook over SSH deploys noded into a booted systemd.
 
 One Debian bookworm rootfs (debootstrap, cached outside the clone) is booted with systemd as PID 1;
 sshd inside listens on a free loopback port and site.yml runs against it with the role, installing

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from noded.catalog.keys import KeyError_, normalise_key
-from noded.model import CatalogEntry
+from noded.core.model import CatalogEntry
+from noded.origins.catalog.keys import KeyError_, normalise_key
 
 _HEX = {32: re.compile(r"^[0-9a-f]{32}$"), 40: re.compile(r"^[0-9a-f]{40}$"), 64: re.compile(r"^[0-9a-f]{64}$")}
 

@@ -10,8 +10,8 @@ import re
 from typing import Any
 from urllib.parse import quote
 
-from noded.catalog.base import CatalogError, EntryCollector, HttpGetter, Limits, Listing, parse_json
-from noded.config import InternetArchiveConfig
+from noded.core.config import InternetArchiveConfig
+from noded.origins.catalog.base import CatalogError, EntryCollector, HttpGetter, Limits, Listing, parse_json
 
 NAME = "ia"
 _IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")

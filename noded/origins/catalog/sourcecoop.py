@@ -13,8 +13,8 @@ from xml.etree.ElementTree import Element
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
-from noded.catalog.base import CatalogError, EntryCollector, HttpGetter, Limits, Listing, is_hex
-from noded.config import SourceCoopConfig
+from noded.core.config import SourceCoopConfig
+from noded.origins.catalog.base import CatalogError, EntryCollector, HttpGetter, Limits, Listing, is_hex
 
 NAME = "sourcecoop"
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from noded.catalog.base import CatalogError, EntryCollector, HttpGetter, Limits, Listing, parse_json
-from noded.config import ZenodoConfig
+from noded.core.config import ZenodoConfig
+from noded.origins.catalog.base import CatalogError, EntryCollector, HttpGetter, Limits, Listing, parse_json
 
 NAME = "zenodo"
 PAGE_SIZE = 25  # Zenodo's guest maximum for search pages
