@@ -390,3 +390,34 @@ async def test_a_busy_origin_does_not_starve_the_others(servers: Servers, make: 
     assert (await one(o, "ia.bin")).state == State.CACHED
     counts = await o.node.store.run(o.node.store.counts_by_state)
     assert counts["cached"] == 1  # no zenodo item (0.5 s each at least) had to finish first
+
+
+async def test_a_host_asking_to_wait_requeues_its_items_instead_of_failing_them(
+    servers: Servers, make: Factory
+) -> None:
+    data = os.urandom(MiB)
+    servers.publish("wait.bin", data)
+    path = "/api/records/7/files/wait.bin/content"
+    # Retry-After 200 in the field; 2 here, with a pull's own patience (host_backoff_max_wait) shorter still.
+    servers.files.blobs[path].fault = lambda b, r, n: "status:429:2" if n == 1 else None
+    o = await make(fetch={"host_backoff_max_wait": 0.5})
+    await o.stop()
+    await o.start()
+    seen: set[State] = set()
+    waiting: dict[str, Any] | None = None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        item = await o.node.store.run(o.node.store.get_current, "wait.bin")
+        if item is not None:
+            seen.add(item.state)
+            if item.state == State.CACHED:
+                break
+        for h in o.status()["hosts"].values():
+            if "waiting_until" in h:
+                waiting = h
+        await asyncio.sleep(0.05)
+    assert (await one(o, "wait.bin")).state == State.CACHED
+    assert State.FAILED not in seen
+    assert waiting is not None and "Retry-After 2" in waiting["reason"] and waiting["waiting_until"] > time.time() - 30
+    hits = [e for e in servers.files.log if e.path == path]
+    assert hits[0].status == 429 and hits[1].start - hits[0].start >= 2.0  # measured by the server

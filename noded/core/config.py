@@ -154,6 +154,8 @@ class ZenodoConfig(_Section):
     concepts: list[int] = Field(default_factory=list)
     communities: list[str] = Field(default_factory=list)
     requests_per_minute: int = Field(60, ge=1, le=10_000)
+    # Zenodo blocks clients above 2 connections (fetch.max_connections_per_host still caps it).
+    max_connections_per_host: int = Field(2, ge=1, le=64)
 
 
 class InternetArchiveConfig(_Section):
@@ -221,6 +223,11 @@ class FetchConfig(_Section):
     # Consecutive failures after which a whole host is backed off; a longer wait makes a pull try the next origin.
     host_failure_threshold: int = Field(3, ge=1, le=100)
     host_backoff_max_wait: Seconds = 120.0
+    # A host's Retry-After/X-RateLimit wait up to this long holds its items in the queue (never FAILED);
+    # a longer one is logged and the item tries its other locations (or fails and is retried later).
+    max_retry_after: Seconds = 3600.0
+    # Retries, waits and stalls of one host or URL are logged at most this often.
+    log_interval: Seconds = 30.0
     # How long a node waits for the rendezvous owner of an item before pulling from the origin itself.
     peer_wait: Seconds = 600.0
     user_agent: str = "noded (+https://github.com/dataforcanada; Data for Canada Smart Node)"

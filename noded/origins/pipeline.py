@@ -38,7 +38,7 @@ from noded.origins.catalog.zenodo import ZenodoAdapter
 from noded.origins.fetch import HttpClient, state_path
 from noded.origins.rendezvous import decide
 from noded.origins.schedule import TokenBucket
-from noded.origins.sources import FetchError, OriginExtension, Source
+from noded.origins.sources import FetchError, HostWaiting, OriginExtension, Source
 
 log = get_logger("noded.origins")
 
@@ -126,15 +126,19 @@ class HttpOriginSource:
 
     async def fetch(self, item: Item, partial: Path) -> HashResult:
         last: FetchError | None = None
+        waiting: HostWaiting | None = None
         for url in self.urls(item):
             self._hosts[urlsplit(url).netloc] = url
             try:
                 return await self.client.download(
                     url, partial, channel=self.name, expected_size=item.size, want_sha1=bool(item.sha1)
                 )
+            except HostWaiting as e:
+                waiting = e if waiting is None or e.until < waiting.until else waiting
             except FetchError as e:
                 last = e
-        raise last or FetchError(f"{self.name} lists no URL for {item.key}", retryable=False)
+        # A host that only asks for time serves the item later: that beats a hard failure elsewhere.
+        raise waiting or last or FetchError(f"{self.name} lists no URL for {item.key}", retryable=False)
 
 
 def limits_of(cfg: Config) -> Limits:
@@ -150,6 +154,7 @@ def build_adapters(cfg: Config, client: HttpClient) -> list[Adapter]:
         out.append(SourceCoopAdapter(o.sourcecoop, client, limits))
     if o.zenodo.enabled:
         client.pace_host(o.zenodo.base_url, o.zenodo.requests_per_minute)
+        client.limit_host(o.zenodo.base_url, o.zenodo.max_connections_per_host)
         out.append(ZenodoAdapter(o.zenodo, client, limits))
     if o.ia.enabled:
         client.pace_host(o.ia.base_url, o.ia.requests_per_minute)
@@ -436,12 +441,17 @@ class Origins:
         async with ctx:
             if item.state != State.FETCHING:
                 item = await store.run(store.set_state, item.id, State.FETCHING, error=None)
+            waits: list[HostWaiting] = []
             for src in candidates:
                 log.info("pull.start", key=item.key, version=item.version, source=src.name, size=item.size)
                 t0 = time.monotonic()
                 try:
                     async with self._sem(src.name):
                         result = await src.fetch(item, partial)
+                except HostWaiting as e:
+                    waits.append(e)
+                    reasons.append(f"{src.name}: {e}")
+                    continue
                 except FetchError as e:
                     reasons.append(f"{src.name}: {e}")
                     log.warning("pull.source_failed", key=item.key, source=src.name, reason=str(e))
@@ -464,6 +474,20 @@ class Origins:
                     size=result.size,
                     seconds=round(time.monotonic() - t0, 3),
                 )
+                return
+            if waits:
+                # Asked to wait, not refused: back in the queue until the earliest host lets us in again.
+                until = min(w.until for w in waits)
+                why = "; ".join(reasons)
+                self.client.log_limited(
+                    "pull.waiting",
+                    f"item {item.id}",
+                    key=item.key,
+                    hosts=[w.host for w in waits],
+                    until=round(until, 3),
+                )
+                await store.run(store.set_state, item.id, State.WANTED, error=f"waiting: {why}"[:2000])
+                self._deferred[item.id] = until
                 return
             self.failed += 1
             reason = "; ".join(reasons) or "no source offers it"
