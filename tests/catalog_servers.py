@@ -8,6 +8,7 @@ ids redirect (`/versions/latest`) to the newest record; archive.org answers `/me
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -113,6 +114,7 @@ class ArchiveServer:
         self.items: dict[str, Any] = {}
         self.raw: dict[str, bytes] = {}
         self.log = ApiLog()
+        self.hang: asyncio.Event | None = None  # set: metadata requests hang until it is set
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -122,6 +124,8 @@ class ArchiveServer:
     async def metadata(self, request: web.Request) -> web.Response:
         self.log.add(request)
         ident = request.match_info["ident"]
+        if self.hang is not None:
+            await self.hang.wait()
         if ident in self.raw:
             return web.Response(body=self.raw[ident], content_type="application/json")
         return web.json_response(self.items.get(ident, {}))  # archive.org answers {} for unknown ids

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -421,3 +422,80 @@ async def test_a_host_asking_to_wait_requeues_its_items_instead_of_failing_them(
     assert waiting is not None and "Retry-After 2" in waiting["reason"] and waiting["waiting_until"] > time.time() - 30
     hits = [e for e in servers.files.log if e.path == path]
     assert hits[0].status == 429 and hits[1].start - hits[0].start >= 2.0  # measured by the server
+
+
+async def cached_soon(o: Origins, key: str, seconds: float = 30) -> Item | None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        item = await o.node.store.run(o.node.store.get_current, key)
+        if item is not None and item.state == State.CACHED:
+            return item
+        await o.node.wait("cached", 0.2)
+    return None
+
+
+async def test_a_failed_item_is_retried_on_its_own_growing_timer(servers: Servers, make: Factory) -> None:
+    data = os.urandom(1000)
+    servers.publish("late.bin", data)
+    path = "/api/records/7/files/late.bin/content"
+    servers.files.blobs[path].fault = lambda b, r, n: "status:404" if n <= 2 else None
+    o = await make(origins={"failed_retry_after": 1.0, "ia": {"enabled": False}})
+    await o.stop()
+    await o.start()
+    assert await cached_soon(o, "late.bin") is not None
+    hits = [e for e in servers.files.log if e.path == path]
+    assert [e.status for e in hits] == [404, 404, 206]
+    # No catalog refresh in between (the interval is an hour): the item's own timer, doubling.
+    assert sum(1 for _, p in servers.zenodo.log.requests if p.startswith("/api/records/7")) == 1
+    assert hits[1].start - hits[0].start >= 1.0 and hits[2].start - hits[1].start >= 2.0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """The cache on a real 3 MiB filesystem, so a write can really fail with ENOSPC."""
+    mnt = tmp_path / "cache"
+    mnt.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)]
+    if os.geteuid() != 0 or subprocess.run(mount, check=False).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_a_disk_full_failure_recovers_once_space_returns(
+    small_disk: Path, servers: Servers, make: Factory
+) -> None:
+    data = os.urandom(MiB)
+    servers.publish("big.bin", data)
+    junk = small_disk / "junk"
+    junk.write_bytes(b"\0" * (5 * MiB // 2))
+    o = await make(origins={"failed_retry_after": 600.0})
+    await o.stop()
+    await o.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found = await o.node.store.run(o.node.store.get_current, "big.bin")
+        if found is not None and found.state == State.FAILED:
+            break
+        await asyncio.sleep(0.05)
+    item = await one(o, "big.bin")
+    assert item.state == State.FAILED and "disk full" in (item.error or "")
+    assert o.failures[item.id].cause == "disk"
+    junk.unlink()
+    # Retried as soon as there is room, long before its 600 s timer.
+    got = await cached_soon(o, "big.bin", 20)
+    assert got is not None and o.layout.final_path("big.bin").read_bytes() == data
+
+
+async def test_a_hanging_listing_never_delays_the_other_origins_pulls(servers: Servers, make: Factory) -> None:
+    data = os.urandom(MiB // 2)
+    servers.publish("quick.bin", data)
+    servers.ia.hang = asyncio.Event()
+    try:
+        o = await make()
+        await o.stop()
+        await o.start()
+        assert await cached_soon(o, "quick.bin", 15) is not None  # while the archive.org listing still hangs
+        assert "ia" not in o.last_refresh
+    finally:
+        servers.ia.hang.set()

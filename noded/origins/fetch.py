@@ -96,6 +96,7 @@ class HostState:
     # after its latest failure: a response already in flight when the storm began does not end it.
     failures: int = 0
     last_failure: float = 0.0  # monotonic
+    last_success_wall: float = 0.0
     active: int = 0
     requests: int = 0
 
@@ -113,6 +114,7 @@ class HostState:
         return time.time() + self.waiting()
 
     def succeeded(self, started: float) -> None:
+        self.last_success_wall = time.time()
         if started > self.last_failure:
             self.failures = 0
 

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,6 +49,9 @@ UPSERT_BATCH = 500  # entries per store transaction: keeps the store thread resp
 POLL_SECONDS = 30.0  # pull loop wake-up when nobody notifies
 DEFER_RECHECK = 10.0  # how often an item left to its rendezvous owner is looked at again
 NO_SOURCE_RECHECK = 60.0  # how often an item nothing can serve is looked at again
+CAUSE_RECHECK = 2.0  # how often a failure's cause (disk space, a host) is looked at again
+MAX_RETRY_GROWTH = 16  # a failed item's retry interval grows up to this many times failed_retry_after
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 # -- pure policy ---------------------------------------------------------------------------------
@@ -76,6 +82,25 @@ def order_sources(
         return (0 if healthy(s) else 1, pos)
 
     return [*first, *sorted(middle, key=rank), *last]
+
+
+def retry_delay(base: float, failures: int) -> float:
+    """Seconds before a failed item is tried again: `base`, doubling per consecutive failure, bounded."""
+    return base * min(MAX_RETRY_GROWTH, 2 ** max(0, min(failures - 1, 30)))
+
+
+@dataclass
+class Failure:
+    """Why an item is FAILED and when it is tried again (kept in memory; after a restart the
+    store's updated_at + failed_retry_after stands in for the first retry)."""
+
+    count: int
+    at: float  # wall time of the failure
+    next_at: float  # wall time of the next attempt
+    cause: str  # "disk", "host", "checksum", "upstream", "internal"
+    hosts: frozenset[str] = frozenset()  # the hosts whose failure it was (retried when one is back)
+    need_bytes: int = 0  # for "disk": room that must be free before trying again
+    locations: dict[str, str] = field(default_factory=dict)  # source -> its error
 
 
 # -- suspect copies (migration 7) ----------------------------------------------------------------
@@ -189,6 +214,9 @@ class Origins:
         self.extensions: list[OriginExtension] = []
         self._opened: list[tuple[OriginExtension, Source | None, Adapter | None]] = []
         self._deferred: dict[int, float] = {}  # item id -> wall time until which its owner is awaited
+        self.failures: dict[int, Failure] = {}  # FAILED items: cause and next attempt
+        self._failed_loaded = False
+        self._fail_counts: dict[int, int] = {}  # consecutive failed pulls per item (until one succeeds)
         self.client = HttpClient(node.cfg.fetch, node.traffic, down)
         self.layout = CacheLayout(node.cfg.paths.cache_dir, node.cfg.paths.state_dir)
         self.adapters: list[Adapter] = []
@@ -271,15 +299,27 @@ class Origins:
 
     # -- catalog refresh ------------------------------------------------------------------------
     async def _refresh_loop(self) -> None:
-        while True:
-            await self.refresh_all()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._refresh_now.wait(), self.node.cfg.origins.refresh_interval)
-            self._refresh_now.clear()
+        """Each origin refreshes on its own task: a listing that hangs never holds up the others,
+        and each origin's items are pulled as soon as its own listing is in. A refresh still running
+        when the next round comes is left to finish (not started twice)."""
+        running: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                for a in self.adapters:
+                    t = running.get(a.name)
+                    if t is None or t.done():
+                        running[a.name] = asyncio.create_task(self.refresh(a), name=f"refresh-{a.name}")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._refresh_now.wait(), self.node.cfg.origins.refresh_interval)
+                self._refresh_now.clear()
+        finally:
+            for t in running.values():
+                t.cancel()
+            await asyncio.gather(*running.values(), return_exceptions=True)
 
     async def refresh_all(self) -> None:
         await asyncio.gather(*(self.refresh(a) for a in self.adapters))
-        await self._retry_failed()
+        await self.retry_due()
         self.node.notify("wanted")
 
     async def refresh(self, adapter: Adapter) -> None:
@@ -300,6 +340,7 @@ class Origins:
         for i in range(0, len(entries), UPSERT_BATCH):
             new += await self.node.store.run(_upsert_batch, self.node.store, entries[i : i + UPSERT_BATCH])
         self.node.problems.pop(f"catalog:{adapter.name}", None)
+        self.node.notify("wanted")  # this origin's items can be pulled now, whatever the others do
         self.last_refresh[adapter.name] = {
             "ok": True,
             "at": time.time(),
@@ -318,26 +359,67 @@ class Origins:
             seconds=round(time.monotonic() - t0, 3),
         )
 
-    async def _retry_failed(self) -> None:
-        cutoff = time.time() - self.node.cfg.origins.failed_retry_after
-        store = self.node.store
-        failed = await store.run(store.items, states=[State.FAILED], limit=100_000)
-        for it in failed:
-            # A superseded version stays failed: its newer version is the one to pull.
-            if it.updated_at <= cutoff and not (it.error or "").startswith("superseded"):
-                await store.run(store.set_state, it.id, State.WANTED, error=it.error)
-
     # -- pulls ------------------------------------------------------------------------------------
     async def _pull_loop(self) -> None:
         while True:
             try:
+                await self.retry_due()
                 await self._schedule()
             except Exception as e:  # a store hiccup must not end the loop
                 log.error("pull.schedule_failed", error=str(e), exc_info=True)
-            # Wake for the next deferred item's re-check too, not only on notifications.
+            # Wake for the next deferred item's re-check and failed item's retry too, not only on notifications.
             now = time.time()
             soonest = min((t for t in self._deferred.values() if t > now), default=now + POLL_SECONDS)
+            soonest = min([soonest, *(f.next_at for f in self.failures.values())])
+            if any(f.cause in ("disk", "host") for f in self.failures.values()):
+                soonest = min(soonest, now + CAUSE_RECHECK)
             await self.node.wait("wanted", max(0.2, min(POLL_SECONDS, soonest - now)))
+
+    async def _load_failed(self) -> None:
+        """FAILED rows from before this start get their first retry at updated_at + failed_retry_after."""
+        store = self.node.store
+        base = self.node.cfg.origins.failed_retry_after
+        for it in await store.run(store.items, states=[State.FAILED], limit=100_000):
+            if it.id not in self.failures and not (it.error or "").startswith("superseded"):
+                self.failures[it.id] = Failure(1, it.updated_at, it.updated_at + base, "unknown")
+        self._failed_loaded = True
+
+    def _cleared(self, f: Failure) -> str | None:
+        """Why the cause of a failure has gone away (so the item is retried at once), or None."""
+        if f.cause == "host":
+            for name in f.hosts:
+                h = self.client.hosts.get(name)
+                if h is not None and h.last_success_wall > f.at and h.failures == 0 and h.waiting() == 0:
+                    return f"host {name} is back"
+        if f.cause == "disk":
+            try:
+                free = shutil.disk_usage(self.layout.partial_dir).free
+            except OSError:
+                return None
+            if free >= f.need_bytes + self.node.cfg.cache.free_space_floor:
+                return f"{free} bytes free again"
+        return None
+
+    async def retry_due(self) -> None:
+        """Failed items whose timer ran out, or whose cause cleared, become WANTED again."""
+        if not self._failed_loaded:
+            await self._load_failed()
+        now = time.time()
+        store = self.node.store
+        for item_id, f in list(self.failures.items()):
+            why = "timer" if f.next_at <= now else None
+            if why is None and f.cause == "disk":
+                why = await asyncio.get_running_loop().run_in_executor(None, self._cleared, f)
+            elif why is None:
+                why = self._cleared(f)
+            if why is None:
+                continue
+            item = await store.run(store.get_item, item_id)
+            self.failures.pop(item_id, None)
+            if item is None or item.state != State.FAILED:
+                continue
+            log.info("pull.retry", key=item.key, version=item.version, attempt=f.count + 1, why=why)
+            await store.run(store.set_state, item.id, State.WANTED, error=item.error)
 
     async def _schedule(self) -> None:
         store = self.node.store
@@ -368,7 +450,7 @@ class Origins:
         except Exception as e:
             log.error("pull.crashed", key=item.key, error=str(e), exc_info=True)
             with contextlib.suppress(Exception):
-                await self.node.store.run(self.node.store.set_state, item.id, State.FAILED, error=f"internal: {e}")
+                await self._fail(item, f"internal: {e}", "internal")
         finally:
             self._active.pop(item.id, None)
             self._per_origin[item.origin] = self._per_origin.get(item.origin, 1) - 1
@@ -442,6 +524,9 @@ class Origins:
             if item.state != State.FETCHING:
                 item = await store.run(store.set_state, item.id, State.FETCHING, error=None)
             waits: list[HostWaiting] = []
+            locations: dict[str, str] = {}
+            hosts: set[str] = set()
+            checksum = False
             for src in candidates:
                 log.info("pull.start", key=item.key, version=item.version, source=src.name, size=item.size)
                 t0 = time.monotonic()
@@ -451,8 +536,21 @@ class Origins:
                 except HostWaiting as e:
                     waits.append(e)
                     reasons.append(f"{src.name}: {e}")
+                    locations[src.name] = str(e)
                     continue
+                except OSError as e:
+                    if e.errno not in _DISK_FULL:
+                        raise
+                    # Every other source would hit the same full disk: stop here, retry once there is room.
+                    reason = f"disk full writing {partial.name}: {e.strerror}"
+                    log.warning("pull.disk_full", key=item.key, source=src.name, reason=reason)
+                    await asyncio.get_running_loop().run_in_executor(None, _discard_partial, partial)
+                    await self._fail(item, reason, "disk", locations={src.name: reason})
+                    return
                 except FetchError as e:
+                    locations[src.name] = str(e)
+                    if isinstance(src, HttpOriginSource) and e.retryable:
+                        hosts.update(urlsplit(u).netloc for u in src.urls(item))
                     reasons.append(f"{src.name}: {e}")
                     log.warning("pull.source_failed", key=item.key, source=src.name, reason=str(e))
                     if e.suspect:
@@ -460,6 +558,8 @@ class Origins:
                     continue
                 problem = mismatch(item, result)
                 if problem is not None:
+                    locations[src.name] = f"{problem} (quarantined)"
+                    checksum = True
                     reasons.append(f"{src.name}: {problem} (quarantined)")
                     log.warning("pull.checksum_mismatch", key=item.key, source=src.name, reason=problem)
                     await self._quarantine(item, partial, src.name, problem)
@@ -489,10 +589,33 @@ class Origins:
                 await store.run(store.set_state, item.id, State.WANTED, error=f"waiting: {why}"[:2000])
                 self._deferred[item.id] = until
                 return
-            self.failed += 1
             reason = "; ".join(reasons) or "no source offers it"
-            log.warning("pull.failed", key=item.key, version=item.version, reason=reason)
-            await store.run(store.set_state, item.id, State.FAILED, error=reason[:2000])
+            cause = "checksum" if checksum else "host" if hosts else "upstream"
+            await self._fail(item, reason, cause, hosts=frozenset(hosts), locations=locations)
+
+    async def _fail(
+        self,
+        item: Item,
+        reason: str,
+        cause: str,
+        *,
+        hosts: frozenset[str] = frozenset(),
+        locations: dict[str, str] | None = None,
+    ) -> None:
+        """FAILED with the reason; the item's own timer (growing per failure) brings it back."""
+        self.failed += 1
+        count = self._fail_counts[item.id] = self._fail_counts.get(item.id, 0) + 1
+        if len(self._fail_counts) > 200_000:
+            self._fail_counts = {item.id: count}  # bounded; forgetting only shortens a retry interval
+        now = time.time()
+        delay = retry_delay(self.node.cfg.origins.failed_retry_after, count)
+        self.failures[item.id] = Failure(
+            count, now, now + delay, cause, hosts, item.size or 0, {k: v[:500] for k, v in (locations or {}).items()}
+        )
+        log.warning(
+            "pull.failed", key=item.key, version=item.version, cause=cause, attempt=count, retry_in=delay, reason=reason
+        )
+        await self.node.store.run(self.node.store.set_state, item.id, State.FAILED, error=reason[:2000])
 
     def owner_wait(self, item: Item, now: float | None = None) -> float | None:
         """Until when to leave `item` to the peer that ranks first for it, or None to go ahead."""
@@ -576,6 +699,8 @@ class Origins:
                     store.set_state(old_id, State.EVICTED, error=f"superseded by version {item.version}")
 
         await store.run(commit)
+        self._fail_counts.pop(item.id, None)
+        self.failures.pop(item.id, None)
         self.pulled += 1
         self.node.notify("cached")
 
@@ -590,6 +715,12 @@ class Origins:
 
         await asyncio.get_running_loop().run_in_executor(None, move)
         await self.node.store.run(mark_suspect, self.node.store, item.key, item.version, source, reason)
+
+
+def _discard_partial(partial: Path) -> None:
+    for p in (partial, state_path(partial)):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 def _upsert_batch(store: Store, entries: Sequence[CatalogEntry]) -> int:
