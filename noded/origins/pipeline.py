@@ -86,7 +86,7 @@ def order_sources(
 
 def retry_delay(base: float, failures: int) -> float:
     """Seconds before a failed item is tried again: `base`, doubling per consecutive failure, bounded."""
-    return base * min(MAX_RETRY_GROWTH, 2 ** max(0, min(failures - 1, 30)))
+    return base * float(min(MAX_RETRY_GROWTH, 1 << max(0, min(failures - 1, 30))))
 
 
 @dataclass
