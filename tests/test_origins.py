@@ -15,6 +15,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from noded.api import origins_routes
+from noded.api.app import create_app
+from noded.cli.main import render_failing
 from noded.core.component import Node
 from noded.core.config import parse_config
 from noded.core.hashing import hash_file
@@ -406,6 +409,7 @@ async def test_a_host_asking_to_wait_requeues_its_items_instead_of_failing_them(
     await o.start()
     seen: set[State] = set()
     waiting: dict[str, Any] | None = None
+    problems: set[str] = set()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         item = await o.node.store.run(o.node.store.get_current, "wait.bin")
@@ -416,7 +420,11 @@ async def test_a_host_asking_to_wait_requeues_its_items_instead_of_failing_them(
         for h in o.status()["hosts"].values():
             if "waiting_until" in h:
                 waiting = h
+        problems |= set(o.node.problems)
         await asyncio.sleep(0.05)
+    assert any(k.startswith("items:") and k.endswith(":waiting") for k in problems)
+    assert any(k.startswith("host:127.0.0.1") for k in problems)
+    assert not any(k.startswith(("items:", "host:")) for k in o.node.problems)  # cleared once it is cached
     assert (await one(o, "wait.bin")).state == State.CACHED
     assert State.FAILED not in seen
     assert waiting is not None and "Retry-After 2" in waiting["reason"] and waiting["waiting_until"] > time.time() - 30
@@ -499,3 +507,36 @@ async def test_a_hanging_listing_never_delays_the_other_origins_pulls(servers: S
         assert "ia" not in o.last_refresh
     finally:
         servers.ia.hang.set()
+
+
+async def test_failed_items_are_listed_with_cause_next_attempt_and_location_errors(
+    servers: Servers, make: Factory, aiohttp_client: Any
+) -> None:
+    servers.publish("b.bin", os.urandom(100))
+    extra = os.urandom(100)
+    servers.zenodo.records[7]["files"].append(zenodo_file(servers.base, 7, "a.bin", extra))
+    servers.files.add("/api/records/7/files/a.bin/content", extra)
+    servers.files.blobs["/api/records/7/files/b.bin/content"].fault = lambda b, r, n: "status:404"
+    servers.files.blobs["/ia800000/items/item/b.bin"].fault = lambda b, r, n: "status:403"
+    o = await make(origins={"failed_retry_after": 600.0})
+    o.node.components["origins"] = o
+    await o.refresh_all()
+    before = time.time()
+    await o.pull(await one(o, "b.bin"))
+    assert o.node.problems.get("items:" + (await one(o, "b.bin")).origin + ":failed:upstream", "").startswith("1 item")
+    client = await aiohttp_client(create_app(o.node, [origins_routes.setup]))
+    resp = await client.get("/v1/items", params={"state": "failed", "limit": "10"})
+    body = await resp.json()
+    assert resp.status == 200 and body["next_after"] is None
+    [it] = body["items"]
+    assert it["key"] == "b.bin" and it["state"] == "failed" and it["cause"] == "upstream"
+    assert before + 600 <= it["next_attempt"] <= time.time() + 601
+    assert "404" in it["locations"]["zenodo"] and "403" in it["locations"]["ia"] and "404" in it["reason"]
+    text = render_failing(body["items"])
+    assert "b.bin" in text and "upstream" in text
+    page = await (await client.get("/v1/items", params={"limit": "1"})).json()
+    assert len(page["items"]) == 1 and page["next_after"] == page["items"][0]["id"]
+    rest = await (await client.get("/v1/items", params={"limit": "5", "after": str(page["next_after"])})).json()
+    assert rest["next_after"] is None and page["items"][0]["id"] < rest["items"][0]["id"]
+    assert (await client.get("/v1/items", params={"state": "nonsense"})).status == 400
+    assert (await client.get("/v1/items", params={"limit": "0"})).status == 400

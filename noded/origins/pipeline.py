@@ -23,6 +23,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -98,6 +99,7 @@ class Failure:
     at: float  # wall time of the failure
     next_at: float  # wall time of the next attempt
     cause: str  # "disk", "host", "checksum", "upstream", "internal"
+    origin: str = ""
     hosts: frozenset[str] = frozenset()  # the hosts whose failure it was (retried when one is back)
     need_bytes: int = 0  # for "disk": room that must be free before trying again
     locations: dict[str, str] = field(default_factory=dict)  # source -> its error
@@ -217,6 +219,9 @@ class Origins:
         self.failures: dict[int, Failure] = {}  # FAILED items: cause and next attempt
         self._failed_loaded = False
         self._fail_counts: dict[int, int] = {}  # consecutive failed pulls per item (until one succeeds)
+        # Items a host asked to wait for: id -> (origin, until (wall), hosts, per-source reasons).
+        self.waiting: dict[int, tuple[str, float, tuple[str, ...], dict[str, str]]] = {}
+        self._problem_keys: set[str] = set()
         self.client = HttpClient(node.cfg.fetch, node.traffic, down)
         self.layout = CacheLayout(node.cfg.paths.cache_dir, node.cfg.paths.state_dir)
         self.adapters: list[Adapter] = []
@@ -293,6 +298,48 @@ class Origins:
             "last_refresh": self.last_refresh,
             "hosts": {h: s.status() for h, s in self.client.hosts.items()},
         }
+
+    def update_problems(self) -> None:
+        """`/v1/status` problems: failed items by origin and cause, waiting items, waiting hosts."""
+        now = time.time()
+        new: dict[str, str] = {}
+        groups: dict[tuple[str, str], list[Failure]] = {}
+        for f in self.failures.values():
+            groups.setdefault((f.origin, f.cause), []).append(f)
+        for (origin, cause), fs in groups.items():
+            soonest = min(f.next_at for f in fs)
+            new[f"items:{origin}:failed:{cause}"] = (
+                f"{len(fs)} item(s) failed ({cause}); next retry in {max(0.0, soonest - now):.0f}s"
+            )
+        by_origin: dict[str, list[tuple[float, tuple[str, ...]]]] = {}
+        for origin, until, hosts, _ in self.waiting.values():
+            if until > now:
+                by_origin.setdefault(origin, []).append((until, hosts))
+        for origin, ws in by_origin.items():
+            names = sorted({h for _, hs in ws for h in hs})
+            new[f"items:{origin}:waiting"] = (
+                f"{len(ws)} item(s) waiting for {', '.join(names)} until {_iso(max(u for u, _ in ws))}"
+            )
+        for name, h in self.client.hosts.items():
+            if h.waiting() > 0:
+                new[f"host:{name}"] = f"waiting until {_iso(h.until_wall())}: {h.wait_reason}"
+        for k in self._problem_keys - set(new):
+            self.node.problems.pop(k, None)
+        self.node.problems.update(new)
+        self._problem_keys = set(new)
+
+    def item_detail(self, item: Item) -> dict[str, Any]:
+        """What /v1/items says about one item beyond its row: cause, next attempt, per-location errors."""
+        out: dict[str, Any] = {}
+        f = self.failures.get(item.id)
+        if f is not None and item.state == State.FAILED:
+            out.update(cause=f.cause, attempts=f.count, next_attempt=round(f.next_at, 3), locations=f.locations)
+        w = self.waiting.get(item.id)
+        if w is not None and item.state == State.WANTED:
+            out.update(cause="waiting", waiting_for=list(w[2]), next_attempt=round(w[1], 3), locations=w[3])
+        elif item.state == State.WANTED and self._deferred.get(item.id, 0) > time.time():
+            out["next_attempt"] = round(self._deferred[item.id], 3)
+        return out
 
     def refresh_soon(self) -> None:
         self._refresh_now.set()
@@ -373,6 +420,7 @@ class Origins:
             soonest = min([soonest, *(f.next_at for f in self.failures.values())])
             if any(f.cause in ("disk", "host") for f in self.failures.values()):
                 soonest = min(soonest, now + CAUSE_RECHECK)
+            self.update_problems()
             await self.node.wait("wanted", max(0.2, min(POLL_SECONDS, soonest - now)))
 
     async def _load_failed(self) -> None:
@@ -381,7 +429,7 @@ class Origins:
         base = self.node.cfg.origins.failed_retry_after
         for it in await store.run(store.items, states=[State.FAILED], limit=100_000):
             if it.id not in self.failures and not (it.error or "").startswith("superseded"):
-                self.failures[it.id] = Failure(1, it.updated_at, it.updated_at + base, "unknown")
+                self.failures[it.id] = Failure(1, it.updated_at, it.updated_at + base, "unknown", it.origin)
         self._failed_loaded = True
 
     def _cleared(self, f: Failure) -> str | None:
@@ -418,6 +466,7 @@ class Origins:
             self.failures.pop(item_id, None)
             if item is None or item.state != State.FAILED:
                 continue
+            self.update_problems()
             log.info("pull.retry", key=item.key, version=item.version, attempt=f.count + 1, why=why)
             await store.run(store.set_state, item.id, State.WANTED, error=item.error)
 
@@ -478,6 +527,7 @@ class Origins:
 
     async def pull(self, item: Item) -> None:
         store = self.node.store
+        self.waiting.pop(item.id, None)
         loop = asyncio.get_running_loop()
         current = await store.run(store.get_current, item.key)
         if current is not None and current.version > item.version:
@@ -588,6 +638,8 @@ class Origins:
                 )
                 await store.run(store.set_state, item.id, State.WANTED, error=f"waiting: {why}"[:2000])
                 self._deferred[item.id] = until
+                self.waiting[item.id] = (item.origin, until, tuple(sorted({w.host for w in waits})), locations)
+                self.update_problems()
                 return
             reason = "; ".join(reasons) or "no source offers it"
             cause = "checksum" if checksum else "host" if hosts else "upstream"
@@ -610,8 +662,16 @@ class Origins:
         now = time.time()
         delay = retry_delay(self.node.cfg.origins.failed_retry_after, count)
         self.failures[item.id] = Failure(
-            count, now, now + delay, cause, hosts, item.size or 0, {k: v[:500] for k, v in (locations or {}).items()}
+            count,
+            now,
+            now + delay,
+            cause,
+            item.origin,
+            hosts,
+            item.size or 0,
+            {k: v[:500] for k, v in (locations or {}).items()},
         )
+        self.update_problems()
         log.warning(
             "pull.failed", key=item.key, version=item.version, cause=cause, attempt=count, retry_in=delay, reason=reason
         )
@@ -701,6 +761,8 @@ class Origins:
         await store.run(commit)
         self._fail_counts.pop(item.id, None)
         self.failures.pop(item.id, None)
+        self.waiting.pop(item.id, None)
+        self.update_problems()
         self.pulled += 1
         self.node.notify("cached")
 
@@ -715,6 +777,10 @@ class Origins:
 
         await asyncio.get_running_loop().run_in_executor(None, move)
         await self.node.store.run(mark_suspect, self.node.store, item.key, item.version, source, reason)
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
 def _discard_partial(partial: Path) -> None:
