@@ -61,6 +61,7 @@ class ZenodoServer:
         self.page_size = page_size
         self.log = ApiLog()
         self.rate_headers: dict[str, str] = {}
+        self.status: dict[int, int] = {}  # record id -> error status (410 withdrawn, 403 restricted)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -79,6 +80,10 @@ class ZenodoServer:
     async def record(self, request: web.Request) -> web.Response:
         self.log.add(request)
         rid = int(request.match_info["rid"])
+        if rid in self.status:
+            code = self.status[rid]
+            message = {410: "The record has been deleted.", 403: "Permission denied."}.get(code, "Error")
+            return web.json_response({"status": code, "message": message}, status=code)
         if rid not in self.records:
             return web.json_response({"status": 404, "message": "PID does not exist."}, status=404)
         return self._json(request, self.records[rid])
@@ -115,11 +120,28 @@ class ArchiveServer:
         self.raw: dict[str, bytes] = {}
         self.log = ApiLog()
         self.hang: asyncio.Event | None = None  # set: metadata requests hang until it is set
+        self.collections: dict[str, list[str]] = {}  # collection -> identifiers (the scrape API)
+        self.scrape_page = 2  # identifiers per scrape page, small so the cursor is exercised
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/metadata/{ident}", self.metadata)
+        app.router.add_get("/services/search/v1/scrape", self.scrape)
         return app
+
+    async def scrape(self, request: web.Request) -> web.Response:
+        """The scrape API: `q=collection:(X)`, `fields`, `count` (>= 100), an opaque `cursor`."""
+        self.log.add(request)
+        q = request.query.get("q", "")
+        if not q.startswith("collection:(") or int(request.query.get("count", "0")) < 100:
+            return web.json_response({"error": "bad query"}, status=400)
+        ids = self.collections.get(q[len("collection:(") : -1], [])
+        start = int(request.query.get("cursor", "c0")[1:])
+        chunk = ids[start : start + self.scrape_page]
+        body: dict[str, Any] = {"items": [{"identifier": i} for i in chunk], "count": len(chunk), "total": len(ids)}
+        if start + self.scrape_page < len(ids):
+            body["cursor"] = f"c{start + self.scrape_page}"
+        return web.json_response(body)
 
     async def metadata(self, request: web.Request) -> web.Response:
         self.log.add(request)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from noded.api import origins_routes
 from noded.api.app import create_app
@@ -44,6 +45,7 @@ class Servers:
     def app(self) -> web.Application:
         app = self.zenodo.app()
         app.router.add_get("/metadata/{ident}", self.ia.metadata)
+        app.router.add_get("/services/search/v1/scrape", self.ia.scrape)
         app.router.add_get("/download/{ident}/{name}", self.ia_download)
         app.router.add_route("GET", "/{tail:.*}", self.files.handle)
         return app
@@ -540,3 +542,45 @@ async def test_failed_items_are_listed_with_cause_next_attempt_and_location_erro
     assert rest["next_after"] is None and page["items"][0]["id"] < rest["items"][0]["id"]
     assert (await client.get("/v1/items", params={"state": "nonsense"})).status == 400
     assert (await client.get("/v1/items", params={"limit": "0"})).status == 400
+
+
+async def test_withdrawn_restricted_and_dark_records_are_rejected_alone(servers: Servers, make: Factory) -> None:
+    base = servers.base
+    good_z, good_ia = os.urandom(500), os.urandom(600)
+    servers.zenodo.records[7] = zenodo_record(base, 7, [zenodo_file(base, 7, "z.bin", good_z)])
+    servers.files.add("/api/records/7/files/z.bin/content", good_z)
+    servers.zenodo.status[8] = 410
+    restricted = zenodo_record(base, 9, [zenodo_file(base, 9, "r.bin", b"r")])
+    servers.zenodo.records[9] = {**restricted, "access": {"record": "public", "files": "restricted"}}
+    servers.zenodo.status[10] = 403
+    secret = {**ia_file("secret.bin", b"s"), "private": "true"}
+    servers.ia.items["good"] = ia_metadata(
+        "good",
+        [ia_file("i.bin", good_ia), ia_file("good_files.xml", b"<files/>"), ia_file("good_meta.xml", b"<m/>"), secret],
+    )
+    for name, data in (
+        ("i.bin", good_ia),
+        ("good_files.xml", b"<files/>"),
+        ("good_meta.xml", b"<m/>"),
+        ("secret.bin", b"s"),
+    ):
+        servers.files.add(f"/ia800000/items/good/{name}", data)
+    servers.ia.items["dark"] = {"created": 1735689600, "is_dark": True}
+    z = {"enabled": True, "base_url": base, "records": [7, 8, 9, 10], "requests_per_minute": 6000}
+    ia = {"enabled": True, "base_url": base, "identifiers": ["dark", "good", "unknown"], "requests_per_minute": 6000}
+    o = await make(origins={"zenodo": z, "ia": ia})
+    with capture_logs() as logs:
+        await o.refresh_all()
+    rejected = {e["key"]: e["reason"] for e in logs if e["event"] == "catalog.entry_rejected"}
+    assert "410" in rejected["record 8"] and "withdrawn" in rejected["record 8"]
+    assert "restricted" in rejected["record 9"] and "restricted" in rejected["record 10"]
+    assert "dark" in rejected["identifier dark"] and "does not exist" in rejected["identifier unknown"]
+    assert "private" in rejected["secret.bin"]
+    assert o.last_refresh["zenodo"]["ok"] and o.last_refresh["ia"]["ok"]
+    keys = {row[0] for row in o.node.store.conn.execute("SELECT key FROM items")}
+    assert keys == {"z.bin", "i.bin"}  # the Archive's own files are never listed, the private one is rejected
+    await o.stop()
+    await o.start()
+    assert await cached_soon(o, "z.bin") is not None and await cached_soon(o, "i.bin") is not None
+    fetched = {e.path for e in servers.files.log}
+    assert not any(p.endswith(("_files.xml", "_meta.xml", "secret.bin")) for p in fetched)

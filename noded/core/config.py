@@ -154,6 +154,8 @@ class ZenodoConfig(_Section):
     concepts: list[int] = Field(default_factory=list)
     communities: list[str] = Field(default_factory=list)
     requests_per_minute: int = Field(60, ge=1, le=10_000)
+    # Zenodo's search endpoints (community listings) allow fewer requests than record GETs.
+    search_requests_per_minute: int = Field(30, ge=1, le=10_000)
     # Zenodo blocks clients above 2 connections (fetch.max_connections_per_host still caps it).
     max_connections_per_host: int = Field(2, ge=1, le=64)
 
@@ -162,7 +164,13 @@ class InternetArchiveConfig(_Section):
     enabled: bool = False
     base_url: HttpUrl = "https://archive.org"
     identifiers: list[str] = Field(default_factory=list)
+    # Whole collections, listed through the scrape API (every identifier in them is mirrored).
+    collections: list[str] = Field(default_factory=list)
     include_derivatives: bool = False
+    # Files the Archive generates about an item (not datasets; _files.xml never matches its own md5).
+    skip_suffixes: list[str] = Field(
+        default_factory=lambda: ["_files.xml", "_meta.xml", "_meta.sqlite", "__ia_thumb.jpg", "_reviews.xml"]
+    )
     requests_per_minute: int = Field(60, ge=1, le=10_000)
 
 
