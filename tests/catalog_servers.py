@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 from xml.sax.saxutils import escape
 
 from aiohttp import web
@@ -179,14 +180,21 @@ def ia_metadata(ident: str, files: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def s3_page(keys: list[tuple[str, int, str]], token: str | None, next_token: str | None, name: str = "b") -> bytes:
-    """A ListObjectsV2 result, written by hand so hostile keys can be put in it."""
+def s3_page(
+    keys: list[tuple[str, int, str]], token: str | None, next_token: str | None, name: str = "b", url: bool = False
+) -> bytes:
+    """A ListObjectsV2 result, written by hand so hostile keys can be put in it. `url`: as S3 answers
+    `encoding-type=url` (keys percent-encoded, so even a NUL survives the XML); else raw, as S3 does
+    without it (a NUL then makes the page unreadable)."""
     parts = [
         '<?xml version="1.0" encoding="UTF-8"?>',
         '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">',
         f"<Name>{name}</Name><Prefix></Prefix><KeyCount>{len(keys)}</KeyCount><MaxKeys>1000</MaxKeys>",
         f"<IsTruncated>{'true' if next_token else 'false'}</IsTruncated>",
     ]
+    if url:
+        parts.append("<EncodingType>url</EncodingType>")
+        keys = [(quote(k, safe="/"), size, etag) for k, size, etag in keys]
     if token:
         parts.append(f"<ContinuationToken>{token}</ContinuationToken>")
     if next_token:
@@ -201,10 +209,12 @@ def s3_page(keys: list[tuple[str, int, str]], token: str | None, next_token: str
 
 
 class RawS3Server:
-    """Answers listing pages from `pages` (continuation token or "" -> body)."""
+    """Answers listing pages from `pages` (continuation token or "" -> body), or renders `listings`
+    (token -> (keys, next token)) per request, percent-encoding keys when `encoding-type=url` is asked."""
 
     def __init__(self) -> None:
         self.pages: dict[str, bytes] = {}
+        self.listings: dict[str, tuple[list[tuple[str, int, str]], str | None]] = {}
         self.log = ApiLog()
 
     def app(self) -> web.Application:
@@ -214,7 +224,12 @@ class RawS3Server:
 
     async def list(self, request: web.Request) -> web.Response:
         self.log.add(request)
-        body = self.pages.get(request.query.get("continuation-token", ""))
+        token = request.query.get("continuation-token", "")
+        body = self.pages.get(token)
+        if token in self.listings:
+            keys, nxt = self.listings[token]
+            url = request.query.get("encoding-type") == "url"
+            body = s3_page(keys, token or None, nxt, request.match_info["bucket"], url=url)
         if body is None:
             return web.Response(status=400, text="bad token")
         return web.Response(body=body, content_type="application/xml")

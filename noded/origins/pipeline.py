@@ -178,7 +178,7 @@ def build_adapters(cfg: Config, client: HttpClient) -> list[Adapter]:
     limits = limits_of(cfg)
     out: list[Adapter] = []
     if o.sourcecoop.enabled:
-        out.append(SourceCoopAdapter(o.sourcecoop, client, limits))
+        out.append(SourceCoopAdapter(o.sourcecoop, client, limits, cfg.fetch))
     if o.zenodo.enabled:
         client.pace_host(o.zenodo.base_url, o.zenodo.requests_per_minute)
         client.limit_host(o.zenodo.base_url, o.zenodo.max_connections_per_host)
