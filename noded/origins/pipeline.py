@@ -432,21 +432,23 @@ class Origins:
                 self.failures[it.id] = Failure(1, it.updated_at, it.updated_at + base, "unknown", it.origin)
         self._failed_loaded = True
 
-    def _cleared(self, f: Failure) -> str | None:
-        """Why the cause of a failure has gone away (so the item is retried at once), or None."""
+    def _cleared(self, f: Failure, free: int | None = None) -> str | None:
+        """Why the cause of a failure has gone away (so the item is retried at once), or None.
+        `free`: bytes free on the cache filesystem, when the caller measured it."""
         if f.cause == "host":
             for name in f.hosts:
                 h = self.client.hosts.get(name)
                 if h is not None and h.last_success_wall > f.at and h.failures == 0 and h.waiting() == 0:
                     return f"host {name} is back"
-        if f.cause == "disk":
-            try:
-                free = shutil.disk_usage(self.layout.partial_dir).free
-            except OSError:
-                return None
-            if free >= f.need_bytes + self.node.cfg.cache.free_space_floor:
-                return f"{free} bytes free again"
+        if f.cause == "disk" and free is not None and free >= f.need_bytes + self.node.cfg.cache.free_space_floor:
+            return f"{free} bytes free again"
         return None
+
+    def _free_bytes(self) -> int | None:
+        try:
+            return shutil.disk_usage(self.layout.partial_dir).free
+        except OSError:
+            return None
 
     async def retry_due(self) -> None:
         """Failed items whose timer ran out, or whose cause cleared, become WANTED again."""
@@ -454,12 +456,11 @@ class Origins:
             await self._load_failed()
         now = time.time()
         store = self.node.store
+        free: int | None = None
+        if any(f.cause == "disk" for f in self.failures.values()):
+            free = await asyncio.get_running_loop().run_in_executor(None, self._free_bytes)
         for item_id, f in list(self.failures.items()):
-            why = "timer" if f.next_at <= now else None
-            if why is None and f.cause == "disk":
-                why = await asyncio.get_running_loop().run_in_executor(None, self._cleared, f)
-            elif why is None:
-                why = self._cleared(f)
+            why = "timer" if f.next_at <= now else self._cleared(f, free)
             if why is None:
                 continue
             item = await store.run(store.get_item, item_id)

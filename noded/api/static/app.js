@@ -110,7 +110,7 @@ async function refresh() {
   try {
     const [status, mirrors, traffic, reports, failing] = await Promise.all([
       getJSON("v1/status"), getJSON("v1/mirrors"), getJSON("v1/traffic"), getJSON("v1/reports?status=open&limit=50"),
-      getJSON("v1/items?state=failed,wanted&limit=200"),
+      getJSON("v1/items?state=failed,wanted&limit=200").catch(() => ({ items: [] })),  // a node without origins
     ]);
     document.getElementById("node-name").textContent = `${status.node} (${status.region})`;
     const c = status.cache;
