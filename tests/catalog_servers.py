@@ -8,11 +8,13 @@ ids redirect (`/versions/latest`) to the newest record; archive.org answers `/me
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 from xml.sax.saxutils import escape
 
 from aiohttp import web
@@ -60,6 +62,7 @@ class ZenodoServer:
         self.page_size = page_size
         self.log = ApiLog()
         self.rate_headers: dict[str, str] = {}
+        self.status: dict[int, int] = {}  # record id -> error status (410 withdrawn, 403 restricted)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -78,6 +81,10 @@ class ZenodoServer:
     async def record(self, request: web.Request) -> web.Response:
         self.log.add(request)
         rid = int(request.match_info["rid"])
+        if rid in self.status:
+            code = self.status[rid]
+            message = {410: "The record has been deleted.", 403: "Permission denied."}.get(code, "Error")
+            return web.json_response({"status": code, "message": message}, status=code)
         if rid not in self.records:
             return web.json_response({"status": 404, "message": "PID does not exist."}, status=404)
         return self._json(request, self.records[rid])
@@ -113,15 +120,35 @@ class ArchiveServer:
         self.items: dict[str, Any] = {}
         self.raw: dict[str, bytes] = {}
         self.log = ApiLog()
+        self.hang: asyncio.Event | None = None  # set: metadata requests hang until it is set
+        self.collections: dict[str, list[str]] = {}  # collection -> identifiers (the scrape API)
+        self.scrape_page = 2  # identifiers per scrape page, small so the cursor is exercised
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/metadata/{ident}", self.metadata)
+        app.router.add_get("/services/search/v1/scrape", self.scrape)
         return app
+
+    async def scrape(self, request: web.Request) -> web.Response:
+        """The scrape API: `q=collection:(X)`, `fields`, `count` (>= 100), an opaque `cursor`."""
+        self.log.add(request)
+        q = request.query.get("q", "")
+        if not q.startswith("collection:(") or int(request.query.get("count", "0")) < 100:
+            return web.json_response({"error": "bad query"}, status=400)
+        ids = self.collections.get(q[len("collection:(") : -1], [])
+        start = int(request.query.get("cursor", "c0")[1:])
+        chunk = ids[start : start + self.scrape_page]
+        body: dict[str, Any] = {"items": [{"identifier": i} for i in chunk], "count": len(chunk), "total": len(ids)}
+        if start + self.scrape_page < len(ids):
+            body["cursor"] = f"c{start + self.scrape_page}"
+        return web.json_response(body)
 
     async def metadata(self, request: web.Request) -> web.Response:
         self.log.add(request)
         ident = request.match_info["ident"]
+        if self.hang is not None:
+            await self.hang.wait()
         if ident in self.raw:
             return web.Response(body=self.raw[ident], content_type="application/json")
         return web.json_response(self.items.get(ident, {}))  # archive.org answers {} for unknown ids
@@ -153,14 +180,21 @@ def ia_metadata(ident: str, files: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def s3_page(keys: list[tuple[str, int, str]], token: str | None, next_token: str | None, name: str = "b") -> bytes:
-    """A ListObjectsV2 result, written by hand so hostile keys can be put in it."""
+def s3_page(
+    keys: list[tuple[str, int, str]], token: str | None, next_token: str | None, name: str = "b", url: bool = False
+) -> bytes:
+    """A ListObjectsV2 result, written by hand so hostile keys can be put in it. `url`: as S3 answers
+    `encoding-type=url` (keys percent-encoded, so even a NUL survives the XML); else raw, as S3 does
+    without it (a NUL then makes the page unreadable)."""
     parts = [
         '<?xml version="1.0" encoding="UTF-8"?>',
         '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">',
         f"<Name>{name}</Name><Prefix></Prefix><KeyCount>{len(keys)}</KeyCount><MaxKeys>1000</MaxKeys>",
         f"<IsTruncated>{'true' if next_token else 'false'}</IsTruncated>",
     ]
+    if url:
+        parts.append("<EncodingType>url</EncodingType>")
+        keys = [(quote(k, safe="/"), size, etag) for k, size, etag in keys]
     if token:
         parts.append(f"<ContinuationToken>{token}</ContinuationToken>")
     if next_token:
@@ -175,10 +209,12 @@ def s3_page(keys: list[tuple[str, int, str]], token: str | None, next_token: str
 
 
 class RawS3Server:
-    """Answers listing pages from `pages` (continuation token or "" -> body)."""
+    """Answers listing pages from `pages` (continuation token or "" -> body), or renders `listings`
+    (token -> (keys, next token)) per request, percent-encoding keys when `encoding-type=url` is asked."""
 
     def __init__(self) -> None:
         self.pages: dict[str, bytes] = {}
+        self.listings: dict[str, tuple[list[tuple[str, int, str]], str | None]] = {}
         self.log = ApiLog()
 
     def app(self) -> web.Application:
@@ -188,7 +224,12 @@ class RawS3Server:
 
     async def list(self, request: web.Request) -> web.Response:
         self.log.add(request)
-        body = self.pages.get(request.query.get("continuation-token", ""))
+        token = request.query.get("continuation-token", "")
+        body = self.pages.get(token)
+        if token in self.listings:
+            keys, nxt = self.listings[token]
+            url = request.query.get("encoding-type") == "url"
+            body = s3_page(keys, token or None, nxt, request.match_info["bucket"], url=url)
         if body is None:
             return web.Response(status=400, text="bad token")
         return web.Response(body=body, content_type="application/xml")

@@ -12,6 +12,7 @@ when a daemon subprocess is the client.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import re
 import threading
@@ -37,6 +38,8 @@ class Blob:
     # Called per request with (blob, request, n-th request for this blob): returns an action or None.
     fault: Fault | None = None
     rate: float | None = None  # bytes/s per response, to make a pull slow enough to interrupt
+    # Like many CDNs: a client that accepts gzip gets the whole body gzipped (ranges ignored).
+    gzip_when_asked: bool = False
     requests: int = 0
 
     @property
@@ -77,6 +80,7 @@ class LogEntry:
     end: float = 0.0
     sent: int = 0
     user_agent: str | None = None
+    accept_encoding: str | None = None
 
 
 @dataclass
@@ -115,6 +119,7 @@ class Origin:
             0,
             time.monotonic(),
             user_agent=request.headers.get("User-Agent"),
+            accept_encoding=request.headers.get("Accept-Encoding"),
         )
         self.log.append(entry)
         self.in_flight += 1
@@ -132,6 +137,11 @@ class Origin:
             entry.status = int(code)
             headers = {"Retry-After": retry[0]} if retry else {}
             return web.Response(status=int(code), headers=headers, text="try later")
+        if blob.gzip_when_asked and "gzip" in request.headers.get("Accept-Encoding", ""):
+            body = gzip.compress(blob.read(0, blob.size))
+            entry.status = 200
+            entry.sent = len(body)
+            return web.Response(body=body, headers={"Content-Encoding": "gzip", "ETag": blob.etag or ""})
         size = blob.size
         start, end, status = 0, size, 200
         rng = request.headers.get("Range")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import AsyncIterator, Callable
@@ -13,12 +14,15 @@ from structlog.testing import capture_logs
 
 from noded.cache.layout import CacheLayout, UnsafePath
 from noded.core.component import Node
-from noded.core.config import parse_config
+from noded.core.config import SourceCoopConfig, parse_config
 from noded.core.store import Store
+from noded.origins.catalog.base import Limits
 from noded.origins.catalog.keys import KeyError_, normalise_key
+from noded.origins.catalog.sourcecoop import SourceCoopAdapter
 from noded.origins.pipeline import Origins
 from tests.catalog_servers import ArchiveServer, RawS3Server, ZenodoServer, ia_metadata, s3_page, zenodo_record
 from tests.conftest import base_config, to_toml
+from tests.origin import Origin
 
 HOSTILE = [
     "../../etc/passwd",
@@ -193,3 +197,44 @@ def test_nothing_can_be_written_outside_the_cache_root(tmp_path: Path) -> None:
     os.symlink(tmp_path / "outside", layout.root / "link")
     with pytest.raises(UnsafePath):
         layout.final_path(normalise_key("link/passwd"))
+
+
+async def test_hostile_source_cooperative_keys_are_rejected_alone_and_the_good_ones_mirrored(
+    aiohttp_server: Any, make_origins: OriginsFactory
+) -> None:
+    s3 = RawS3Server()
+    files = Origin()
+    good = {f"good/{i}.bin": os.urandom(200 + i) for i in range(4)}
+    for key, data in good.items():
+        files.add(f"/b/{key}", data)
+    rows = [(k, len(d), hashlib.md5(d).hexdigest()) for k, d in good.items()]
+    bad = ["nul\x00key.bin", "x" * 5000, "../escape.bin", "good/../../up.bin"]
+    # The NUL key cannot be written into XML raw: only encoding-type=url lets this page be read at all.
+    s3.listings[""] = ([rows[0], (bad[0], 3, "0" * 32), rows[1], (bad[1], 3, "0" * 32)], "t2")
+    s3.listings["t2"] = ([(bad[2], 3, "0" * 32), rows[2], (bad[3], 3, "0" * 32), rows[3]], None)
+    app = s3.app()
+    app.router.add_get("/b/{key:.+}", files.handle)
+    server = await aiohttp_server(app)
+    o = await make_origins(
+        sourcecoop={"enabled": True, "endpoint": str(server.make_url("")).rstrip("/"), "bucket": "b"}
+    )
+    with capture_logs() as logs:
+        await o.refresh_all()
+    assert all("encoding-type=url" in p for _, p in s3.log.requests)
+    assert o.last_refresh["sourcecoop"]["ok"] and o.last_refresh["sourcecoop"]["pages"] == 2
+    rejected = [e for e in logs if e["event"] == "catalog.entry_rejected"]
+    assert len(rejected) == len(bad) and all(e["reason"] for e in rejected)
+    assert known(o) == set(good)
+    for key, data in good.items():
+        item = await o.node.store.run(o.node.store.get_current, key)
+        assert item is not None
+        await o.pull(item)
+        assert o.layout.final_path(key).read_bytes() == data
+
+
+async def test_source_cooperative_owns_only_its_own_prefixes_on_a_shared_base_url(tmp_path: Path) -> None:
+    cfg = SourceCoopConfig(enabled=True, endpoint="https://h.example", bucket="", prefixes=["dataforcanada/prod/"])
+    sc = SourceCoopAdapter(cfg, None, Limits())  # type: ignore[arg-type]
+    assert sc.owns("https://h.example/dataforcanada/prod/a.parquet")
+    assert not sc.owns("https://h.example/api/records/1/files/a/content")  # Zenodo on the same base URL
+    assert not sc.owns("https://h.example/download/item/a.bin")

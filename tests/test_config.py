@@ -92,6 +92,37 @@ BAD_CASES: list[tuple[str, Any, str, str]] = [
     ("unknown-origin-in-preference", {"origins": {"preference": ["sourcecoop", "ftp"]}}, "origins", "unknown"),
     ("bad-web-seed-template", {"bittorrent": {"web_seed_templates": ["https://x/static"]}}, "bittorrent", "{name}"),
     ("not-toml", "raw:[node\nname=", "<file>", "not valid TOML"),
+    ("segment-size-zero", {"fetch": {"segment_size": 0}}, "fetch.segment_size", "greater than or equal"),
+    (
+        "zenodo-base-url-with-path",
+        {"origins": {"zenodo": {"base_url": "https://zenodo.org/api"}}},
+        "origins.zenodo.base_url",
+        "no path",
+    ),
+    (
+        "ia-base-url-with-path",
+        {"origins": {"ia": {"base_url": "https://archive.org/details"}}},
+        "origins.ia.base_url",
+        "no path",
+    ),
+    (
+        "ia-identifier-with-spaces",
+        {"origins": {"ia": {"identifiers": ["good-one", "census 2021"]}}},
+        "origins.ia.identifiers.1",
+        "no spaces",
+    ),
+    (
+        "sourcecoop-prefix-without-account",
+        {"origins": {"sourcecoop": {"enabled": True, "prefixes": ["ca-orthoimagery-labs/"]}}},
+        "origins.sourcecoop.prefixes",
+        "account/product",
+    ),
+    (
+        "sourcecoop-regional-endpoint-without-bucket",
+        {"origins": {"sourcecoop": {"endpoint": "https://us-west-2.opendata.source.coop", "bucket": ""}}},
+        "origins.sourcecoop.bucket",
+        "data.source.coop proxy",
+    ),
 ]
 
 
@@ -212,3 +243,12 @@ def test_reload_diff_separates_reloadable_sections(tmp_path: Path) -> None:
     reloadable, restart = diff_sections(a, b)
     assert reloadable == ["log"]
     assert restart == ["api"]
+
+
+def test_run_time_broken_values_are_refused_at_their_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    text = _with(tmp_path, {"fetch": {"segment_size": 0}})
+    cfg.write_text(text)
+    line = next(i for i, raw in enumerate(text.splitlines(), start=1) if raw.startswith("segment_size"))
+    r = run_cli(cfg, "check-config")
+    assert r.returncode == EX_CONFIG and f"fetch.segment_size (line {line})" in r.stderr, r.stderr

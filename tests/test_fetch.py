@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,8 @@ from aiohttp.test_utils import TestServer
 
 from noded.core.config import FetchConfig
 from noded.core.counters import Traffic
-from noded.origins.fetch import HttpClient, state_path
-from noded.origins.sources import FetchError
+from noded.origins.fetch import HostState, HttpClient, state_path
+from noded.origins.sources import FetchError, HostWaiting
 from tests.origin import Blob, ConnectionCountingProxy, Origin
 
 MiB = 1024 * 1024
@@ -245,3 +246,107 @@ async def test_size_differing_from_the_listing_fails_before_the_transfer(aiohttp
     with pytest.raises(FetchError, match="listing says"):
         await pull(server, "/a", tmp_path / "p", expected_size=2 * MiB)
     assert origin.sent("/a") <= MiB  # only (part of) the first probe range went over the wire
+
+
+async def test_retry_after_zero_still_waits_the_minimum_backoff(aiohttp_server: Any, tmp_path: Path) -> None:
+    origin = Origin()
+    origin.add("/a", os.urandom(MiB), fault=lambda b, r, n: "status:503:0")
+    server = await serve(aiohttp_server, origin)
+    cfg = fcfg(max_attempts=12, retry_initial=0.1, retry_max=0.1, host_failure_threshold=100)
+    with pytest.raises(FetchError):
+        await pull(server, "/a", tmp_path / "p", cfg=cfg)
+    assert len(origin.log) == 12  # the configured attempts, no more
+    gaps = [b.start - a.start for a, b in zip(origin.log, origin.log[1:], strict=False)]
+    assert min(gaps) >= 0.1  # measured by the server: Retry-After 0 never means "hammer"
+    assert origin.log[-1].start - origin.log[0].start >= 11 * 0.1
+
+
+async def test_503_storm_with_retry_after_zero_then_recovery(aiohttp_server: Any, tmp_path: Path) -> None:
+    data = os.urandom(MiB)
+    origin = Origin()
+    origin.add("/a", data, fault=lambda b, r, n: "status:503:0" if n <= 11 else None)
+    server = await serve(aiohttp_server, origin)
+    cfg = fcfg(max_attempts=12, retry_initial=0.05, retry_max=0.05)
+    result, _ = await pull(server, "/a", tmp_path / "p", cfg=cfg)
+    check(result, data)
+    assert [e.status for e in origin.log] == [503] * 11 + [206]
+    assert origin.log[-1].start - origin.log[0].start >= 11 * 0.05
+
+
+def test_a_response_started_before_the_storm_does_not_end_the_outage() -> None:
+    client = HttpClient(fcfg(host_failure_threshold=2), Traffic())
+    h = HostState(sem=asyncio.Semaphore(1), name="h")
+    began = time.monotonic()
+    client._failed(h, None, "HTTP 503")
+    client._failed(h, None, "HTTP 503")
+    assert h.failures == 2 and h.waiting() > 0
+    h.succeeded(began)  # in flight since before the failures: says nothing about the host now
+    assert h.failures == 2
+    h.succeeded(time.monotonic())
+    assert h.failures == 0
+
+
+async def test_a_long_retry_after_holds_the_host_and_says_until_when(aiohttp_server: Any, tmp_path: Path) -> None:
+    data = os.urandom(MiB // 2)
+    origin = Origin()
+    origin.add("/a", data, fault=lambda b, r, n: "status:429:200" if n == 1 else None)
+    server = await serve(aiohttp_server, origin)
+    client = HttpClient(fcfg(host_backoff_max_wait=1, max_retry_after=600), Traffic())
+    await client.start()
+    try:
+        before = time.time()
+        with pytest.raises(HostWaiting) as err:
+            await client.download(str(server.make_url("/a")), tmp_path / "p", channel="test")
+        assert before + 199 <= err.value.until <= time.time() + 201
+        st = client.hosts[f"127.0.0.1:{server.port}"].status()
+        assert st["waiting_until"] >= before + 199 and "Retry-After 200" in st["reason"]
+    finally:
+        await client.close()
+    assert len(origin.log) == 1  # nobody asked again while the host said to wait
+
+
+async def test_a_retry_after_beyond_the_maximum_fails_this_location_at_once(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    origin = Origin()
+    origin.add("/a", os.urandom(1000), fault=lambda b, r, n: "status:503:7200")
+    server = await serve(aiohttp_server, origin)
+    with pytest.raises(FetchError) as err:
+        await pull(server, "/a", tmp_path / "p", cfg=fcfg(max_retry_after=60))
+    assert not isinstance(err.value, HostWaiting) and "max_retry_after" in str(err.value)
+    assert len(origin.log) == 1
+
+
+async def test_downloads_never_ask_for_compression(aiohttp_server: Any, tmp_path: Path) -> None:
+    data = b"highly compressible " * 50_000
+    origin = Origin()
+    origin.add("/a", data, gzip_when_asked=True)
+    server = await serve(aiohttp_server, origin)
+    result, _ = await pull(server, "/a", tmp_path / "p", expected_size=len(data))
+    check(result, data)
+    assert all(e.accept_encoding == "identity" for e in origin.log)
+
+
+async def test_a_host_limited_below_the_global_cap_gets_no_more_connections(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    origin = Origin()
+    blobs = {f"/f{i}": os.urandom(MiB) for i in range(3)}
+    for path, data in blobs.items():
+        origin.add(path, data, rate=8 * MiB)
+    server = await serve(aiohttp_server, origin)
+    proxy = await ConnectionCountingProxy(server.port).start()
+    client = HttpClient(fcfg(max_connections_per_host=6, segment_size=MiB // 4, segments_per_item=4), Traffic())
+    base = f"http://127.0.0.1:{proxy.port}"
+    client.limit_host(base, 2)  # what the Zenodo adapter asks for by default
+    await client.start()
+    try:
+        results = await asyncio.gather(
+            *(client.download(base + p, tmp_path / p.strip("/"), channel="t") for p in blobs)
+        )
+    finally:
+        await client.close()
+        await proxy.close()
+    for r, data in zip(results, blobs.values(), strict=True):
+        check(r, data)
+    assert origin.max_in_flight == 2 and proxy.max_open <= 2

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -13,7 +14,11 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
+from noded.api import origins_routes
+from noded.api.app import create_app
+from noded.cli.main import render_failing
 from noded.core.component import Node
 from noded.core.config import parse_config
 from noded.core.hashing import hash_file
@@ -40,6 +45,7 @@ class Servers:
     def app(self) -> web.Application:
         app = self.zenodo.app()
         app.router.add_get("/metadata/{ident}", self.ia.metadata)
+        app.router.add_get("/services/search/v1/scrape", self.ia.scrape)
         app.router.add_get("/download/{ident}/{name}", self.ia_download)
         app.router.add_route("GET", "/{tail:.*}", self.files.handle)
         return app
@@ -390,3 +396,191 @@ async def test_a_busy_origin_does_not_starve_the_others(servers: Servers, make: 
     assert (await one(o, "ia.bin")).state == State.CACHED
     counts = await o.node.store.run(o.node.store.counts_by_state)
     assert counts["cached"] == 1  # no zenodo item (0.5 s each at least) had to finish first
+
+
+async def test_a_host_asking_to_wait_requeues_its_items_instead_of_failing_them(
+    servers: Servers, make: Factory
+) -> None:
+    data = os.urandom(MiB)
+    servers.publish("wait.bin", data)
+    path = "/api/records/7/files/wait.bin/content"
+    # Retry-After 200 in the field; 2 here, with a pull's own patience (host_backoff_max_wait) shorter still.
+    servers.files.blobs[path].fault = lambda b, r, n: "status:429:2" if n == 1 else None
+    o = await make(fetch={"host_backoff_max_wait": 0.5})
+    await o.stop()
+    await o.start()
+    seen: set[State] = set()
+    waiting: dict[str, Any] | None = None
+    problems: set[str] = set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        item = await o.node.store.run(o.node.store.get_current, "wait.bin")
+        if item is not None:
+            seen.add(item.state)
+            if item.state == State.CACHED:
+                break
+        for h in o.status()["hosts"].values():
+            if "waiting_until" in h:
+                waiting = h
+        problems |= set(o.node.problems)
+        await asyncio.sleep(0.05)
+    assert any(k.startswith("items:") and k.endswith(":waiting") for k in problems)
+    assert any(k.startswith("host:127.0.0.1") for k in problems)
+    assert not any(k.startswith(("items:", "host:")) for k in o.node.problems)  # cleared once it is cached
+    assert (await one(o, "wait.bin")).state == State.CACHED
+    assert State.FAILED not in seen
+    assert waiting is not None and "Retry-After 2" in waiting["reason"] and waiting["waiting_until"] > time.time() - 30
+    hits = [e for e in servers.files.log if e.path == path]
+    assert hits[0].status == 429 and hits[1].start - hits[0].start >= 2.0  # measured by the server
+
+
+async def cached_soon(o: Origins, key: str, seconds: float = 30) -> Item | None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        item = await o.node.store.run(o.node.store.get_current, key)
+        if item is not None and item.state == State.CACHED:
+            return item
+        await o.node.wait("cached", 0.2)
+    return None
+
+
+async def test_a_failed_item_is_retried_on_its_own_growing_timer(servers: Servers, make: Factory) -> None:
+    data = os.urandom(1000)
+    servers.publish("late.bin", data)
+    path = "/api/records/7/files/late.bin/content"
+    servers.files.blobs[path].fault = lambda b, r, n: "status:404" if n <= 2 else None
+    o = await make(origins={"failed_retry_after": 1.0, "ia": {"enabled": False}})
+    await o.stop()
+    await o.start()
+    assert await cached_soon(o, "late.bin") is not None
+    hits = [e for e in servers.files.log if e.path == path]
+    assert [e.status for e in hits] == [404, 404, 206]
+    # No catalog refresh in between (the interval is an hour): the item's own timer, doubling.
+    assert sum(1 for _, p in servers.zenodo.log.requests if p.startswith("/api/records/7")) == 1
+    assert hits[1].start - hits[0].start >= 1.0 and hits[2].start - hits[1].start >= 2.0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """The cache on a real 3 MiB filesystem, so a write can really fail with ENOSPC."""
+    mnt = tmp_path / "cache"
+    mnt.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)]
+    if os.geteuid() != 0 or subprocess.run(mount, check=False).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_a_disk_full_failure_recovers_once_space_returns(
+    small_disk: Path, servers: Servers, make: Factory
+) -> None:
+    data = os.urandom(MiB)
+    servers.publish("big.bin", data)
+    junk = small_disk / "junk"
+    junk.write_bytes(b"\0" * (5 * MiB // 2))
+    o = await make(origins={"failed_retry_after": 600.0})
+    await o.stop()
+    await o.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found = await o.node.store.run(o.node.store.get_current, "big.bin")
+        if found is not None and found.state == State.FAILED:
+            break
+        await asyncio.sleep(0.05)
+    item = await one(o, "big.bin")
+    assert item.state == State.FAILED and "disk full" in (item.error or "")
+    assert o.failures[item.id].cause == "disk"
+    junk.unlink()
+    # Retried as soon as there is room, long before its 600 s timer.
+    got = await cached_soon(o, "big.bin", 20)
+    assert got is not None and o.layout.final_path("big.bin").read_bytes() == data
+
+
+async def test_a_hanging_listing_never_delays_the_other_origins_pulls(servers: Servers, make: Factory) -> None:
+    data = os.urandom(MiB // 2)
+    servers.publish("quick.bin", data)
+    servers.ia.hang = asyncio.Event()
+    try:
+        o = await make()
+        await o.stop()
+        await o.start()
+        assert await cached_soon(o, "quick.bin", 15) is not None  # while the archive.org listing still hangs
+        assert "ia" not in o.last_refresh
+    finally:
+        servers.ia.hang.set()
+
+
+async def test_failed_items_are_listed_with_cause_next_attempt_and_location_errors(
+    servers: Servers, make: Factory, aiohttp_client: Any
+) -> None:
+    servers.publish("b.bin", os.urandom(100))
+    extra = os.urandom(100)
+    servers.zenodo.records[7]["files"].append(zenodo_file(servers.base, 7, "a.bin", extra))
+    servers.files.add("/api/records/7/files/a.bin/content", extra)
+    servers.files.blobs["/api/records/7/files/b.bin/content"].fault = lambda b, r, n: "status:404"
+    servers.files.blobs["/ia800000/items/item/b.bin"].fault = lambda b, r, n: "status:403"
+    o = await make(origins={"failed_retry_after": 600.0})
+    o.node.components["origins"] = o
+    await o.refresh_all()
+    before = time.time()
+    await o.pull(await one(o, "b.bin"))
+    assert o.node.problems.get("items:" + (await one(o, "b.bin")).origin + ":failed:upstream", "").startswith("1 item")
+    client = await aiohttp_client(create_app(o.node, [origins_routes.setup]))
+    resp = await client.get("/v1/items", params={"state": "failed", "limit": "10"})
+    body = await resp.json()
+    assert resp.status == 200 and body["next_after"] is None
+    [it] = body["items"]
+    assert it["key"] == "b.bin" and it["state"] == "failed" and it["cause"] == "upstream"
+    assert before + 600 <= it["next_attempt"] <= time.time() + 601
+    assert "404" in it["locations"]["zenodo"] and "403" in it["locations"]["ia"] and "404" in it["reason"]
+    text = render_failing(body["items"])
+    assert "b.bin" in text and "upstream" in text
+    page = await (await client.get("/v1/items", params={"limit": "1"})).json()
+    assert len(page["items"]) == 1 and page["next_after"] == page["items"][0]["id"]
+    rest = await (await client.get("/v1/items", params={"limit": "5", "after": str(page["next_after"])})).json()
+    assert rest["next_after"] is None and page["items"][0]["id"] < rest["items"][0]["id"]
+    assert (await client.get("/v1/items", params={"state": "nonsense"})).status == 400
+    assert (await client.get("/v1/items", params={"limit": "0"})).status == 400
+
+
+async def test_withdrawn_restricted_and_dark_records_are_rejected_alone(servers: Servers, make: Factory) -> None:
+    base = servers.base
+    good_z, good_ia = os.urandom(500), os.urandom(600)
+    servers.zenodo.records[7] = zenodo_record(base, 7, [zenodo_file(base, 7, "z.bin", good_z)])
+    servers.files.add("/api/records/7/files/z.bin/content", good_z)
+    servers.zenodo.status[8] = 410
+    restricted = zenodo_record(base, 9, [zenodo_file(base, 9, "r.bin", b"r")])
+    servers.zenodo.records[9] = {**restricted, "access": {"record": "public", "files": "restricted"}}
+    servers.zenodo.status[10] = 403
+    secret = {**ia_file("secret.bin", b"s"), "private": "true"}
+    servers.ia.items["good"] = ia_metadata(
+        "good",
+        [ia_file("i.bin", good_ia), ia_file("good_files.xml", b"<files/>"), ia_file("good_meta.xml", b"<m/>"), secret],
+    )
+    for name, data in (
+        ("i.bin", good_ia),
+        ("good_files.xml", b"<files/>"),
+        ("good_meta.xml", b"<m/>"),
+        ("secret.bin", b"s"),
+    ):
+        servers.files.add(f"/ia800000/items/good/{name}", data)
+    servers.ia.items["dark"] = {"created": 1735689600, "is_dark": True}
+    z = {"enabled": True, "base_url": base, "records": [7, 8, 9, 10], "requests_per_minute": 6000}
+    ia = {"enabled": True, "base_url": base, "identifiers": ["dark", "good", "unknown"], "requests_per_minute": 6000}
+    o = await make(origins={"zenodo": z, "ia": ia})
+    with capture_logs() as logs:
+        await o.refresh_all()
+    rejected = {e["key"]: e["reason"] for e in logs if e["event"] == "catalog.entry_rejected"}
+    assert "410" in rejected["record 8"] and "withdrawn" in rejected["record 8"]
+    assert "restricted" in rejected["record 9"] and "restricted" in rejected["record 10"]
+    assert "dark" in rejected["identifier dark"] and "does not exist" in rejected["identifier unknown"]
+    assert "private" in rejected["secret.bin"]
+    assert o.last_refresh["zenodo"]["ok"] and o.last_refresh["ia"]["ok"]
+    keys = {row[0] for row in o.node.store.conn.execute("SELECT key FROM items")}
+    assert keys == {"z.bin", "i.bin"}  # the Archive's own files are never listed, the private one is rejected
+    await o.stop()
+    await o.start()
+    assert await cached_soon(o, "z.bin") is not None and await cached_soon(o, "i.bin") is not None
+    fetched = {e.path for e in servers.files.log}
+    assert not any(p.endswith(("_files.xml", "_meta.xml", "secret.bin")) for p in fetched)

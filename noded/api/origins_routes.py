@@ -4,6 +4,8 @@ GET    /v1/schedule                 rates in force, the override if any, the con
 PUT    /v1/schedule                 {"down": "10MB/s"|null, "up": ..., "seconds": 3600}  (token)
 DELETE /v1/schedule                 drop the override, back to the timetable                 (token)
 POST   /v1/catalog/refresh          refresh every origin's catalog now                      (token)
+GET    /v1/items?state=failed,wanted&limit=100&after=0
+                                    items by state, paged by id: reason, cause, next attempt, per-location errors
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from aiohttp import web
 from noded.api.app import NODE_KEY
 from noded.api.auth import require_token
 from noded.api.errors import ApiError, read_json
+from noded.core.model import State
 from noded.core.units import parse_rate
 from noded.origins.schedule import Schedule
 
@@ -75,7 +78,53 @@ async def refresh_catalog(request: web.Request) -> web.Response:
     return web.json_response({"refresh": "started"}, status=202)
 
 
+MAX_ITEMS_PAGE = 1000
+
+
+def _int_query(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise ApiError(400, f"{name} must be an integer in [{lo}, {hi}]")
+    return int(raw)
+
+
+async def list_items(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    states: list[State] = []
+    for name in filter(None, request.query.get("state", "").split(",")):
+        try:
+            states.append(State(name.strip()))
+        except ValueError:
+            raise ApiError(400, f"unknown state {name[:40]!r}; known: {[s.value for s in State]}") from None
+    limit = _int_query(request, "limit", 100, 1, MAX_ITEMS_PAGE)
+    after = _int_query(request, "after", 0, 0, 2**62)
+    rows = await node.store.run(node.store.items, states=states or None, after_id=after, limit=limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    origins = node.get("origins")
+    detail = getattr(origins, "item_detail", None)
+    out = []
+    for it in rows:
+        d: dict[str, Any] = {
+            "id": it.id,
+            "key": it.key,
+            "version": it.version,
+            "origin": it.origin,
+            "state": it.state.value,
+            "reason": it.error,
+            "size": it.size,
+            "updated_at": it.updated_at,
+        }
+        if callable(detail):
+            d.update(detail(it))
+        out.append(d)
+    return web.json_response({"items": out, "next_after": rows[-1].id if more and rows else None})
+
+
 def setup(app: web.Application) -> None:
+    app.router.add_get("/v1/items", list_items)
     app.router.add_get("/v1/schedule", get_schedule)
     app.router.add_put("/v1/schedule", put_schedule)
     app.router.add_delete("/v1/schedule", delete_schedule)

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -163,12 +164,31 @@ def render_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_failing(items: list[dict[str, Any]]) -> str:
+    """The items that failed or wait for a host, with why and when they are tried again."""
+    rows: list[tuple[Any, ...]] = [("item", "origin", "state", "cause", "next attempt (UTC)", "reason")]
+    for it in items:
+        if it["state"] == "wanted" and it.get("cause") != "waiting":
+            continue
+        nxt = it.get("next_attempt")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(nxt)) if nxt else "-"
+        reason = (it.get("reason") or "").replace("\n", " ")
+        rows.append((it["key"][:60], it["origin"], it["state"], it.get("cause") or "-", when, reason[:100]))
+    return "" if len(rows) == 1 else _table(rows)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     st = api_call(args, "GET", "/v1/status")
+    failing: list[dict[str, Any]] = []
+    if st["items"].get("failed") or any(k.startswith("items:") for k in st["problems"]):
+        failing = api_call(args, "GET", "/v1/items?state=failed,wanted&limit=50")["items"]
     if args.json:
-        print(json.dumps(st, indent=2))
+        print(json.dumps({**st, "failing_items": failing}, indent=2))
     else:
         print(render_status(st))
+        table = render_failing(failing)
+        if table:
+            print("\n" + table)
     return 0
 
 

@@ -28,6 +28,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -41,6 +43,27 @@ def _http_url(v: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
     return v.rstrip("/")
+
+
+def _root_url(v: str) -> str:
+    """An origin's site root: noded appends the API paths itself, so a path would be doubled."""
+    v = _http_url(v)
+    parts = urlsplit(v)
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(
+            f"expected the site's root URL such as https://{parts.hostname} "
+            f"(no path: noded adds the API paths), got {v!r}"
+        )
+    return v
+
+
+_IA_IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def _ia_identifier(v: str) -> str:
+    if not _IA_IDENT_RE.match(v):
+        raise ValueError(f"expected an archive.org identifier (letters, digits, '.', '_', '-'; no spaces), got {v!r}")
+    return v
 
 
 def _host_port(v: str) -> str:
@@ -71,6 +94,8 @@ def _name(v: str) -> str:
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
 Rate = Annotated[int | None, BeforeValidator(parse_rate)]
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
+RootUrl = Annotated[str, AfterValidator(_root_url)]
+IaIdentifier = Annotated[str, AfterValidator(_ia_identifier)]
 HostPort = Annotated[str, AfterValidator(_host_port)]
 IPAddr = Annotated[str, AfterValidator(_ip)]
 Name = Annotated[str, AfterValidator(_name)]
@@ -140,27 +165,64 @@ class LogConfig(_Section):
 
 class SourceCoopConfig(_Section):
     enabled: bool = False
-    # Path-style S3 endpoint: the data.source.coop proxy or a regional bucket host.
-    endpoint: HttpUrl = "https://data.source.coop"
+    # Path-style S3 endpoint: the data.source.coop proxy (or any S3-compatible host with `bucket` set).
+    endpoint: RootUrl = "https://data.source.coop"
     bucket: str = ""  # empty with the proxy: the account is the first path segment
     prefixes: list[str] = Field(default_factory=list)
     max_keys_per_page: int = Field(1000, ge=1, le=1000)
 
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str, info: ValidationInfo) -> str:
+        host = urlsplit(str(info.data.get("endpoint", ""))).hostname or ""
+        if not v and host.endswith("opendata.source.coop"):
+            raise ValueError(
+                f'bucket = "" only works with the data.source.coop proxy (account as the first prefix segment); '
+                f'{host} needs the bucket named, or use endpoint = "https://data.source.coop"'
+            )
+        return v
+
+    @field_validator("prefixes")
+    @classmethod
+    def _prefixes(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        if info.data.get("bucket"):
+            return v
+        if info.data.get("enabled") and not v:
+            raise ValueError('with bucket = "" name at least one "account/product/" prefix')
+        for p in v:
+            segments = p.lstrip("/").split("/")
+            if len(segments) < 2 or not segments[0] or not segments[1]:
+                raise ValueError(
+                    f'with bucket = "" a prefix is "account/product/..." (e.g. "dataforcanada/ca-orthoimagery-labs/"); '
+                    f"{p!r} names no account and product (an account alone lists only its products)"
+                )
+        return v
+
 
 class ZenodoConfig(_Section):
     enabled: bool = False
-    base_url: HttpUrl = "https://zenodo.org"
+    base_url: RootUrl = "https://zenodo.org"
     records: list[int] = Field(default_factory=list)
     concepts: list[int] = Field(default_factory=list)
     communities: list[str] = Field(default_factory=list)
     requests_per_minute: int = Field(60, ge=1, le=10_000)
+    # Zenodo's search endpoints (community listings) allow fewer requests than record GETs.
+    search_requests_per_minute: int = Field(30, ge=1, le=10_000)
+    # Zenodo blocks clients above 2 connections (fetch.max_connections_per_host still caps it).
+    max_connections_per_host: int = Field(2, ge=1, le=64)
 
 
 class InternetArchiveConfig(_Section):
     enabled: bool = False
-    base_url: HttpUrl = "https://archive.org"
-    identifiers: list[str] = Field(default_factory=list)
+    base_url: RootUrl = "https://archive.org"
+    identifiers: list[IaIdentifier] = Field(default_factory=list)
+    # Whole collections, listed through the scrape API (every identifier in them is mirrored).
+    collections: list[IaIdentifier] = Field(default_factory=list)
     include_derivatives: bool = False
+    # Files the Archive generates about an item (not datasets; _files.xml never matches its own md5).
+    skip_suffixes: list[str] = Field(
+        default_factory=lambda: ["_files.xml", "_meta.xml", "_meta.sqlite", "__ia_thumb.jpg", "_reviews.xml"]
+    )
     requests_per_minute: int = Field(60, ge=1, le=10_000)
 
 
@@ -210,7 +272,8 @@ class FetchConfig(_Section):
     max_concurrent_items: int = Field(4, ge=1, le=256)
     max_items_per_origin: int = Field(2, ge=1, le=256)
     max_connections_per_host: int = Field(4, ge=1, le=64)
-    segment_size: ByteSize = 64 * 1024**2
+    # At least 64 KiB: 0 would send "Range: bytes=0--1", tiny ones a request per few bytes.
+    segment_size: Annotated[ByteSize, Field(ge=64 * 1024)] = 64 * 1024**2
     segments_per_item: int = Field(4, ge=1, le=64)
     connect_timeout: Seconds = 15.0
     read_timeout: Seconds = 60.0
@@ -221,6 +284,11 @@ class FetchConfig(_Section):
     # Consecutive failures after which a whole host is backed off; a longer wait makes a pull try the next origin.
     host_failure_threshold: int = Field(3, ge=1, le=100)
     host_backoff_max_wait: Seconds = 120.0
+    # A host's Retry-After/X-RateLimit wait up to this long holds its items in the queue (never FAILED);
+    # a longer one is logged and the item tries its other locations (or fails and is retried later).
+    max_retry_after: Seconds = 3600.0
+    # Retries, waits and stalls of one host or URL are logged at most this often.
+    log_interval: Seconds = 30.0
     # How long a node waits for the rendezvous owner of an item before pulling from the origin itself.
     peer_wait: Seconds = 600.0
     user_agent: str = "noded (+https://github.com/dataforcanada; Data for Canada Smart Node)"

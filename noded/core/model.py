@@ -21,7 +21,7 @@ class State(enum.StrEnum):
     FETCHING = "fetching"  # bytes are moving into the partial area
     CACHED = "cached"  # complete and verified under its final path
     EVICTED = "evicted"  # was cached, deleted to stay within budget; durable elsewhere
-    FAILED = "failed"  # gave up for now (see error); retried on the next catalog refresh
+    FAILED = "failed"  # gave up for now (see error); retried on its own timer or when the cause clears
     QUARANTINED = "quarantined"  # bytes did not verify; kept aside, never served
 
 

@@ -43,7 +43,7 @@ from noded.core.logs import get_logger
 from noded.core.model import HashResult
 from noded.origins.catalog.base import HttpReply
 from noded.origins.schedule import TokenBucket
-from noded.origins.sources import FetchError
+from noded.origins.sources import FetchError, HostWaiting
 
 log = get_logger("noded.fetch")
 T = TypeVar("T")
@@ -51,7 +51,7 @@ T = TypeVar("T")
 CHUNK = 1024 * 1024  # read/write unit of a segment stream
 CHECKPOINT_SECONDS = 1.0  # how often durable progress is recorded (bounds re-download after a crash)
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-MAX_RETRY_AFTER = 3600.0
+MAX_RETRY_AFTER = 7 * 86400.0  # sanity bound on what a header can ask; fetch.max_retry_after is the policy
 MAX_RESTARTS = 2  # restarts from zero when the resource changes under us
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
@@ -87,16 +87,44 @@ class HostState:
     """Politeness towards one host (netloc), shared by catalog requests and downloads."""
 
     sem: asyncio.Semaphore
+    name: str = ""
     min_interval: float = 0.0  # seconds between request starts (requests-per-minute pacing)
     next_slot: float = 0.0
     not_before: float = 0.0  # monotonic time before which no request starts
-    failures: int = 0  # consecutive
+    wait_reason: str = ""  # why the host is held (Retry-After, X-RateLimit, backoff)
+    # Failures of the current outage. An outage ends only with a success of a request that started
+    # after its latest failure: a response already in flight when the storm began does not end it.
+    failures: int = 0
+    last_failure: float = 0.0  # monotonic
+    last_success_wall: float = 0.0
     active: int = 0
     requests: int = 0
 
+    def waiting(self, now: float | None = None) -> float:
+        return max(0.0, self.not_before - (time.monotonic() if now is None else now))
+
+    def hold(self, seconds: float, reason: str) -> None:
+        until = time.monotonic() + seconds
+        if until > self.not_before:
+            self.not_before = until
+            self.wait_reason = reason
+
+    def until_wall(self) -> float:
+        """The wall-clock time the host's wait ends (for status and the store)."""
+        return time.time() + self.waiting()
+
+    def succeeded(self, started: float) -> None:
+        self.last_success_wall = time.time()
+        if started > self.last_failure:
+            self.failures = 0
+
     def status(self) -> dict[str, Any]:
-        wait = max(0.0, self.not_before - time.monotonic())
-        return {"active": self.active, "failures": self.failures, "backoff_seconds": round(wait, 1)}
+        wait = self.waiting()
+        out: dict[str, Any] = {"active": self.active, "failures": self.failures, "backoff_seconds": round(wait, 1)}
+        if wait > 0:
+            out["waiting_until"] = round(self.until_wall(), 3)
+            out["reason"] = self.wait_reason
+        return out
 
 
 @dataclass
@@ -159,6 +187,9 @@ class HttpClient:
         self.down = down or TokenBucket()
         self.hosts: dict[str, HostState] = {}
         self._pacing: dict[str, float] = {}
+        self._limits: dict[str, int] = {}
+        # (event, host or URL) -> when it was last logged, for the rate-limited warnings.
+        self._last_log: dict[tuple[str, str], float] = {}
         self._session: aiohttp.ClientSession | None = None
         # File writes and syncs of all pulls; the store and hashing have their own threads.
         self._io: ThreadPoolExecutor | None = None
@@ -174,7 +205,8 @@ class HttpClient:
         self._session = aiohttp.ClientSession(
             timeout=timeout,
             connector=connector,
-            headers={"User-Agent": self.cfg.user_agent},
+            # identity: a compressed body would not be the bytes the published checksums cover.
+            headers={"User-Agent": self.cfg.user_agent, "Accept-Encoding": "identity"},
             auto_decompress=False,  # bytes on disk must be the bytes the checksum covers
         )
 
@@ -199,25 +231,53 @@ class HttpClient:
         if host in self.hosts:
             self.hosts[host].min_interval = self._pacing[host]
 
+    def limit_host(self, host_or_url: str, connections: int) -> None:
+        """Fewer connections to one host than fetch.max_connections_per_host (Zenodo blocks above 2)."""
+        host = urlsplit(host_or_url).netloc or host_or_url
+        self._limits[host] = min(connections, self.cfg.max_connections_per_host)
+
     def host(self, url: str) -> HostState:
         netloc = urlsplit(url).netloc
         st = self.hosts.get(netloc)
         if st is None:
             st = HostState(
-                sem=asyncio.Semaphore(self.cfg.max_connections_per_host),
+                sem=asyncio.Semaphore(self._limits.get(netloc, self.cfg.max_connections_per_host)),
+                name=netloc,
                 min_interval=self._pacing.get(netloc, 0.0),
             )
             self.hosts[netloc] = st
         return st
 
     # -- politeness ---------------------------------------------------------------------------
+    def log_limited(self, event: str, about: str, **kw: Any) -> None:
+        """A warning at most once per `fetch.log_interval` for each (event, about): storms stay readable."""
+        now = time.monotonic()
+        if now - self._last_log.get((event, about), -1e18) < self.cfg.log_interval:
+            return
+        if len(self._last_log) > 10_000:
+            self._last_log.clear()  # bounded: forgetting only costs one extra log line
+        self._last_log[(event, about)] = now
+        log.warning(event, **kw)
+
+    def _check_wait(self, h: HostState) -> None:
+        """A wait the pull should not sit through: the item is re-queued, or another location tried."""
+        wait = h.waiting()
+        if wait > self.cfg.max_retry_after:
+            raise FetchError(
+                f"host {h.name} asks to wait {wait:.0f}s ({h.wait_reason}), more than fetch.max_retry_after",
+                retryable=True,
+            )
+        if wait > self.cfg.host_backoff_max_wait:
+            raise HostWaiting(h.name, h.until_wall(), h.wait_reason)
+
     async def _gate(self, h: HostState, url: str) -> None:
         """Wait for the host's backoff/rate-limit window and pacing slot (inside the connection cap)."""
-        now = time.monotonic()
-        wait = h.not_before - now
-        if wait > self.cfg.host_backoff_max_wait:
-            raise FetchError(f"host {urlsplit(url).netloc} is backed off for {wait:.0f}s more", retryable=True)
+        self._check_wait(h)
+        wait = h.waiting()
         if wait > 0:
+            self.log_limited(
+                "fetch.host_wait", h.name, host=h.name, url=url, seconds=round(wait, 3), reason=h.wait_reason
+            )
             await asyncio.sleep(wait)
         if h.min_interval:
             now = time.monotonic()
@@ -232,26 +292,26 @@ class HttpClient:
         reset = headers.get("X-RateLimit-Reset")
         if remaining is not None and remaining.strip() == "0" and reset and reset.strip().isdigit():
             wait = min(max(0.0, int(reset) - time.time()), MAX_RETRY_AFTER)
-            h.not_before = max(h.not_before, time.monotonic() + wait)
+            h.hold(wait, f"X-RateLimit-Remaining 0, reset in {wait:.0f}s")
 
-    def _failed(self, h: HostState, retry_after: float | None) -> None:
+    def _failed(self, h: HostState, retry_after: float | None, why: str = "") -> None:
         h.failures += 1
-        now = time.monotonic()
+        h.last_failure = time.monotonic()
         if retry_after is not None:
-            h.not_before = max(h.not_before, now + retry_after)
+            # Retry-After: 0 (or a tiny value) still waits the minimum backoff: no hammering.
+            h.hold(max(retry_after, self.cfg.retry_initial), f"Retry-After {retry_after:g}s after {why}".strip())
         if h.failures >= self.cfg.host_failure_threshold:
-            # The whole host waits, growing with each further failure, with jitter against herds.
-            h.not_before = max(h.not_before, now + self._backoff(h.failures - self.cfg.host_failure_threshold))
+            # The whole host waits, growing with each further failure of this outage, jittered against herds.
+            n = h.failures - self.cfg.host_failure_threshold
+            h.hold(self._backoff(n), f"{h.failures} failures in a row ({why})")
 
     def _wait(self, rs: RetryCallState) -> float:
-        exc = rs.outcome.exception() if rs.outcome else None
-        if isinstance(exc, Retryable) and exc.retry_after is not None:
-            return 0.0  # the host gate already holds every request until Retry-After has passed
+        # Always at least the backoff; a Retry-After longer than it is enforced by the host gate.
         return self._backoff(rs.attempt_number - 1)
 
     def _backoff(self, n: int) -> float:
-        """Doubling from retry_initial, capped at retry_max, with jitter against herds."""
-        return float(min(self.cfg.retry_max, self.cfg.retry_initial * 2**n) * random.uniform(0.5, 1.0))
+        """Doubling from retry_initial, capped at retry_max; jitter only upwards, so retry_initial is the minimum."""
+        return float(min(self.cfg.retry_max, self.cfg.retry_initial * 2 ** min(n, 60) * random.uniform(1.0, 1.25)))
 
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
@@ -271,14 +331,18 @@ class HttpClient:
             raise FetchError(f"GET {url} failed after {self.cfg.max_attempts} attempts: {e}") from None
         raise AssertionError("unreachable")
 
-    def _classify(self, h: HostState, channel: str, e: BaseException) -> Retryable:
+    def _classify(self, h: HostState, channel: str, e: BaseException, url: str = "") -> Retryable:
         """Turn a transport failure into a retryable error, counting it against the host."""
         self.traffic.add(channel, "in", errors=1)
         retry_after = e.retry_after if isinstance(e, Retryable) else None
-        self._failed(h, retry_after)
-        if isinstance(e, Retryable):
-            return e
-        return Retryable(f"{type(e).__name__}: {e}")
+        err = e if isinstance(e, Retryable) else Retryable(f"{type(e).__name__}: {e}")
+        self._failed(h, retry_after, str(err))
+        self.log_limited("fetch.retry", f"{h.name} {url}", host=h.name, url=url, reason=str(err), failures=h.failures)
+        if retry_after is not None and retry_after > self.cfg.max_retry_after:
+            raise FetchError(
+                f"host {h.name} asks to wait {retry_after:.0f}s, more than fetch.max_retry_after", retryable=True
+            )
+        return err
 
     # -- small bodies (catalog pages) ---------------------------------------------------------
     async def get_bytes(
@@ -304,6 +368,7 @@ class HttpClient:
     ) -> HttpReply:
         async with h.sem:
             await self._gate(h, url)
+            started = time.monotonic()
             h.active += 1
             try:
                 async with self.session.get(url, params=params, headers=headers) as resp:
@@ -320,10 +385,10 @@ class HttpClient:
                         if len(buf) > max_bytes:
                             raise FetchError(f"GET {url}: body exceeds {max_bytes} bytes", retryable=False)
                     body = bytes(buf)
-                    h.failures = 0
+                    h.succeeded(started)
                     return HttpReply(resp.status, dict(resp.headers), body, str(resp.url))
             except (aiohttp.ClientError, TimeoutError, Retryable) as e:
-                raise self._classify(h, channel, e) from None
+                raise self._classify(h, channel, e, url) from None
             finally:
                 h.active -= 1
 
@@ -342,7 +407,7 @@ class HttpClient:
             try:
                 return await _Pull(self, url, partial, channel, expected_size, want_sha1).run()
             except ChangedUpstream as e:
-                log.warning("fetch.changed_upstream", url=url, reason=str(e))
+                log.warning("fetch.changed_upstream", url=url, host=urlsplit(url).netloc, reason=str(e))
                 await self._run_io(_discard, partial)
         raise FetchError(f"{url} kept changing during the download", retryable=True)
 
@@ -398,6 +463,7 @@ class _Pull:
         self.finished = False
         self._fd_users: set[concurrent.futures.Future[Any]] = set()
         self._first: aiohttp.ClientResponse | None = None  # the probe's response, until a worker takes it
+        self._started = 0.0  # when the probe's request was sent
 
     async def run(self) -> HashResult:
         cfg = self.c.cfg
@@ -495,10 +561,11 @@ class _Pull:
         h.active += 1
         try:
             await self.c._gate(h, self.url)
+            self._started = time.monotonic()
             try:
                 resp = await self.c.session.get(self.url, headers={"Range": f"bytes=0-{seg - 1}"})
             except (aiohttp.ClientError, TimeoutError) as e:
-                raise self.c._classify(h, self.channel, e) from None
+                raise self.c._classify(h, self.channel, e, self.url) from None
             self.c.traffic.add(self.channel, "in", requests=1)
             self.c._note_headers(h, resp.headers)
             etag = resp.headers.get("ETag")
@@ -509,6 +576,7 @@ class _Pull:
                         h,
                         self.channel,
                         Retryable(f"HTTP {resp.status}", parse_retry_after(resp.headers.get("Retry-After"))),
+                        self.url,
                     )
                 if resp.status == 416:
                     cr = _content_range(resp.headers.get("Content-Range"))
@@ -540,7 +608,7 @@ class _Pull:
             h.active -= 1
             h.sem.release()
             raise
-        h.failures = 0
+        h.succeeded(self._started)
         return st, resp
 
     # -- segment workers --------------------------------------------------------------------------
@@ -575,9 +643,9 @@ class _Pull:
     async def _stream_first(self, seg: Segment, resp: aiohttp.ClientResponse) -> None:
         try:
             await self._consume(seg, resp)
-            self.h.failures = 0
+            self.h.succeeded(self._started)
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise self.c._classify(self.h, self.channel, e) from None
+            raise self.c._classify(self.h, self.channel, e, self.url) from None
         finally:
             self._release_first(resp)
 
@@ -597,6 +665,7 @@ class _Pull:
             raise ChangedUpstream("the server does not support ranges; starting again")
         async with h.sem:
             await self.c._gate(h, self.url)
+            started = time.monotonic()
             h.active += 1
             try:
                 async with self.c.session.get(self.url, headers=headers) as resp:
@@ -620,9 +689,9 @@ class _Pull:
                     elif resp.status != 200:
                         raise FetchError(f"{self.url}: HTTP {resp.status}", retryable=resp.status >= 500)
                     await self._consume(seg, resp)
-                    h.failures = 0
+                    h.succeeded(started)
             except (aiohttp.ClientError, TimeoutError, Retryable) as e:
-                raise self.c._classify(h, self.channel, e) from None
+                raise self.c._classify(h, self.channel, e, self.url) from None
             finally:
                 h.active -= 1
 

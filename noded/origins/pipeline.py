@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,7 +42,7 @@ from noded.origins.catalog.zenodo import ZenodoAdapter
 from noded.origins.fetch import HttpClient, state_path
 from noded.origins.rendezvous import decide
 from noded.origins.schedule import TokenBucket
-from noded.origins.sources import FetchError, OriginExtension, Source
+from noded.origins.sources import FetchError, HostWaiting, OriginExtension, Source
 
 log = get_logger("noded.origins")
 
@@ -46,6 +50,9 @@ UPSERT_BATCH = 500  # entries per store transaction: keeps the store thread resp
 POLL_SECONDS = 30.0  # pull loop wake-up when nobody notifies
 DEFER_RECHECK = 10.0  # how often an item left to its rendezvous owner is looked at again
 NO_SOURCE_RECHECK = 60.0  # how often an item nothing can serve is looked at again
+CAUSE_RECHECK = 2.0  # how often a failure's cause (disk space, a host) is looked at again
+MAX_RETRY_GROWTH = 16  # a failed item's retry interval grows up to this many times failed_retry_after
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 # -- pure policy ---------------------------------------------------------------------------------
@@ -76,6 +83,26 @@ def order_sources(
         return (0 if healthy(s) else 1, pos)
 
     return [*first, *sorted(middle, key=rank), *last]
+
+
+def retry_delay(base: float, failures: int) -> float:
+    """Seconds before a failed item is tried again: `base`, doubling per consecutive failure, bounded."""
+    return base * float(min(MAX_RETRY_GROWTH, 1 << max(0, min(failures - 1, 30))))
+
+
+@dataclass
+class Failure:
+    """Why an item is FAILED and when it is tried again (kept in memory; after a restart the
+    store's updated_at + failed_retry_after stands in for the first retry)."""
+
+    count: int
+    at: float  # wall time of the failure
+    next_at: float  # wall time of the next attempt
+    cause: str  # "disk", "host", "checksum", "upstream", "internal"
+    origin: str = ""
+    hosts: frozenset[str] = frozenset()  # the hosts whose failure it was (retried when one is back)
+    need_bytes: int = 0  # for "disk": room that must be free before trying again
+    locations: dict[str, str] = field(default_factory=dict)  # source -> its error
 
 
 # -- suspect copies (migration 7) ----------------------------------------------------------------
@@ -126,15 +153,19 @@ class HttpOriginSource:
 
     async def fetch(self, item: Item, partial: Path) -> HashResult:
         last: FetchError | None = None
+        waiting: HostWaiting | None = None
         for url in self.urls(item):
             self._hosts[urlsplit(url).netloc] = url
             try:
                 return await self.client.download(
                     url, partial, channel=self.name, expected_size=item.size, want_sha1=bool(item.sha1)
                 )
+            except HostWaiting as e:
+                waiting = e if waiting is None or e.until < waiting.until else waiting
             except FetchError as e:
                 last = e
-        raise last or FetchError(f"{self.name} lists no URL for {item.key}", retryable=False)
+        # A host that only asks for time serves the item later: that beats a hard failure elsewhere.
+        raise waiting or last or FetchError(f"{self.name} lists no URL for {item.key}", retryable=False)
 
 
 def limits_of(cfg: Config) -> Limits:
@@ -147,9 +178,10 @@ def build_adapters(cfg: Config, client: HttpClient) -> list[Adapter]:
     limits = limits_of(cfg)
     out: list[Adapter] = []
     if o.sourcecoop.enabled:
-        out.append(SourceCoopAdapter(o.sourcecoop, client, limits))
+        out.append(SourceCoopAdapter(o.sourcecoop, client, limits, cfg.fetch))
     if o.zenodo.enabled:
         client.pace_host(o.zenodo.base_url, o.zenodo.requests_per_minute)
+        client.limit_host(o.zenodo.base_url, o.zenodo.max_connections_per_host)
         out.append(ZenodoAdapter(o.zenodo, client, limits))
     if o.ia.enabled:
         client.pace_host(o.ia.base_url, o.ia.requests_per_minute)
@@ -184,6 +216,12 @@ class Origins:
         self.extensions: list[OriginExtension] = []
         self._opened: list[tuple[OriginExtension, Source | None, Adapter | None]] = []
         self._deferred: dict[int, float] = {}  # item id -> wall time until which its owner is awaited
+        self.failures: dict[int, Failure] = {}  # FAILED items: cause and next attempt
+        self._failed_loaded = False
+        self._fail_counts: dict[int, int] = {}  # consecutive failed pulls per item (until one succeeds)
+        # Items a host asked to wait for: id -> (origin, until (wall), hosts, per-source reasons).
+        self.waiting: dict[int, tuple[str, float, tuple[str, ...], dict[str, str]]] = {}
+        self._problem_keys: set[str] = set()
         self.client = HttpClient(node.cfg.fetch, node.traffic, down)
         self.layout = CacheLayout(node.cfg.paths.cache_dir, node.cfg.paths.state_dir)
         self.adapters: list[Adapter] = []
@@ -261,20 +299,74 @@ class Origins:
             "hosts": {h: s.status() for h, s in self.client.hosts.items()},
         }
 
+    def update_problems(self) -> None:
+        """`/v1/status` problems: failed items by origin and cause, waiting items, waiting hosts."""
+        now = time.time()
+        new: dict[str, str] = {}
+        groups: dict[tuple[str, str], list[Failure]] = {}
+        for f in self.failures.values():
+            groups.setdefault((f.origin, f.cause), []).append(f)
+        for (origin, cause), fs in groups.items():
+            soonest = min(f.next_at for f in fs)
+            new[f"items:{origin}:failed:{cause}"] = (
+                f"{len(fs)} item(s) failed ({cause}); next retry in {max(0.0, soonest - now):.0f}s"
+            )
+        by_origin: dict[str, list[tuple[float, tuple[str, ...]]]] = {}
+        for origin, until, hosts, _ in self.waiting.values():
+            if until > now:
+                by_origin.setdefault(origin, []).append((until, hosts))
+        for origin, ws in by_origin.items():
+            names = sorted({h for _, hs in ws for h in hs})
+            new[f"items:{origin}:waiting"] = (
+                f"{len(ws)} item(s) waiting for {', '.join(names)} until {_iso(max(u for u, _ in ws))}"
+            )
+        for name, h in self.client.hosts.items():
+            if h.waiting() > 0:
+                new[f"host:{name}"] = f"waiting until {_iso(h.until_wall())}: {h.wait_reason}"
+        for k in self._problem_keys - set(new):
+            self.node.problems.pop(k, None)
+        self.node.problems.update(new)
+        self._problem_keys = set(new)
+
+    def item_detail(self, item: Item) -> dict[str, Any]:
+        """What /v1/items says about one item beyond its row: cause, next attempt, per-location errors."""
+        out: dict[str, Any] = {}
+        f = self.failures.get(item.id)
+        if f is not None and item.state == State.FAILED:
+            out.update(cause=f.cause, attempts=f.count, next_attempt=round(f.next_at, 3), locations=f.locations)
+        w = self.waiting.get(item.id)
+        if w is not None and item.state == State.WANTED:
+            out.update(cause="waiting", waiting_for=list(w[2]), next_attempt=round(w[1], 3), locations=w[3])
+        elif item.state == State.WANTED and self._deferred.get(item.id, 0) > time.time():
+            out["next_attempt"] = round(self._deferred[item.id], 3)
+        return out
+
     def refresh_soon(self) -> None:
         self._refresh_now.set()
 
     # -- catalog refresh ------------------------------------------------------------------------
     async def _refresh_loop(self) -> None:
-        while True:
-            await self.refresh_all()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._refresh_now.wait(), self.node.cfg.origins.refresh_interval)
-            self._refresh_now.clear()
+        """Each origin refreshes on its own task: a listing that hangs never holds up the others,
+        and each origin's items are pulled as soon as its own listing is in. A refresh still running
+        when the next round comes is left to finish (not started twice)."""
+        running: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                for a in self.adapters:
+                    t = running.get(a.name)
+                    if t is None or t.done():
+                        running[a.name] = asyncio.create_task(self.refresh(a), name=f"refresh-{a.name}")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._refresh_now.wait(), self.node.cfg.origins.refresh_interval)
+                self._refresh_now.clear()
+        finally:
+            for t in running.values():
+                t.cancel()
+            await asyncio.gather(*running.values(), return_exceptions=True)
 
     async def refresh_all(self) -> None:
         await asyncio.gather(*(self.refresh(a) for a in self.adapters))
-        await self._retry_failed()
+        await self.retry_due()
         self.node.notify("wanted")
 
     async def refresh(self, adapter: Adapter) -> None:
@@ -295,6 +387,7 @@ class Origins:
         for i in range(0, len(entries), UPSERT_BATCH):
             new += await self.node.store.run(_upsert_batch, self.node.store, entries[i : i + UPSERT_BATCH])
         self.node.problems.pop(f"catalog:{adapter.name}", None)
+        self.node.notify("wanted")  # this origin's items can be pulled now, whatever the others do
         self.last_refresh[adapter.name] = {
             "ok": True,
             "at": time.time(),
@@ -313,26 +406,70 @@ class Origins:
             seconds=round(time.monotonic() - t0, 3),
         )
 
-    async def _retry_failed(self) -> None:
-        cutoff = time.time() - self.node.cfg.origins.failed_retry_after
-        store = self.node.store
-        failed = await store.run(store.items, states=[State.FAILED], limit=100_000)
-        for it in failed:
-            # A superseded version stays failed: its newer version is the one to pull.
-            if it.updated_at <= cutoff and not (it.error or "").startswith("superseded"):
-                await store.run(store.set_state, it.id, State.WANTED, error=it.error)
-
     # -- pulls ------------------------------------------------------------------------------------
     async def _pull_loop(self) -> None:
         while True:
             try:
+                await self.retry_due()
                 await self._schedule()
             except Exception as e:  # a store hiccup must not end the loop
                 log.error("pull.schedule_failed", error=str(e), exc_info=True)
-            # Wake for the next deferred item's re-check too, not only on notifications.
+            # Wake for the next deferred item's re-check and failed item's retry too, not only on notifications.
             now = time.time()
             soonest = min((t for t in self._deferred.values() if t > now), default=now + POLL_SECONDS)
+            soonest = min([soonest, *(f.next_at for f in self.failures.values())])
+            if any(f.cause in ("disk", "host") for f in self.failures.values()):
+                soonest = min(soonest, now + CAUSE_RECHECK)
+            self.update_problems()
             await self.node.wait("wanted", max(0.2, min(POLL_SECONDS, soonest - now)))
+
+    async def _load_failed(self) -> None:
+        """FAILED rows from before this start get their first retry at updated_at + failed_retry_after."""
+        store = self.node.store
+        base = self.node.cfg.origins.failed_retry_after
+        for it in await store.run(store.items, states=[State.FAILED], limit=100_000):
+            if it.id not in self.failures and not (it.error or "").startswith("superseded"):
+                self.failures[it.id] = Failure(1, it.updated_at, it.updated_at + base, "unknown", it.origin)
+        self._failed_loaded = True
+
+    def _cleared(self, f: Failure, free: int | None = None) -> str | None:
+        """Why the cause of a failure has gone away (so the item is retried at once), or None.
+        `free`: bytes free on the cache filesystem, when the caller measured it."""
+        if f.cause == "host":
+            for name in f.hosts:
+                h = self.client.hosts.get(name)
+                if h is not None and h.last_success_wall > f.at and h.failures == 0 and h.waiting() == 0:
+                    return f"host {name} is back"
+        if f.cause == "disk" and free is not None and free >= f.need_bytes + self.node.cfg.cache.free_space_floor:
+            return f"{free} bytes free again"
+        return None
+
+    def _free_bytes(self) -> int | None:
+        try:
+            return shutil.disk_usage(self.layout.partial_dir).free
+        except OSError:
+            return None
+
+    async def retry_due(self) -> None:
+        """Failed items whose timer ran out, or whose cause cleared, become WANTED again."""
+        if not self._failed_loaded:
+            await self._load_failed()
+        now = time.time()
+        store = self.node.store
+        free: int | None = None
+        if any(f.cause == "disk" for f in self.failures.values()):
+            free = await asyncio.get_running_loop().run_in_executor(None, self._free_bytes)
+        for item_id, f in list(self.failures.items()):
+            why = "timer" if f.next_at <= now else self._cleared(f, free)
+            if why is None:
+                continue
+            item = await store.run(store.get_item, item_id)
+            self.failures.pop(item_id, None)
+            if item is None or item.state != State.FAILED:
+                continue
+            self.update_problems()
+            log.info("pull.retry", key=item.key, version=item.version, attempt=f.count + 1, why=why)
+            await store.run(store.set_state, item.id, State.WANTED, error=item.error)
 
     async def _schedule(self) -> None:
         store = self.node.store
@@ -363,7 +500,7 @@ class Origins:
         except Exception as e:
             log.error("pull.crashed", key=item.key, error=str(e), exc_info=True)
             with contextlib.suppress(Exception):
-                await self.node.store.run(self.node.store.set_state, item.id, State.FAILED, error=f"internal: {e}")
+                await self._fail(item, f"internal: {e}", "internal")
         finally:
             self._active.pop(item.id, None)
             self._per_origin[item.origin] = self._per_origin.get(item.origin, 1) - 1
@@ -391,6 +528,7 @@ class Origins:
 
     async def pull(self, item: Item) -> None:
         store = self.node.store
+        self.waiting.pop(item.id, None)
         loop = asyncio.get_running_loop()
         current = await store.run(store.get_current, item.key)
         if current is not None and current.version > item.version:
@@ -436,13 +574,34 @@ class Origins:
         async with ctx:
             if item.state != State.FETCHING:
                 item = await store.run(store.set_state, item.id, State.FETCHING, error=None)
+            waits: list[HostWaiting] = []
+            locations: dict[str, str] = {}
+            hosts: set[str] = set()
+            checksum = False
             for src in candidates:
                 log.info("pull.start", key=item.key, version=item.version, source=src.name, size=item.size)
                 t0 = time.monotonic()
                 try:
                     async with self._sem(src.name):
                         result = await src.fetch(item, partial)
+                except HostWaiting as e:
+                    waits.append(e)
+                    reasons.append(f"{src.name}: {e}")
+                    locations[src.name] = str(e)
+                    continue
+                except OSError as e:
+                    if e.errno not in _DISK_FULL:
+                        raise
+                    # Every other source would hit the same full disk: stop here, retry once there is room.
+                    reason = f"disk full writing {partial.name}: {e.strerror}"
+                    log.warning("pull.disk_full", key=item.key, source=src.name, reason=reason)
+                    await asyncio.get_running_loop().run_in_executor(None, _discard_partial, partial)
+                    await self._fail(item, reason, "disk", locations={src.name: reason})
+                    return
                 except FetchError as e:
+                    locations[src.name] = str(e)
+                    if isinstance(src, HttpOriginSource) and e.retryable:
+                        hosts.update(urlsplit(u).netloc for u in src.urls(item))
                     reasons.append(f"{src.name}: {e}")
                     log.warning("pull.source_failed", key=item.key, source=src.name, reason=str(e))
                     if e.suspect:
@@ -450,6 +609,8 @@ class Origins:
                     continue
                 problem = mismatch(item, result)
                 if problem is not None:
+                    locations[src.name] = f"{problem} (quarantined)"
+                    checksum = True
                     reasons.append(f"{src.name}: {problem} (quarantined)")
                     log.warning("pull.checksum_mismatch", key=item.key, source=src.name, reason=problem)
                     await self._quarantine(item, partial, src.name, problem)
@@ -465,10 +626,57 @@ class Origins:
                     seconds=round(time.monotonic() - t0, 3),
                 )
                 return
-            self.failed += 1
+            if waits:
+                # Asked to wait, not refused: back in the queue until the earliest host lets us in again.
+                until = min(w.until for w in waits)
+                why = "; ".join(reasons)
+                self.client.log_limited(
+                    "pull.waiting",
+                    f"item {item.id}",
+                    key=item.key,
+                    hosts=[w.host for w in waits],
+                    until=round(until, 3),
+                )
+                await store.run(store.set_state, item.id, State.WANTED, error=f"waiting: {why}"[:2000])
+                self._deferred[item.id] = until
+                self.waiting[item.id] = (item.origin, until, tuple(sorted({w.host for w in waits})), locations)
+                self.update_problems()
+                return
             reason = "; ".join(reasons) or "no source offers it"
-            log.warning("pull.failed", key=item.key, version=item.version, reason=reason)
-            await store.run(store.set_state, item.id, State.FAILED, error=reason[:2000])
+            cause = "checksum" if checksum else "host" if hosts else "upstream"
+            await self._fail(item, reason, cause, hosts=frozenset(hosts), locations=locations)
+
+    async def _fail(
+        self,
+        item: Item,
+        reason: str,
+        cause: str,
+        *,
+        hosts: frozenset[str] = frozenset(),
+        locations: dict[str, str] | None = None,
+    ) -> None:
+        """FAILED with the reason; the item's own timer (growing per failure) brings it back."""
+        self.failed += 1
+        count = self._fail_counts[item.id] = self._fail_counts.get(item.id, 0) + 1
+        if len(self._fail_counts) > 200_000:
+            self._fail_counts = {item.id: count}  # bounded; forgetting only shortens a retry interval
+        now = time.time()
+        delay = retry_delay(self.node.cfg.origins.failed_retry_after, count)
+        self.failures[item.id] = Failure(
+            count,
+            now,
+            now + delay,
+            cause,
+            item.origin,
+            hosts,
+            item.size or 0,
+            {k: v[:500] for k, v in (locations or {}).items()},
+        )
+        self.update_problems()
+        log.warning(
+            "pull.failed", key=item.key, version=item.version, cause=cause, attempt=count, retry_in=delay, reason=reason
+        )
+        await self.node.store.run(self.node.store.set_state, item.id, State.FAILED, error=reason[:2000])
 
     def owner_wait(self, item: Item, now: float | None = None) -> float | None:
         """Until when to leave `item` to the peer that ranks first for it, or None to go ahead."""
@@ -552,6 +760,10 @@ class Origins:
                     store.set_state(old_id, State.EVICTED, error=f"superseded by version {item.version}")
 
         await store.run(commit)
+        self._fail_counts.pop(item.id, None)
+        self.failures.pop(item.id, None)
+        self.waiting.pop(item.id, None)
+        self.update_problems()
         self.pulled += 1
         self.node.notify("cached")
 
@@ -566,6 +778,16 @@ class Origins:
 
         await asyncio.get_running_loop().run_in_executor(None, move)
         await self.node.store.run(mark_suspect, self.node.store, item.key, item.version, source, reason)
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def _discard_partial(partial: Path) -> None:
+    for p in (partial, state_path(partial)):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 def _upsert_batch(store: Store, entries: Sequence[CatalogEntry]) -> int:

@@ -7,6 +7,7 @@ write the complete file into the partial path. A source returns the hashes it to
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -22,6 +23,18 @@ class FetchError(Exception):
         self.retryable = retryable
         # The source served bytes that did not verify: its copy is suspect (mark it, try the next one).
         self.suspect = suspect
+
+
+class HostWaiting(FetchError):
+    """The host asked us to wait (Retry-After, X-RateLimit, backoff) longer than a pull should sit
+    through: the item goes back to the queue until `until` (wall clock) instead of failing."""
+
+    def __init__(self, host: str, until: float, reason: str) -> None:
+        when = datetime.fromtimestamp(until, UTC).isoformat(timespec="seconds")
+        super().__init__(f"host {host} asks to wait until {when} ({reason})", retryable=True)
+        self.host = host
+        self.until = until
+        self.reason = reason
 
 
 @runtime_checkable

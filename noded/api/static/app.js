@@ -90,10 +90,27 @@ function renderReports(list) {
   }
 }
 
+function renderFailing(list) {
+  const tbody = document.querySelector("#failing tbody");
+  tbody.replaceChildren();
+  for (const it of list) {
+    if (it.state === "wanted" && it.cause !== "waiting") continue;
+    const tr = document.createElement("tr");
+    const next = it.next_attempt ? new Date(it.next_attempt * 1000).toISOString().slice(0, 19).replace("T", " ") : "";
+    for (const v of [it.key, it.origin, it.state, it.cause || "", next, it.reason || ""]) {
+      const td = document.createElement("td");
+      td.textContent = v;  // never innerHTML: keys and reasons come from listings
+      tr.appendChild(td);
+    }
+    tbody.appendChild(tr);
+  }
+}
+
 async function refresh() {
   try {
-    const [status, mirrors, traffic, reports] = await Promise.all([
+    const [status, mirrors, traffic, reports, failing] = await Promise.all([
       getJSON("v1/status"), getJSON("v1/mirrors"), getJSON("v1/traffic"), getJSON("v1/reports?status=open&limit=50"),
+      getJSON("v1/items?state=failed,wanted&limit=200").catch(() => ({ items: [] })),  // a node without origins
     ]);
     document.getElementById("node-name").textContent = `${status.node} (${status.region})`;
     const c = status.cache;
@@ -115,6 +132,7 @@ async function refresh() {
     document.getElementById("rates").textContent = "Now: " + (Object.entries(traffic.rates)
       .map(([ch, r]) => `${ch} ↓${fmtBytes(r.in)}/s ↑${fmtBytes(r.out)}/s`).join(" · ") || "idle");
     renderReports(reports.reports);
+    renderFailing(failing.items);
     document.getElementById("updated").textContent = "updated " + new Date().toISOString().slice(11, 19) + " UTC";
     document.getElementById("updated").classList.remove("error");
     document.body.dataset.ready = "1";

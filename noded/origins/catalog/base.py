@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -21,6 +21,10 @@ _HEX = {32: re.compile(r"^[0-9a-f]{32}$"), 40: re.compile(r"^[0-9a-f]{40}$"), 64
 
 class CatalogError(Exception):
     """A page or listing of one origin that cannot be used (malformed, too large, HTTP error)."""
+
+
+class ListingBound(CatalogError):
+    """The listing as a whole exceeds its bounds (pages, entries): no part of it is used."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +130,26 @@ class EntryCollector:
         self.listing = Listing(origin)
         self.limits = limits
         self._seen: set[str] = set()
+        self._units = 0
+        self._unit_errors: list[str] = []
+
+    async def unit(self, what: str, work: Awaitable[None]) -> None:
+        """List one record/identifier/prefix: if it fails, it alone is rejected with the reason (the
+        rest of the listing is used), unless the listing as a whole is out of bounds."""
+        self._units += 1
+        try:
+            await work
+        except ListingBound:
+            raise
+        except Exception as e:  # an HTTP failure, a withdrawn record, a malformed page: this unit only
+            self.reject(what, str(e) or type(e).__name__)
+            self._unit_errors.append(f"{what}: {e}")
+
+    def finish(self) -> Listing:
+        """The listing; a CatalogError when every unit failed (nothing to trust, e.g. the origin is down)."""
+        if self._units and len(self._unit_errors) == self._units:
+            raise CatalogError("; ".join(self._unit_errors)[:2000])
+        return self.listing
 
     def reject(self, raw_key: Any, reason: str) -> None:
         self.listing.rejected.append(Rejected(str(raw_key)[:120], reason))
@@ -133,7 +157,7 @@ class EntryCollector:
     def page(self, nbytes: int) -> None:
         self.listing.pages += 1
         if self.listing.pages > self.limits.max_pages:
-            raise CatalogError(f"more than {self.limits.max_pages} pages")
+            raise ListingBound(f"more than {self.limits.max_pages} pages")
         if nbytes > self.limits.max_page_bytes:
             raise CatalogError(f"a page of {nbytes} bytes exceeds {self.limits.max_page_bytes}")
 
@@ -172,7 +196,7 @@ class EntryCollector:
             self.reject(raw_key, f"duplicate of key {key[:120]!r} after normalisation")
             return None
         if len(self.listing.entries) >= self.limits.max_entries:
-            raise CatalogError(f"more than {self.limits.max_entries} entries")
+            raise ListingBound(f"more than {self.limits.max_entries} entries")
         self._seen.add(key)
         self.listing.entries.append(entry)
         return entry
