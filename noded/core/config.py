@@ -170,6 +170,9 @@ class SourceCoopConfig(_Section):
     bucket: str = ""  # empty with the proxy: the account is the first path segment
     prefixes: list[str] = Field(default_factory=list)
     max_keys_per_page: int = Field(1000, ge=1, le=1000)
+    # Key an object by its dataset name: the bucket key without its first segment (the product), so
+    # `<account>/<product>/<name>` is the item `<name>` that Zenodo, IA and the torrents also list.
+    strip_product: bool = True
 
     @field_validator("bucket")
     @classmethod
@@ -252,6 +255,8 @@ class OriginsConfig(_Section):
     max_item_size: ByteSize = 5 * 1000**4
     max_page_bytes: ByteSize = 64 * 1024**2  # one listing page (XML/JSON) larger than this is refused
     failed_retry_after: Seconds = 3600.0  # a failed item becomes wanted again after this long
+    # An item no location publishes a checksum for (size only) is neither pulled nor published.
+    require_checksum: bool = False
     sourcecoop: SourceCoopConfig = SourceCoopConfig()
     zenodo: ZenodoConfig = ZenodoConfig()
     ia: InternetArchiveConfig = InternetArchiveConfig()

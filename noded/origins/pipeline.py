@@ -158,7 +158,14 @@ class HttpOriginSource:
             self._hosts[urlsplit(url).netloc] = url
             try:
                 return await self.client.download(
-                    url, partial, channel=self.name, expected_size=item.size, want_sha1=bool(item.sha1)
+                    url,
+                    partial,
+                    channel=self.name,
+                    expected_size=item.size,
+                    want_sha1=bool(item.sha1),
+                    # The bytes are checked against a published checksum at the end, so a partial left by
+                    # another location of the same content may be continued from where it stopped.
+                    any_location=bool(item.size and (item.md5 or item.sha256 or item.sha1)),
                 )
             except HostWaiting as e:
                 waiting = e if waiting is None or e.until < waiting.until else waiting
@@ -384,8 +391,17 @@ class Origins:
             log.warning("catalog.entry_rejected", origin=adapter.name, key=r.key, reason=r.reason)
         new = 0
         entries = listing.entries
+        store = self.node.store
+        # The listing is complete and trusted: locations it no longer names are gone from this origin.
+        listed = {(e.key, e.urls[0] if e.urls else "") for e in entries}
+        await store.run(store.prune_locations, adapter.name, listed)
+        conflicts: list[str] = []
+        preference = self.node.cfg.origins.preference
         for i in range(0, len(entries), UPSERT_BATCH):
-            new += await self.node.store.run(_upsert_batch, self.node.store, entries[i : i + UPSERT_BATCH])
+            new += await store.run(_upsert_batch, store, entries[i : i + UPSERT_BATCH], preference, conflicts)
+        for line in conflicts:
+            log.warning("catalog.conflict", origin=adapter.name, conflict=line[:500])
+        await self._show_conflicts()
         self.node.problems.pop(f"catalog:{adapter.name}", None)
         self.node.notify("wanted")  # this origin's items can be pulled now, whatever the others do
         self.last_refresh[adapter.name] = {
@@ -405,6 +421,16 @@ class Origins:
             pages=listing.pages,
             seconds=round(time.monotonic() - t0, 3),
         )
+
+    async def _show_conflicts(self) -> None:
+        """status problems `conflict:<key>` = the names whose locations disagree, kept current."""
+        store = self.node.store
+        now = dict(await store.run(store.conflicts))
+        for name in [p for p in self.node.problems if p.startswith("conflict:")]:
+            if name.removeprefix("conflict:") not in now:
+                self.node.problems.pop(name, None)
+        for key, why in now.items():
+            self.node.problems[f"conflict:{key}"] = why[:300]
 
     # -- pulls ------------------------------------------------------------------------------------
     async def _pull_loop(self) -> None:
@@ -538,6 +564,12 @@ class Origins:
             final = self.layout.final_path(item.key)
         except UnsafePath as e:  # listings are validated; this guards rows from anywhere else
             await store.run(store.set_state, item.id, State.FAILED, error=str(e))
+            return
+        if self.node.cfg.origins.require_checksum and item.verification == "unverified":
+            reason = "no location publishes a checksum (origins.require_checksum)"
+            if item.error != reason:
+                log.warning("pull.unverified_refused", key=item.key, version=item.version)
+            await store.run(store.set_state, item.id, State.FAILED, error=reason)
             return
         if await self._defer_to_owner(item):
             return
@@ -790,13 +822,15 @@ def _discard_partial(partial: Path) -> None:
             p.unlink()
 
 
-def _upsert_batch(store: Store, entries: Sequence[CatalogEntry]) -> int:
+def _upsert_batch(
+    store: Store, entries: Sequence[CatalogEntry], preference: Sequence[str], conflicts: list[str]
+) -> int:
     """Runs on the store thread: one transaction per batch. Returns how many rows were created."""
     created = 0
     with store.tx():
         for e in entries:
             before = store.get_current(e.key)
-            item, _ = store.upsert_entry(e)
+            item, _ = store.upsert_entry(e, preference=preference, conflicts=conflicts)
             if before is None or item.id != before.id:
                 created += 1
     return created
