@@ -407,6 +407,11 @@ class Store:
         ).fetchone()
         return None if r is None else _row_to_item(r)
 
+    def versions(self, key: str) -> list[Item]:
+        """Every version of an item, oldest first."""
+        rows = self.conn.execute(f"SELECT {_ITEM_COLS} FROM items WHERE key=? ORDER BY version", (key,))
+        return [_row_to_item(r) for r in rows]
+
     def get_by_infohash(self, infohash: str) -> Item | None:
         r = self.conn.execute(
             f"SELECT {_ITEM_COLS} FROM items WHERE infohash=? ORDER BY version DESC LIMIT 1",
