@@ -245,6 +245,33 @@ async def test_flipped_byte_at_source_cooperative_is_caught_by_a_borrowed_md5(
     assert cache_files(o) == [NAME]
 
 
+async def test_flipped_byte_is_repaired_by_refetching_only_the_bad_piece(
+    tmp_path: Path, mirrors: Mirrors, make: Factory
+) -> None:
+    size = 3 * PIECE + 4321
+    data = os.urandom(size)
+    bad = bytearray(data)
+    bad[PIECE + 5] ^= 0x01  # one flipped bit in piece 1
+    mirrors.publish(NAME, data, sc=bytes(bad))
+    src = tmp_path / NAME
+    src.write_bytes(data)
+    meta = parse_torrent(py3createtorrent(src, tmp_path / f"{NAME}.torrent"))
+    o = await make()
+    await o.refresh_all()
+    store = o.node.store
+    await store.run(store.upsert_entry, meta.catalog_entry(), preference=o.node.cfg.origins.preference)
+    await o.pull(await current(o, NAME))
+    item = await current(o, NAME)
+    assert item.state == State.CACHED and item.md5 == hashlib.md5(data).hexdigest()
+    assert o.layout.final_path(NAME).read_bytes() == data
+    counts = pulled(mirrors)
+    assert counts["sourcecoop"] <= size + PIECE  # the whole file once, from the preferred location
+    assert sum(counts.values()) <= size + 2 * PIECE, counts  # plus the one bad piece from another
+    assert counts["zenodo"] + counts["ia"] == PIECE
+    # The location that served the bad bytes is suspect for this version: the next pull skips it.
+    assert "sourcecoop" in await store.run(suspects, store, NAME, item.version)
+
+
 async def test_no_checksum_anywhere_is_unverified_and_refused_under_require_checksum(
     mirrors: Mirrors, make: Factory
 ) -> None:

@@ -215,6 +215,14 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (key, origin, url)
     );
     CREATE INDEX locations_origin ON locations(origin);
+    CREATE TABLE published_pieces (
+        infohash TEXT PRIMARY KEY,
+        key TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        piece_length INTEGER NOT NULL,
+        hashes BLOB NOT NULL
+    );
+    CREATE INDEX published_pieces_key ON published_pieces(key);
     CREATE INDEX locations_md5 ON locations(md5);
     ALTER TABLE items ADD COLUMN conflict TEXT;
     ALTER TABLE items ADD COLUMN verification TEXT NOT NULL DEFAULT 'unverified';
@@ -463,6 +471,13 @@ class Store:
                 "infohash=excluded.infohash, seen_at=excluded.seen_at",
                 (e.key, e.origin, url, e.size, e.md5, e.sha1, e.sha256, e.etag, e.infohash, now),
             )
+            hashes, plen = e.extra.get("pieces"), e.extra.get("piece_length")
+            if e.infohash and e.size and isinstance(hashes, bytes) and isinstance(plen, int):
+                c.execute(
+                    "INSERT INTO published_pieces(infohash, key, size, piece_length, hashes) VALUES(?,?,?,?,?) "
+                    "ON CONFLICT(infohash) DO UPDATE SET key=excluded.key",
+                    (e.infohash, e.key, e.size, plen, hashes),
+                )
             cur = self.get_current(e.key)
             if cur is not None and _disagreement(cur, e) is None:
                 self._merge(cur, e, url, now)
@@ -573,6 +588,13 @@ class Store:
             f"SELECT {', '.join(cols)} FROM locations WHERE key=? ORDER BY origin, url", (key,)
         )
         return [dict(zip(cols, r, strict=True)) for r in rows]
+
+    def published_pieces(self, key: str, size: int | None) -> tuple[int, bytes] | None:
+        """(piece length, sha1 digests) a published torrent of this name and size gives, if any."""
+        r = self.conn.execute(
+            "SELECT piece_length, hashes FROM published_pieces WHERE key=? AND size=? LIMIT 1", (key, size)
+        ).fetchone()
+        return None if r is None else (int(r[0]), bytes(r[1]))
 
     def prune_locations(self, origin: str, listed: set[tuple[str, str]]) -> list[str]:
         """After a complete listing of `origin`: forget its locations it no longer lists. Returns their keys.

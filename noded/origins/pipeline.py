@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import time
@@ -640,6 +641,16 @@ class Origins:
                         await self._quarantine(item, partial, src.name, str(e))
                     continue
                 problem = mismatch(item, result)
+                published = await store.run(store.published_pieces, item.key, item.size)
+                if published is not None and published[0] != result.piece_length:
+                    published = None  # another piece length: nothing to compare piece by piece
+                if problem is None and published is not None and published[1] != result.pieces:
+                    problem = "piece hashes differ from the published torrent's"
+                if problem is not None and published is not None:
+                    repaired = await self._repair(item, partial, result, published, src, candidates)
+                    if repaired is not None:
+                        await store.run(mark_suspect, store, item.key, item.version, src.name, problem)
+                        result, problem = repaired, None
                 if problem is not None:
                     locations[src.name] = f"{problem} (quarantined)"
                     checksum = True
@@ -709,6 +720,62 @@ class Origins:
             "pull.failed", key=item.key, version=item.version, cause=cause, attempt=count, retry_in=delay, reason=reason
         )
         await self.node.store.run(self.node.store.set_state, item.id, State.FAILED, error=reason[:2000])
+
+    async def _repair(
+        self,
+        item: Item,
+        partial: Path,
+        got: HashResult,
+        published: tuple[int, bytes],
+        bad_source: Source,
+        candidates: Sequence[Source],
+    ) -> HashResult | None:
+        """Re-fetch only the pieces whose sha1 differs from the published torrent's, from other HTTP
+        locations; the hashes of the repaired file, or None when it cannot be repaired that way."""
+        plen, hashes = published
+        if item.size is None or got.piece_length != plen or len(got.pieces) != len(hashes):
+            return None
+        n = len(hashes) // 20
+        bad = [i for i in range(n) if got.pieces[i * 20 : i * 20 + 20] != hashes[i * 20 : i * 20 + 20]]
+        if not bad or 2 * len(bad) > n:
+            return None  # most of it is wrong: a whole fetch from the next location is no worse
+        others = [s for s in candidates if isinstance(s, HttpOriginSource) and s is not bad_source]
+        loop = asyncio.get_running_loop()
+        for i in bad:
+            start, end = i * plen, min(item.size, (i + 1) * plen) - 1
+            if not await self._fetch_piece(item, partial, others, start, end, hashes[i * 20 : i * 20 + 20]):
+                log.warning("pull.repair_failed", key=item.key, piece=i)
+                return None
+        result = await loop.run_in_executor(None, lambda: hash_file(partial, want_sha1=bool(item.sha1)))
+        if mismatch(item, result) is not None or result.pieces != hashes:
+            return None
+        log.info("pull.repaired", key=item.key, version=item.version, source=bad_source.name, pieces=bad)
+        return result
+
+    async def _fetch_piece(
+        self, item: Item, partial: Path, sources: Sequence[HttpOriginSource], start: int, end: int, want: bytes
+    ) -> bool:
+        loop = asyncio.get_running_loop()
+        for src in sources:
+            for url in src.urls(item):
+                try:
+                    reply = await self.client.get_bytes(
+                        url,
+                        channel=src.name,
+                        headers={"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"},
+                        max_bytes=end - start + 1,
+                    )
+                except FetchError as e:
+                    log.info("pull.repair_source_failed", key=item.key, source=src.name, reason=str(e))
+                    continue
+                body = reply.body
+                if reply.status != 206 or len(body) != end - start + 1:
+                    continue
+                if await loop.run_in_executor(None, _piece_sha1, body) != want:
+                    continue
+                await loop.run_in_executor(None, _pwrite, partial, start, body)
+                return True
+        return False
 
     def owner_wait(self, item: Item, now: float | None = None) -> float | None:
         """Until when to leave `item` to the peer that ranks first for it, or None to go ahead."""
@@ -820,6 +887,19 @@ def _discard_partial(partial: Path) -> None:
     for p in (partial, state_path(partial)):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
+
+
+def _piece_sha1(data: bytes) -> bytes:
+    return hashlib.sha1(data, usedforsecurity=False).digest()  # BitTorrent v1 piece hash, not security
+
+
+def _pwrite(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def _upsert_batch(
