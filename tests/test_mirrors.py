@@ -365,3 +365,71 @@ async def test_an_origin_that_stops_listing_a_name_is_no_longer_a_location(mirro
     item = await current(o, NAME)
     assert mirrors.url("ia", NAME) not in item.urls
     assert {loc["origin"] for loc in await o.node.store.run(o.node.store.locations, NAME)} == {"sourcecoop", "zenodo"}
+
+
+async def test_locate_lists_every_location_and_a_report_demotes_that_copy(
+    tmp_path: Path, mirrors: Mirrors, make: Factory, aiohttp_client: Any
+) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    from noded.api import locate as locate_routes
+    from noded.api import reports as report_routes
+    from noded.api.app import create_app
+
+    data = os.urandom(MiB + 7)
+    mirrors.publish(NAME, data, ia=False)
+    other = os.urandom(MiB + 7)  # the archive lists this name with other content: a conflict
+    mirrors.ia.items["d4c"] = ia_metadata("d4c", [ia_file(NAME, other)])
+    src = tmp_path / NAME
+    src.write_bytes(data)
+    seed_target = f"http://127.0.0.2:{free_port()}/processed/{NAME}"  # a seed target in the published torrent
+    meta = parse_torrent(
+        py3createtorrent(src, tmp_path / "t.torrent", "--webseed", mirrors.url("sourcecoop", NAME), "--webseed",
+                         seed_target)
+    )  # fmt: skip
+    o = await make(http_mirror={"enabled": True, "port": free_port(), "strip_prefix": "/processed"})
+    await o.refresh_all()
+    store = o.node.store
+    await store.run(store.upsert_entry, meta.catalog_entry(), preference=o.node.cfg.origins.preference)
+    await o.pull(await current(o, NAME))
+    client = await aiohttp_client(create_app(o.node, [locate_routes.setup, report_routes.setup]))
+
+    async def locate(ident: str) -> dict[str, Any]:
+        resp = await client.get(f"/v1/locate/{ident}")
+        assert resp.status == 200, await resp.text()
+        body: dict[str, Any] = await resp.json()
+        return body
+
+    body = await locate(NAME)
+    by_url = {p["url"]: p for p in body["places"]}
+    assert body["places"][0]["kind"] == "node" and body["places"][0]["url"].endswith(f"/processed/{NAME}")
+    assert by_url[mirrors.url("sourcecoop", NAME)]["match"] == "unknown"  # multipart ETag: nothing of its own
+    assert by_url[mirrors.url("zenodo", NAME)]["match"] == "match"
+    assert by_url[mirrors.url("ia", NAME)]["match"] == "conflict" and not by_url[mirrors.url("ia", NAME)]["working"]
+    assert by_url[seed_target]["kind"] == "webseed"
+    assert body["places"][-1]["url"] == mirrors.url("ia", NAME)  # a copy known to differ goes last
+    assert all(p["reason"] for p in body["places"])
+    ws = parse_qs(urlsplit(body["magnet"]).query)["ws"]
+    assert set(ws) == {body["places"][0]["url"], mirrors.url("sourcecoop", NAME), mirrors.url("zenodo", NAME),
+                       seed_target}  # fmt: skip
+    assert body["infohash"] == meta.infohash
+    # Found by md5 and by infohash as well.
+    assert (await locate(hashlib.md5(data).hexdigest()))["key"] == NAME
+    assert (await locate(meta.infohash))["key"] == NAME
+    # A community report against Zenodo's copy of this dataset demotes that copy, and only that one.
+    resp = await client.post("/v1/reports", json={"mirror": "zenodo", "item": NAME, "kind": "corrupt"})
+    assert resp.status == 201, await resp.text()
+    body = await locate(NAME)
+    z = next(p for p in body["places"] if p["url"] == mirrors.url("zenodo", NAME))
+    assert z["item_reports"] == 1 and not z["working"] and "against this copy" in z["reason"]
+    sc = next(p for p in body["places"] if p["url"] == mirrors.url("sourcecoop", NAME))
+    assert sc["rank"] < z["rank"] and sc["working"]
+    assert mirrors.url("zenodo", NAME) not in parse_qs(urlsplit(body["magnet"]).query)["ws"]
+    # Re-probed clean after the report: the copy counts again.
+    await store.run(
+        lambda: store.conn.execute(
+            "INSERT INTO probes(mirror, ts, ok, status) VALUES('zenodo', strftime('%s','now') + 1, 1, 'up')"
+        )
+    )
+    body = await locate(NAME)
+    assert mirrors.url("zenodo", NAME) in parse_qs(urlsplit(body["magnet"]).query)["ws"]
