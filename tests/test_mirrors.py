@@ -281,6 +281,7 @@ async def test_no_checksum_anywhere_is_unverified_and_refused_under_require_chec
     await o.refresh_all()
     item = await current(o, NAME)
     assert item.verification == "unverified" and item.public()["verification"] == "unverified"
+    assert o.status()["unverified_items"] == 1
     await o.pull(item)
     item = await current(o, NAME)
     assert item.state == State.FAILED and "require_checksum" in (item.error or "")
@@ -413,6 +414,12 @@ async def test_locate_lists_every_location_and_a_report_demotes_that_copy(
     assert set(ws) == {body["places"][0]["url"], mirrors.url("sourcecoop", NAME), mirrors.url("zenodo", NAME),
                        seed_target}  # fmt: skip
     assert body["infohash"] == meta.infohash
+    # The dashboard's per-dataset view says the same.
+    resp = await client.get("/v1/datasets")
+    (ds,) = (await resp.json())["datasets"]
+    assert ds["key"] == NAME and ds["verification"] == "checksum" and ds["conflict"]
+    assert {(loc["origin"], loc["match"], loc["working"]) for loc in ds["locations"]} >= {
+        ("sourcecoop", "unknown", True), ("zenodo", "match", True), ("ia", "conflict", False)}
     # Found by md5 and by infohash as well.
     assert (await locate(hashlib.md5(data).hexdigest()))["key"] == NAME
     assert (await locate(meta.infohash))["key"] == NAME

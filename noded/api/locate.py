@@ -209,5 +209,61 @@ async def locate(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+DATASETS_MAX = 200
+
+
+def _datasets(store: Store, after: int, limit: int, suspect_since: float) -> list[dict[str, Any]]:
+    """Current items with where they live: each location's origin, URL and whether its copy matches."""
+    rows = store.conn.execute(
+        "SELECT id FROM items i WHERE id > ? AND version = (SELECT MAX(version) FROM items j WHERE j.key = i.key)"
+        " ORDER BY id LIMIT ?",
+        (after, limit),
+    ).fetchall()
+    out = []
+    for (item_id,) in rows:
+        item = store.get_item(int(item_id))
+        if item is None:
+            continue
+        bad = suspects(store, item.key, item.version, suspect_since)
+        locs = []
+        for loc in store.locations(item.key):
+            if not str(loc["url"]).startswith(("http://", "https://")):
+                continue
+            match, note = _copy_match(item, loc, bad)
+            locs.append({"origin": loc["origin"], "url": loc["url"], "match": match, "note": note})
+        out.append(
+            {
+                "id": item.id,
+                "key": item.key,
+                "state_here": item.state.value,
+                "size": item.size,
+                "verification": item.verification,
+                "conflict": item.conflict,
+                "locations": locs,
+            }
+        )
+    return out
+
+
+async def datasets(request: web.Request) -> web.Response:
+    """Per dataset: where it lives and which copies are known to work (the dashboard's table)."""
+    node = request.app[NODE_KEY]
+    raw_after, raw_limit = request.query.get("after", "0"), request.query.get("limit", "100")
+    if not raw_after.isdigit() or not raw_limit.isdigit() or not 1 <= int(raw_limit) <= DATASETS_MAX:
+        raise ApiError(400, f"after must be an id and limit an integer from 1 to {DATASETS_MAX}")
+    store = node.store
+    since = time.time() - node.cfg.origins.failed_retry_after
+    rows = await store.run(_datasets, store, int(raw_after), int(raw_limit) + 1, since)
+    more = len(rows) > int(raw_limit)
+    rows = rows[: int(raw_limit)]
+    mirrors = {m["name"]: m["status"] for m in await mirror_list(node)}
+    for d in rows:
+        for loc in d["locations"]:
+            loc["status"] = mirrors.get(loc["origin"], "unknown")
+            loc["working"] = loc["status"] != "down" and loc["match"] not in ("conflict", "suspect")
+    return web.json_response({"datasets": rows, "next": rows[-1]["id"] if more and rows else None})
+
+
 def setup(app: web.Application) -> None:
     app.router.add_get("/v1/locate/{key:.+}", locate)
+    app.router.add_get("/v1/datasets", datasets)

@@ -242,6 +242,8 @@ class Origins:
         self.last_refresh: dict[str, dict[str, Any]] = {}
         self.pulled = 0
         self.failed = 0
+        self.unverified_items = 0  # current items no location publishes a checksum for (after the last refresh)
+        self.conflict_count = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -302,6 +304,8 @@ class Origins:
             "active_pulls": len(self._active),
             "pulled": self.pulled,
             "failed": self.failed,
+            "unverified_items": self.unverified_items,
+            "conflicts": self.conflict_count,
             "origins": [a.name for a in self.adapters],
             "last_refresh": self.last_refresh,
             "hosts": {h: s.status() for h, s in self.client.hosts.items()},
@@ -427,6 +431,8 @@ class Origins:
         """status problems `conflict:<key>` = the names whose locations disagree, kept current."""
         store = self.node.store
         now = dict(await store.run(store.conflicts))
+        self.unverified_items = await store.run(_count_unverified, store)
+        self.conflict_count = len(now)
         for name in [p for p in self.node.problems if p.startswith("conflict:")]:
             if name.removeprefix("conflict:") not in now:
                 self.node.problems.pop(name, None)
@@ -887,6 +893,14 @@ def _discard_partial(partial: Path) -> None:
     for p in (partial, state_path(partial)):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
+
+
+def _count_unverified(store: Store) -> int:
+    row = store.conn.execute(
+        "SELECT COUNT(*) FROM items i WHERE verification = 'unverified'"
+        " AND version = (SELECT MAX(version) FROM items j WHERE j.key = i.key)"
+    ).fetchone()
+    return int(row[0])
 
 
 def _piece_sha1(data: bytes) -> bytes:
