@@ -49,7 +49,7 @@ def test_dashboard_renders_live_mirrors_and_chart(noded_factory: Any, tmp_path: 
         node = noded_factory(
             start=False,
             probe={"enabled": True, "interval": 0.5, "fail_threshold": 1},
-            origins={"zenodo": {"enabled": True, "base_url": origin.base_url}},
+            origins={"zenodo": {"enabled": True, "base_url": origin.base_url, "records": [origin.record_id]}},
             peers=[{"name": "amsterdam", "api_url": f"http://127.0.0.1:{free_port()}", "bittorrent": "127.0.0.1:7"}],
         )
         cfg = tomllib.loads(node.config.read_text())
