@@ -440,3 +440,62 @@ async def test_locate_lists_every_location_and_a_report_demotes_that_copy(
     )
     body = await locate(NAME)
     assert mirrors.url("zenodo", NAME) in parse_qs(urlsplit(body["magnet"]).query)["ws"]
+
+
+async def test_zenodo_releases_of_one_concept_the_newest_is_wanted_and_older_superseded(
+    mirrors: Mirrors, make: Factory
+) -> None:
+    old, new = os.urandom(MiB), os.urandom(MiB + 1)
+    base = mirrors.base
+    mirrors.zenodo.records[301] = zenodo_record(base, 301, [zenodo_file(base, 301, NAME, old)], concept=300)
+    mirrors.z.add(f"/api/records/301/files/{NAME}/content", old)
+    o = await make(origins={"sourcecoop": {"enabled": False}, "ia": {"enabled": False},
+                            "zenodo": {"enabled": True, "base_url": base, "records": [301],
+                                       "requests_per_minute": 6000}})  # fmt: skip
+    await o.refresh_all()
+    await o.pull(await current(o, NAME))
+    v1 = await current(o, NAME)
+    assert v1.state == State.CACHED and v1.version == 1
+    # A second record of the same concept publishes a new release of the file; both records are listed.
+    mirrors.zenodo.records[302] = zenodo_record(base, 302, [zenodo_file(base, 302, NAME, new)], concept=300)
+    mirrors.z.add(f"/api/records/302/files/{NAME}/content", new)
+    o.node.cfg.origins.zenodo.records.append(302)
+    for _ in range(2):  # the listing order does not matter, and a second refresh changes nothing
+        await o.refresh_all()
+        v2 = await current(o, NAME)
+        assert v2.version == 2 and v2.md5 == hashlib.md5(new).hexdigest()
+        assert v2.conflict is None and not [p for p in o.node.problems if p.startswith("conflict:")]
+        locs = {loc["url"]: loc for loc in await o.node.store.run(o.node.store.locations, NAME)}
+        assert locs[f"{base}/api/records/301/files/{NAME}/content"]["superseded"]
+        assert locs[f"{base}/api/records/302/files/{NAME}/content"]["superseded"] is None
+    await o.pull(v2)
+    assert (await current(o, NAME)).state == State.CACHED
+    assert o.layout.final_path(NAME).read_bytes() == new
+    old_row = await o.node.store.run(o.node.store.get_item, v1.id)
+    assert old_row is not None and old_row.state == State.EVICTED and "superseded" in (old_row.error or "")
+
+
+async def test_a_pinned_older_release_is_kept(mirrors: Mirrors, make: Factory) -> None:
+    old, new = os.urandom(MiB), os.urandom(MiB + 1)
+    base = mirrors.base
+    mirrors.zenodo.records[301] = zenodo_record(base, 301, [zenodo_file(base, 301, NAME, old)], concept=300)
+    mirrors.z.add(f"/api/records/301/files/{NAME}/content", old)
+    o = await make(origins={"sourcecoop": {"enabled": False}, "ia": {"enabled": False},
+                            "zenodo": {"enabled": True, "base_url": base, "records": [301],
+                                       "requests_per_minute": 6000}})  # fmt: skip
+    await o.refresh_all()
+    await o.pull(await current(o, NAME))
+    v1 = await current(o, NAME)
+    await o.node.store.run(o.node.store.update_item, v1.id, pinned=True)
+    mirrors.zenodo.records[301] = zenodo_record(base, 301, [], concept=300)
+    mirrors.zenodo.records[302] = zenodo_record(base, 302, [zenodo_file(base, 302, NAME, new)], concept=300)
+    mirrors.z.add(f"/api/records/302/files/{NAME}/content", new)
+    o.node.cfg.origins.zenodo.records.append(302)
+    await o.refresh_all()
+    v2 = await current(o, NAME)
+    assert v2.version == 2
+    await o.pull(v2)
+    v2 = await current(o, NAME)
+    assert v2.state == State.FAILED and "pinned" in (v2.error or "")
+    assert o.layout.final_path(NAME).read_bytes() == old
+    assert (await o.node.store.run(o.node.store.get_item, v1.id)).state == State.CACHED  # type: ignore[union-attr]

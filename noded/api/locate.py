@@ -42,6 +42,8 @@ def _copy_match(item: Item, loc: dict[str, Any], suspect: dict[str, str]) -> tup
     """Whether a location's copy is known to match the item's trusted values, and why not."""
     if loc["conflict"]:
         return "conflict", str(loc["conflict"])
+    if loc.get("superseded"):
+        return "superseded", str(loc["superseded"])
     if loc["origin"] in suspect:
         return "suspect", suspect[loc["origin"]]
     for mine, theirs in ((item.md5, loc["md5"]), (item.sha256, loc["sha256"]), (item.sha1, loc["sha1"])):
@@ -113,7 +115,8 @@ def candidates(
     # The item's URLs that no location row names (an entry's further URLs, rows from before locations).
     named = {str(loc["url"]) for loc in locations or []}
     extra = [
-        {"origin": "", "url": u, "md5": None, "sha1": None, "sha256": None, "infohash": None, "conflict": None}
+        {"origin": "", "url": u, "md5": None, "sha1": None, "sha256": None, "infohash": None, "conflict": None,
+         "superseded": None}
         for u in item.urls
         if u not in named
     ]
@@ -260,7 +263,7 @@ async def datasets(request: web.Request) -> web.Response:
     for d in rows:
         for loc in d["locations"]:
             loc["status"] = mirrors.get(loc["origin"], "unknown")
-            loc["working"] = loc["status"] != "down" and loc["match"] not in ("conflict", "suspect")
+            loc["working"] = loc["status"] != "down" and loc["match"] not in ("conflict", "suspect", "superseded")
     return web.json_response({"datasets": rows, "next": rows[-1]["id"] if more and rows else None})
 
 

@@ -211,6 +211,9 @@ MIGRATIONS: list[str] = [
         url TEXT NOT NULL,
         size INTEGER, md5 TEXT, sha1 TEXT, sha256 TEXT, etag TEXT, infohash TEXT,
         conflict TEXT,
+        release_group TEXT,
+        release_order INTEGER,
+        superseded TEXT,
         seen_at REAL NOT NULL,
         PRIMARY KEY (key, origin, url)
     );
@@ -464,12 +467,16 @@ class Store:
                 "md5=excluded.md5, sha256=excluded.sha256, etag=excluded.etag, seen_at=excluded.seen_at",
                 (e.key, e.origin, e.size, e.md5, e.sha256, e.etag, now),
             )
+            group, order = e.extra.get("release_group"), e.extra.get("release_order")
+            if not (isinstance(group, str) and isinstance(order, int)):
+                group, order = None, None
             c.execute(
-                "INSERT INTO locations(key, origin, url, size, md5, sha1, sha256, etag, infohash, seen_at) "
-                "VALUES(?,?,?,?,?,?,?,?,?,?) ON CONFLICT(key, origin, url) DO UPDATE SET size=excluded.size, "
-                "md5=excluded.md5, sha1=excluded.sha1, sha256=excluded.sha256, etag=excluded.etag, "
-                "infohash=excluded.infohash, seen_at=excluded.seen_at",
-                (e.key, e.origin, url, e.size, e.md5, e.sha1, e.sha256, e.etag, e.infohash, now),
+                "INSERT INTO locations(key, origin, url, size, md5, sha1, sha256, etag, infohash, release_group, "
+                "release_order, seen_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(key, origin, url) DO UPDATE SET "
+                "size=excluded.size, md5=excluded.md5, sha1=excluded.sha1, sha256=excluded.sha256, "
+                "etag=excluded.etag, infohash=excluded.infohash, release_group=excluded.release_group, "
+                "release_order=excluded.release_order, seen_at=excluded.seen_at",
+                (e.key, e.origin, url, e.size, e.md5, e.sha1, e.sha256, e.etag, e.infohash, group, order, now),
             )
             hashes, plen = e.extra.get("pieces"), e.extra.get("piece_length")
             if e.infohash and e.size and isinstance(hashes, bytes) and isinstance(plen, int):
@@ -485,6 +492,20 @@ class Store:
                 return out, False
             if cur is not None:
                 why = _disagreement(cur, e) or ""
+                release = self._release_relation(e.key, e.origin, url, group, order)
+                if release == "older":
+                    # An older release of a dataset whose newer one is listed too: not a conflict.
+                    c.execute(
+                        "UPDATE locations SET superseded='a newer release of this dataset is listed', conflict=NULL"
+                        " WHERE key=? AND origin=? AND url=?",
+                        (e.key, e.origin, url),
+                    )
+                    return self._refresh_conflict(e.key), False
+                if release == "newer":
+                    c.execute(
+                        "UPDATE locations SET superseded=? WHERE key=? AND release_group=? AND release_order<?",
+                        (f"superseded by release {order}", e.key, group, order),
+                    )
                 backers = self._backers(e.key, e.origin, url)
                 if backers:
                     mine, theirs = _rank(preference, e.origin), min(_rank(preference, o) for o in backers)
@@ -539,7 +560,10 @@ class Store:
 
     def _merge(self, cur: Item, e: CatalogEntry, url: str, now: float) -> None:
         c = self.conn
-        c.execute("UPDATE locations SET conflict=NULL WHERE key=? AND origin=? AND url=?", (e.key, e.origin, url))
+        c.execute(
+            "UPDATE locations SET conflict=NULL, superseded=NULL WHERE key=? AND origin=? AND url=?",
+            (e.key, e.origin, url),
+        )
         merged = list(dict.fromkeys([*cur.urls, *e.urls]))
         verification = cur.verification
         if verification == "unverified" and _verification(e) != "unverified":
@@ -563,10 +587,29 @@ class Store:
     def _backers(self, key: str, origin: str, url: str) -> set[str]:
         """Origins of the other listed locations that agree with the item's current values."""
         rows = self.conn.execute(
-            "SELECT origin FROM locations WHERE key=? AND conflict IS NULL AND NOT (origin=? AND url=?)",
+            "SELECT origin FROM locations WHERE key=? AND conflict IS NULL AND superseded IS NULL"
+            " AND NOT (origin=? AND url=?)",
             (key, origin, url),
         )
         return {str(r[0]) for r in rows}
+
+    def _release_relation(self, key: str, origin: str, url: str, group: str | None, order: int | None) -> str | None:
+        """"newer"/"older" when the locations backing the item are releases of the same dataset
+        (e.g. records of one Zenodo concept) and this entry comes after/before all of them."""
+        if group is None or order is None:
+            return None
+        rows = self.conn.execute(
+            "SELECT release_group, release_order FROM locations WHERE key=? AND conflict IS NULL"
+            " AND superseded IS NULL AND NOT (origin=? AND url=?)",
+            (key, origin, url),
+        ).fetchall()
+        if not rows or any(g != group or o is None for g, o in rows):
+            return None
+        if all(int(o) < order for _, o in rows):
+            return "newer"
+        if all(int(o) > order for _, o in rows):
+            return "older"
+        return None
 
     def _refresh_conflict(self, key: str) -> Item:
         """items.conflict of the current version = the reasons of its disagreeing locations."""
@@ -583,7 +626,10 @@ class Store:
         return cur
 
     def locations(self, key: str) -> list[dict[str, Any]]:
-        cols = ("origin", "url", "size", "md5", "sha1", "sha256", "etag", "infohash", "conflict", "seen_at")
+        cols = (
+            "origin", "url", "size", "md5", "sha1", "sha256", "etag", "infohash", "conflict", "superseded",
+            "release_group", "release_order", "seen_at",
+        )  # fmt: skip
         rows = self.conn.execute(
             f"SELECT {', '.join(cols)} FROM locations WHERE key=? ORDER BY origin, url", (key,)
         )

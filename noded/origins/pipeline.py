@@ -572,6 +572,15 @@ class Origins:
         except UnsafePath as e:  # listings are validated; this guards rows from anywhere else
             await store.run(store.set_state, item.id, State.FAILED, error=str(e))
             return
+        pinned = await store.run(_pinned_older, store, item)
+        if pinned is not None:
+            # A newer release would replace the bytes at the same path: the pin keeps the older one.
+            reason = f"version {pinned} is pinned here; unpin it to take this newer release"
+            if item.error != reason:
+                log.info("pull.kept_pinned_version", key=item.key, version=item.version, pinned=pinned)
+            if item.state != State.FAILED:
+                await store.run(store.set_state, item.id, State.FAILED, error=reason)
+            return
         if self.node.cfg.origins.require_checksum and item.verification == "unverified":
             reason = "no location publishes a checksum (origins.require_checksum)"
             if item.error != reason:
@@ -893,6 +902,14 @@ def _discard_partial(partial: Path) -> None:
     for p in (partial, state_path(partial)):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
+
+
+def _pinned_older(store: Store, item: Item) -> int | None:
+    row = store.conn.execute(
+        "SELECT version FROM items WHERE key=? AND version<? AND state=? AND pinned=1 LIMIT 1",
+        (item.key, item.version, State.CACHED.value),
+    ).fetchone()
+    return None if row is None else int(row[0])
 
 
 def _count_unverified(store: Store) -> int:

@@ -34,7 +34,9 @@ MATCH_WORDS = {
     "unknown": "no published checksum to compare",
     "conflict": "publishes other content under this name",
     "suspect": "served bytes that did not verify",
+    "superseded": "an older release of this dataset",
 }
+BAD_COPY = ("conflict", "suspect", "superseded")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,14 +50,14 @@ class Candidate:
     status_reason: str = ""
     local: bool = False
     bittorrent: str | None = None  # host:port for peers
-    match: str = "unknown"  # "match" | "unknown" | "conflict" | "suspect" (see MATCH_WORDS)
+    match: str = "unknown"  # "match" | "unknown" | "conflict" | "suspect" | "superseded" (see MATCH_WORDS)
     item_reports: int = 0  # open reports against this mirror's copy of this item, since its last clean probe
     note: str = ""  # e.g. the conflict or suspect reason
 
     @property
     def working(self) -> bool:
         """Worth handing to a client as a web seed: not down, not known bad, not reported."""
-        return self.status != MirrorStatus.DOWN and self.match not in ("conflict", "suspect") and not self.item_reports
+        return self.status != MirrorStatus.DOWN and self.match not in BAD_COPY and not self.item_reports
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +72,7 @@ def score(c: Candidate) -> float:
     s += min(MAX_REPORT_PENALTY, REPORT_PENALTY * c.open_reports)
     s += min(LATENCY_CAP_MS, c.latency_ms or 0.0) / 10
     s += min(MAX_ITEM_REPORT_PENALTY, ITEM_REPORT_PENALTY * c.item_reports)
-    if c.match in ("conflict", "suspect"):
+    if c.match in BAD_COPY:
         s += MISMATCH_PENALTY
     if c.local:
         s += LOCAL_BONUS
