@@ -229,6 +229,16 @@ class InternetArchiveConfig(_Section):
     requests_per_minute: int = Field(60, ge=1, le=10_000)
 
 
+class StacConfig(_Section):
+    enabled: bool = False
+    # Static catalogs (a Catalog or Collection JSON whose child/item links are followed on the same host,
+    # an Item, or an ItemCollection) and stac-geoparquet files, read over HTTP.
+    catalogs: list[HttpUrl] = Field(default_factory=list)
+    geoparquet: list[HttpUrl] = Field(default_factory=list)
+    skip_roles: list[str] = Field(default_factory=lambda: ["thumbnail", "overview", "metadata"])
+    max_documents: int = Field(10_000, ge=1)  # catalog JSON documents followed per refresh
+
+
 class InboxConfig(_Section):
     enabled: bool = True
     dir: Path = Path("inbox")
@@ -260,13 +270,14 @@ class OriginsConfig(_Section):
     sourcecoop: SourceCoopConfig = SourceCoopConfig()
     zenodo: ZenodoConfig = ZenodoConfig()
     ia: InternetArchiveConfig = InternetArchiveConfig()
+    stac: StacConfig = StacConfig()
     inbox: InboxConfig = InboxConfig()
     torrents: TorrentImportConfig = TorrentImportConfig()
     r2: R2OriginConfig = R2OriginConfig()
 
     @model_validator(mode="after")
     def _known(self) -> OriginsConfig:
-        known = {"sourcecoop", "zenodo", "ia", "inbox", "torrents", "r2", "peer"}
+        known = {"sourcecoop", "zenodo", "ia", "stac", "inbox", "torrents", "r2", "peer"}
         bad = [p for p in self.preference if p not in known]
         if bad:
             raise ValueError(f"preference names unknown origins {bad}; known: {sorted(known)}")

@@ -39,6 +39,7 @@ from noded.core.store import Store
 from noded.origins.catalog.base import Adapter, CatalogError, Limits
 from noded.origins.catalog.ia import InternetArchiveAdapter
 from noded.origins.catalog.sourcecoop import SourceCoopAdapter
+from noded.origins.catalog.stac import StacAdapter
 from noded.origins.catalog.zenodo import ZenodoAdapter
 from noded.origins.fetch import HttpClient, state_path
 from noded.origins.rendezvous import decide
@@ -194,6 +195,8 @@ def build_adapters(cfg: Config, client: HttpClient) -> list[Adapter]:
     if o.ia.enabled:
         client.pace_host(o.ia.base_url, o.ia.requests_per_minute)
         out.append(InternetArchiveAdapter(o.ia, client, limits))
+    if o.stac.enabled:
+        out.append(StacAdapter(o.stac, client, limits))
     return out
 
 
