@@ -135,11 +135,24 @@ def test_store_and_cache_move_to_dataset_names_without_reading_a_byte(tmp_path: 
     store.close_sync()
 
 
+def test_a_new_store_has_nothing_to_move(tmp_path: Path) -> None:
+    layout = CacheLayout(tmp_path / "cache", tmp_path / "state")
+    layout.ensure()
+    store = Store(tmp_path / "state" / "noded.sqlite3")
+    store.open_sync()
+    data = os.urandom(1000)
+    # A Source Cooperative dataset with a directory inside its product, listed by this release.
+    old_row(store, "tiles/a.pmtiles", "sourcecoop", State.CACHED, data)
+    assert rekey(store, layout).renamed == [] and store.get_current("tiles/a.pmtiles") is not None
+    store.close_sync()
+
+
 def test_an_interrupted_move_is_finished_on_the_next_run(tmp_path: Path) -> None:
     layout = CacheLayout(tmp_path / "cache", tmp_path / "state")
     layout.ensure()
     store = Store(tmp_path / "state" / "noded.sqlite3")
     store.open_sync()
+    store.conn.execute("DELETE FROM meta WHERE name=?", (META,))  # as a store from before the move
     data = os.urandom(MiB)
     old_row(store, f"{P}/a.pmtiles", "sourcecoop", State.CACHED, data)
     # The file was renamed, then the process died before the commit.

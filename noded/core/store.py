@@ -204,6 +204,7 @@ MIGRATIONS: list[str] = [
     # 9: one dataset, many locations. Each origin URL listing an item's name, with what it publishes;
     # `conflict` says why a location disagrees with the trusted values. items.conflict summarises them,
     # items.verification is 'checksum' (some location publishes one), 'unverified' (size only), 'local'.
+    # A store with no items has no origin-path keys to move to dataset names (origins/rekey.py): mark it done.
     """
     CREATE TABLE locations (
         key TEXT NOT NULL,
@@ -235,6 +236,8 @@ MIGRATIONS: list[str] = [
           OR EXISTS (SELECT 1 FROM replicas r WHERE r.key = items.key AND (r.md5 IS NOT NULL OR r.sha256 IS NOT NULL))
           THEN 'checksum'
         ELSE 'unverified' END;
+    INSERT INTO meta(name, value) SELECT 'keys.dataset_names', '1' WHERE NOT EXISTS (SELECT 1 FROM items)
+        ON CONFLICT(name) DO NOTHING;
     """,
 ]
 
