@@ -579,12 +579,13 @@ class Store:
             or (e.md5 and not cur.md5)
             or (e.sha1 and not cur.sha1)
             or (e.sha256 and not cur.sha256)
+            or (e.etag and not cur.etag)
         ):
             c.execute(
                 "UPDATE items SET urls=?, infohash=COALESCE(infohash, ?), size=COALESCE(size, ?),"
-                " md5=COALESCE(md5, ?), sha1=COALESCE(sha1, ?), sha256=COALESCE(sha256, ?), verification=?,"
-                " updated_at=? WHERE id=?",
-                (json.dumps(merged), e.infohash, e.size, e.md5, e.sha1, e.sha256, verification, now, cur.id),
+                " md5=COALESCE(md5, ?), sha1=COALESCE(sha1, ?), sha256=COALESCE(sha256, ?), etag=COALESCE(etag, ?),"
+                " verification=?, updated_at=? WHERE id=?",
+                (json.dumps(merged), e.infohash, e.size, e.md5, e.sha1, e.sha256, e.etag, verification, now, cur.id),
             )
 
     def _backers(self, key: str, origin: str, url: str) -> set[str]:

@@ -54,4 +54,6 @@ def dataset_name(object_key: str) -> str:
     their inner layout); a key with no product segment is its own name.
     """
     product, sep, rest = object_key.partition("/")
-    return rest if sep and product and rest else object_key
+    if product in ("", ".", ".."):
+        return object_key  # not a product: the key rules reject the whole key
+    return rest if sep and rest else object_key
