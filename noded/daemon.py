@@ -28,6 +28,7 @@ from noded.core.sdnotify import Notifier, watchdog_interval
 from noded.core.store import Store
 from noded.core.units import format_size
 from noded.origins.pipeline import Origins
+from noded.origins.rekey import Rekey
 from noded.origins.schedule import Schedule
 from noded.r2.catalog import R2Origin
 from noded.transparency.metrics import Metrics
@@ -103,6 +104,8 @@ class Daemon:
     def build(self) -> list[Component]:
         """Every component in start order. The store first, the API last (READY means serving)."""
         comps: list[Component] = [StoreComponent(self.store)]
+        # Rows and files keyed by origin paths move to dataset names once, before the cache reconciles.
+        comps.append(Rekey(self.node))
         # Transparency: traffic buckets, metrics, mirror probes, their API routes.
         comps += [TrafficRecorder(self.node), Metrics(self.node), Prober(self.node), ReverifyQueue(self.node)]
         self.routes += TRANSPARENCY_ROUTES

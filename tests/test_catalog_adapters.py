@@ -78,12 +78,15 @@ async def test_sourcecoop_lists_all_pages_and_never_takes_a_multipart_etag_for_m
     listing = await SourceCoopAdapter(cfg, http, Limits()).list()
     assert listing.pages == 3 and not listing.rejected
     got = {e.key: e for e in listing.entries}
-    assert set(got) == {*blobs, "d4c-datapkg-statistical/big.pmtiles"}
-    for key, data in blobs.items():
+    # Keyed by dataset name (the product prefix is the location's path, not the item's name).
+    assert set(got) == {*(k.split("/", 1)[1] for k in blobs), "big.pmtiles"}
+    for path, data in blobs.items():
+        key = path.split("/", 1)[1]
         assert got[key].md5 == hashlib.md5(data).hexdigest()
         assert got[key].size == len(data)
-        assert got[key].urls == (f"{url}/dataforcanada/{key}",)
-    multi = got["d4c-datapkg-statistical/big.pmtiles"]
+        assert got[key].urls == (f"{url}/dataforcanada/{path}",)
+        assert got[key].extra["path"] == f"dataforcanada/{path}"
+    multi = got["big.pmtiles"]
     assert multi.md5 is None and multi.etag and multi.etag.endswith("-2") and multi.size == len(big)
     assert multi.extra["multipart"] is True
 

@@ -49,7 +49,7 @@ def test_dashboard_renders_live_mirrors_and_chart(noded_factory: Any, tmp_path: 
         node = noded_factory(
             start=False,
             probe={"enabled": True, "interval": 0.5, "fail_threshold": 1},
-            origins={"zenodo": {"enabled": True, "base_url": origin.base_url}},
+            origins={"zenodo": {"enabled": True, "base_url": origin.base_url, "records": [origin.record_id]}},
             peers=[{"name": "amsterdam", "api_url": f"http://127.0.0.1:{free_port()}", "bittorrent": "127.0.0.1:7"}],
         )
         cfg = tomllib.loads(node.config.read_text())
@@ -84,6 +84,9 @@ def test_dashboard_renders_live_mirrors_and_chart(noded_factory: Any, tmp_path: 
         bars = re.findall(r'<rect [^>]*class="bar (in|out)"', html)
         assert len(bars) == 48  # 24 hours, in and out
         assert "20 KB/s from Toronto" in html  # the open report
+        # Per dataset: where it lives and whether that copy is known to work.
+        assert re.search(r'<tr data-dataset="da.parquet" data-verification="checksum">', html)
+        assert re.search(r'<span class="status up" data-origin="zenodo" data-match="match"', html)
         assert "toronto (test)" in html
 
         ARTIFACTS.mkdir(exist_ok=True)

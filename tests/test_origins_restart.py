@@ -107,7 +107,7 @@ def test_sigterm_mid_pull_stops_cleanly_and_resumes(tmp_path: Path, noded_factor
         blob.rate = None
         node.start()
         wait_for(lambda: node.get("/v1/status")[1]["items"]["cached"] == 1, 60, "the pull did not complete")
-        final = Path(node.config).parent / "cache" / "d" / "mid.bin"
+        final = Path(node.config).parent / "cache" / "mid.bin"  # the dataset name, without the product "d/"
         assert final.read_bytes() == data
         assert files.sent("/b/d/mid.bin") - size < 2 * 8 * MiB
         node.stop()

@@ -144,7 +144,7 @@ async def test_b_gets_item_from_a_and_origin_serves_once(noded_factory: Any, ori
     await asyncio.to_thread(b.start)
     got = await asyncio.to_thread(wait_cached, b)
     assert got["md5"] == hashlib.md5(DATA).hexdigest() and got["sha256"] == hashlib.sha256(DATA).hexdigest()
-    cache_b = Path(b.config).parent / "cache" / KEY
+    cache_b = Path(b.config).parent / "cache" / KEY.split("/", 1)[1]  # keyed by dataset name
     assert hashlib.sha256(cache_b.read_bytes()).digest() == hashlib.sha256(DATA).digest()
     assert o.bytes_served == len(DATA)  # exactly once: A pulled it, B took it over BitTorrent
     _, traffic = b.get("/v1/status")

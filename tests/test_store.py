@@ -80,9 +80,21 @@ def test_state_machine_and_versions(tmp_path: Path) -> None:
         CatalogEntry(origin="ia", key="a/b.pmtiles", urls=("http://127.0.0.2/x",), size=10, md5="0" * 32)
     )
     assert same.id == item.id and not new_version and len(same.urls) == 2
-    # Changed upstream (new md5): a new version, the old row stays as it was until the new one verifies.
-    v2, new_version = s.upsert_entry(_entry(md5="1" * 32))
+    # One origin publishes another md5 while the other still publishes the first: a conflict, not a
+    # silent new version; the other origin's values stay trusted (same rank without a preference).
+    conflicts: list[str] = []
+    same, new_version = s.upsert_entry(_entry(md5="1" * 32), conflicts=conflicts)
+    assert same.id == item.id and not new_version
+    assert same.conflict and "zenodo" in same.conflict and "md5 " + "1" * 32 in same.conflict
+    assert len(conflicts) == 1 and "trusting ia" in conflicts[0]
+    assert s.conflicts() == [("a/b.pmtiles", same.conflict)]
+    # Both re-published it (nothing backs the old md5 any more): a new version, the old row stays as it
+    # was until the new one verifies, and the conflict is over.
+    v2, new_version = s.upsert_entry(
+        CatalogEntry(origin="ia", key="a/b.pmtiles", urls=("http://127.0.0.2/x",), size=10, md5="1" * 32)
+    )
     assert new_version and v2.version == 2 and v2.state is State.WANTED
+    assert v2.conflict is None and s.conflicts() == []
     old = s.get_item(item.id)
     assert old is not None and old.state is State.CACHED
     assert {r["location"] for r in s.replicas("a/b.pmtiles")} == {"zenodo", "ia"}

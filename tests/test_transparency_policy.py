@@ -111,7 +111,7 @@ def test_rank_down_last_and_reports_lower_a_mirror() -> None:
     assert r[2].reason.startswith("down")
     r = rank([_c("sourcecoop", MirrorStatus.UP, reports=3), _c("zenodo", MirrorStatus.UP)])
     assert [x.candidate.mirror for x in r] == ["zenodo", "sourcecoop"]
-    assert r[1].reason.endswith("3 open reports")
+    assert "3 open reports" in r[1].reason
     # Reports alone never rank a working mirror below a dead one.
     r = rank([_c("sourcecoop", MirrorStatus.UP, reports=1000), _c("zenodo", MirrorStatus.DOWN)])
     assert r[0].candidate.mirror == "sourcecoop"

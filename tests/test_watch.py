@@ -377,11 +377,11 @@ def test_deleted_by_hand_is_fetched_again(
             },
         }
     )
-    _until(lambda: (r := _row(d, "data/x.parquet")) and r["state"] == "cached", timeout=60, what="first fetch")
-    (d / "cache" / "data" / "x.parquet").unlink()
+    _until(lambda: (r := _row(d, "x.parquet")) and r["state"] == "cached", timeout=60, what="first fetch")
+    (d / "cache" / "x.parquet").unlink()
 
     def events(name: str) -> list[dict[str, Any]]:
-        return [e for e in node.log_events() if e["event"] == name and e.get("key") == "data/x.parquet"]
+        return [e for e in node.log_events() if e["event"] == name and e.get("key") == "x.parquet"]
 
     # The deletion is noticed (row back to wanted), then the pipeline pulls it again: the wanted state
     # can be too brief to poll, so the node's own log is the witness.
@@ -389,7 +389,7 @@ def test_deleted_by_hand_is_fetched_again(
     assert events("cache.external_change")[0]["state"] == "wanted"
     _until(lambda: len(events("pull.cached")) >= 2, timeout=60, what="the refetch")
     row = _until(
-        lambda: (r := _row(d, "data/x.parquet")) and r["state"] == "cached" and r, timeout=60, what="cached again"
+        lambda: (r := _row(d, "x.parquet")) and r["state"] == "cached" and r, timeout=60, what="cached again"
     )
     assert row["sha256"] == hashlib.sha256(data).hexdigest()
-    assert (d / "cache" / "data" / "x.parquet").read_bytes() == data
+    assert (d / "cache" / "x.parquet").read_bytes() == data

@@ -30,6 +30,8 @@ def inventory_entry(i: Item) -> dict[str, Any]:
         "sha256": i.sha256,
         "infohash": i.infohash,
         "seeding": i.seeding,
+        "verification": i.verification,
+        "conflict": i.conflict,
     }
 
 

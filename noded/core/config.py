@@ -170,6 +170,9 @@ class SourceCoopConfig(_Section):
     bucket: str = ""  # empty with the proxy: the account is the first path segment
     prefixes: list[str] = Field(default_factory=list)
     max_keys_per_page: int = Field(1000, ge=1, le=1000)
+    # Key an object by its dataset name: the bucket key without its first segment (the product), so
+    # `<account>/<product>/<name>` is the item `<name>` that Zenodo, IA and the torrents also list.
+    strip_product: bool = True
 
     @field_validator("bucket")
     @classmethod
@@ -226,6 +229,16 @@ class InternetArchiveConfig(_Section):
     requests_per_minute: int = Field(60, ge=1, le=10_000)
 
 
+class StacConfig(_Section):
+    enabled: bool = False
+    # Static catalogs (a Catalog or Collection JSON whose child/item links are followed on the same host,
+    # an Item, or an ItemCollection) and stac-geoparquet files, read over HTTP.
+    catalogs: list[HttpUrl] = Field(default_factory=list)
+    geoparquet: list[HttpUrl] = Field(default_factory=list)
+    skip_roles: list[str] = Field(default_factory=lambda: ["thumbnail", "overview", "metadata"])
+    max_documents: int = Field(10_000, ge=1)  # catalog JSON documents followed per refresh
+
+
 class InboxConfig(_Section):
     enabled: bool = True
     dir: Path = Path("inbox")
@@ -252,16 +265,19 @@ class OriginsConfig(_Section):
     max_item_size: ByteSize = 5 * 1000**4
     max_page_bytes: ByteSize = 64 * 1024**2  # one listing page (XML/JSON) larger than this is refused
     failed_retry_after: Seconds = 3600.0  # a failed item becomes wanted again after this long
+    # An item no location publishes a checksum for (size only) is neither pulled nor published.
+    require_checksum: bool = False
     sourcecoop: SourceCoopConfig = SourceCoopConfig()
     zenodo: ZenodoConfig = ZenodoConfig()
     ia: InternetArchiveConfig = InternetArchiveConfig()
+    stac: StacConfig = StacConfig()
     inbox: InboxConfig = InboxConfig()
     torrents: TorrentImportConfig = TorrentImportConfig()
     r2: R2OriginConfig = R2OriginConfig()
 
     @model_validator(mode="after")
     def _known(self) -> OriginsConfig:
-        known = {"sourcecoop", "zenodo", "ia", "inbox", "torrents", "r2", "peer"}
+        known = {"sourcecoop", "zenodo", "ia", "stac", "inbox", "torrents", "r2", "peer"}
         bad = [p for p in self.preference if p not in known]
         if bad:
             raise ValueError(f"preference names unknown origins {bad}; known: {sorted(known)}")

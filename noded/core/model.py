@@ -118,6 +118,11 @@ class Item:
     updated_at: float
     # When the file's bytes were last hashed and matched (pull, inbox, re-verification); None: never.
     verified_at: float | None = None
+    # Why some location of this name disagrees with the trusted values (None: all agree).
+    conflict: str | None = None
+    # "checksum": some location publishes an md5/sha1/sha256 or piece hashes; "unverified": size only;
+    # "local": the node's own inbox file.
+    verification: str = "unverified"
 
     def public(self) -> dict[str, Any]:
         """The JSON shape of an item in the API."""
@@ -135,4 +140,6 @@ class Item:
             "seeding": self.seeding,
             "last_access": self.last_access,
             "error": self.error,
+            "verification": self.verification,
+            "conflict": self.conflict,
         }

@@ -201,13 +201,51 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE items ADD COLUMN verified_at REAL;
     """,
+    # 9: one dataset, many locations. Each origin URL listing an item's name, with what it publishes;
+    # `conflict` says why a location disagrees with the trusted values. items.conflict summarises them,
+    # items.verification is 'checksum' (some location publishes one), 'unverified' (size only), 'local'.
+    # A store with no items has no origin-path keys to move to dataset names (origins/rekey.py): mark it done.
+    """
+    CREATE TABLE locations (
+        key TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        url TEXT NOT NULL,
+        size INTEGER, md5 TEXT, sha1 TEXT, sha256 TEXT, etag TEXT, infohash TEXT,
+        conflict TEXT,
+        release_group TEXT,
+        release_order INTEGER,
+        superseded TEXT,
+        seen_at REAL NOT NULL,
+        PRIMARY KEY (key, origin, url)
+    );
+    CREATE INDEX locations_origin ON locations(origin);
+    CREATE TABLE published_pieces (
+        infohash TEXT PRIMARY KEY,
+        key TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        piece_length INTEGER NOT NULL,
+        hashes BLOB NOT NULL
+    );
+    CREATE INDEX published_pieces_key ON published_pieces(key);
+    CREATE INDEX locations_md5 ON locations(md5);
+    ALTER TABLE items ADD COLUMN conflict TEXT;
+    ALTER TABLE items ADD COLUMN verification TEXT NOT NULL DEFAULT 'unverified';
+    UPDATE items SET verification = CASE
+        WHEN origin = 'inbox' THEN 'local'
+        WHEN origin = 'torrent' OR sha1 IS NOT NULL
+          OR EXISTS (SELECT 1 FROM replicas r WHERE r.key = items.key AND (r.md5 IS NOT NULL OR r.sha256 IS NOT NULL))
+          THEN 'checksum'
+        ELSE 'unverified' END;
+    INSERT INTO meta(name, value) SELECT 'keys.dataset_names', '1' WHERE NOT EXISTS (SELECT 1 FROM items)
+        ON CONFLICT(name) DO NOTHING;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _ITEM_COLS = (
     "id, key, version, origin, state, size, md5, sha1, sha256, etag, urls, infohash, pinned, pushed, "
-    "seeding, last_access, disk_bytes, mtime_ns, error, created_at, updated_at, verified_at"
+    "seeding, last_access, disk_bytes, mtime_ns, error, created_at, updated_at, verified_at, conflict, verification"
 )
 
 
@@ -252,6 +290,8 @@ def _row_to_item(r: Sequence[Any]) -> Item:
         created_at=r[19],
         updated_at=r[20],
         verified_at=r[21],
+        conflict=r[22],
+        verification=r[23],
     )
 
 
@@ -381,6 +421,11 @@ class Store:
         ).fetchone()
         return None if r is None else _row_to_item(r)
 
+    def versions(self, key: str) -> list[Item]:
+        """Every version of an item, oldest first."""
+        rows = self.conn.execute(f"SELECT {_ITEM_COLS} FROM items WHERE key=? ORDER BY version", (key,))
+        return [_row_to_item(r) for r in rows]
+
     def get_by_infohash(self, infohash: str) -> Item | None:
         r = self.conn.execute(
             f"SELECT {_ITEM_COLS} FROM items WHERE infohash=? ORDER BY version DESC LIMIT 1",
@@ -398,13 +443,26 @@ class Store:
         args.append(limit)
         return [_row_to_item(r) for r in self.conn.execute(q, args)]
 
-    def upsert_entry(self, e: CatalogEntry, now: float | None = None) -> tuple[Item, bool]:
-        """Record an origin's listing of a file. Returns (current item, created_new_version).
+    def upsert_entry(
+        self,
+        e: CatalogEntry,
+        now: float | None = None,
+        *,
+        preference: Sequence[str] = (),
+        conflicts: list[str] | None = None,
+    ) -> tuple[Item, bool]:
+        """Record an origin's listing of a file as a location of the item of that name.
 
-        Same key with a different published checksum becomes a new version (state wanted); the old
-        version keeps its row and bytes until the new one is verified and replaces it.
+        Returns (current item, created_new_version). Values that agree with the item merge into it (a
+        location with no checksum borrows the others'). A location that disagrees while other locations
+        still back the item's values is a conflict: `preference` (origin names, most trusted first)
+        decides which side the item follows, the other side's locations are marked, and a line is
+        appended to `conflicts`. When no other location backs the current values any more (the origin
+        re-published the file), the entry becomes a new version (state wanted); the old version keeps
+        its row and bytes until the new one is verified and replaces it.
         """
         now = time.time() if now is None else now
+        url = e.urls[0] if e.urls else ""
         with self.tx() as c:
             c.execute(
                 "INSERT INTO replicas(key, location, size, md5, sha256, etag, seen_at) "
@@ -412,23 +470,69 @@ class Store:
                 "md5=excluded.md5, sha256=excluded.sha256, etag=excluded.etag, seen_at=excluded.seen_at",
                 (e.key, e.origin, e.size, e.md5, e.sha256, e.etag, now),
             )
+            group, order = e.extra.get("release_group"), e.extra.get("release_order")
+            if not (isinstance(group, str) and isinstance(order, int)):
+                group, order = None, None
+            c.execute(
+                "INSERT INTO locations(key, origin, url, size, md5, sha1, sha256, etag, infohash, release_group, "
+                "release_order, seen_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(key, origin, url) DO UPDATE SET "
+                "size=excluded.size, md5=excluded.md5, sha1=excluded.sha1, sha256=excluded.sha256, "
+                "etag=excluded.etag, infohash=excluded.infohash, release_group=excluded.release_group, "
+                "release_order=excluded.release_order, seen_at=excluded.seen_at",
+                (e.key, e.origin, url, e.size, e.md5, e.sha1, e.sha256, e.etag, e.infohash, group, order, now),
+            )
+            hashes, plen = e.extra.get("pieces"), e.extra.get("piece_length")
+            if e.infohash and e.size and isinstance(hashes, bytes) and isinstance(plen, int):
+                c.execute(
+                    "INSERT INTO published_pieces(infohash, key, size, piece_length, hashes) VALUES(?,?,?,?,?) "
+                    "ON CONFLICT(infohash) DO UPDATE SET key=excluded.key",
+                    (e.infohash, e.key, e.size, plen, hashes),
+                )
             cur = self.get_current(e.key)
-            if cur is not None and not _changed(cur, e):
-                merged = list(dict.fromkeys([*cur.urls, *e.urls]))
-                if merged != cur.urls or (e.infohash and not cur.infohash) or (e.size and not cur.size):
+            if cur is not None and _disagreement(cur, e) is None:
+                self._merge(cur, e, url, now)
+                out = self._refresh_conflict(e.key)
+                return out, False
+            if cur is not None:
+                why = _disagreement(cur, e) or ""
+                release = self._release_relation(e.key, e.origin, url, group, order)
+                if release == "older":
+                    # An older release of a dataset whose newer one is listed too: not a conflict.
                     c.execute(
-                        "UPDATE items SET urls=?, infohash=COALESCE(infohash, ?), size=COALESCE(size, ?),"
-                        " md5=COALESCE(md5, ?), sha1=COALESCE(sha1, ?), sha256=COALESCE(sha256, ?),"
-                        " updated_at=? WHERE id=?",
-                        (json.dumps(merged), e.infohash, e.size, e.md5, e.sha1, e.sha256, now, cur.id),
+                        "UPDATE locations SET superseded='a newer release of this dataset is listed', conflict=NULL"
+                        " WHERE key=? AND origin=? AND url=?",
+                        (e.key, e.origin, url),
                     )
-                    cur = self.get_item(cur.id)
-                    assert cur is not None
-                return cur, False
+                    return self._refresh_conflict(e.key), False
+                if release == "newer":
+                    c.execute(
+                        "UPDATE locations SET superseded=? WHERE key=? AND release_group=? AND release_order<?",
+                        (f"superseded by release {order}", e.key, group, order),
+                    )
+                backers = self._backers(e.key, e.origin, url)
+                if backers:
+                    mine, theirs = _rank(preference, e.origin), min(_rank(preference, o) for o in backers)
+                    if mine >= theirs:  # the item's values stay trusted; this location is the odd one
+                        reason = f"{e.origin} publishes {why}"
+                        c.execute(
+                            "UPDATE locations SET conflict=? WHERE key=? AND origin=? AND url=?",
+                            (reason[:500], e.key, e.origin, url),
+                        )
+                        if conflicts is not None:
+                            conflicts.append(f"{e.key}: {reason}; trusting {', '.join(sorted(backers))}")
+                        return self._refresh_conflict(e.key), False
+                    # The more trusted origin disagrees with what the others publish: follow it.
+                    reason = f"{', '.join(sorted(backers))} publish {_values(cur)}, {e.origin} publishes {_values(e)}"
+                    c.execute(
+                        "UPDATE locations SET conflict=? WHERE key=? AND NOT (origin=? AND url=?) AND conflict IS NULL",
+                        (reason[:500], e.key, e.origin, url),
+                    )
+                    if conflicts is not None:
+                        conflicts.append(f"{e.key}: {reason}; trusting {e.origin}")
             version = 1 if cur is None else cur.version + 1
             c.execute(
                 "INSERT INTO items(key, version, origin, state, size, md5, sha1, sha256, etag, urls, "
-                "infohash, last_access, created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "infohash, last_access, created_at, updated_at, verification) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     e.key,
                     version,
@@ -444,11 +548,133 @@ class Store:
                     now,
                     now,
                     now,
+                    _verification(e),
                 ),
             )
-            new = self.get_current(e.key)
-            assert new is not None
-            return new, cur is not None
+            # Locations that publish the new values (or say nothing against them) agree again.
+            for o, u, size, md5, sha1, sha256 in c.execute(
+                "SELECT origin, url, size, md5, sha1, sha256 FROM locations WHERE key=? AND conflict IS NOT NULL",
+                (e.key,),
+            ).fetchall():
+                if _disagreement_values(e, size, md5, sha1, sha256) is None:
+                    c.execute("UPDATE locations SET conflict=NULL WHERE key=? AND origin=? AND url=?", (e.key, o, u))
+            c.execute("UPDATE locations SET conflict=NULL WHERE key=? AND origin=? AND url=?", (e.key, e.origin, url))
+            return self._refresh_conflict(e.key), cur is not None
+
+    def _merge(self, cur: Item, e: CatalogEntry, url: str, now: float) -> None:
+        c = self.conn
+        c.execute(
+            "UPDATE locations SET conflict=NULL, superseded=NULL WHERE key=? AND origin=? AND url=?",
+            (e.key, e.origin, url),
+        )
+        merged = list(dict.fromkeys([*cur.urls, *e.urls]))
+        verification = cur.verification
+        if verification == "unverified" and _verification(e) != "unverified":
+            verification = _verification(e)
+        if (
+            merged != cur.urls
+            or verification != cur.verification
+            or (e.infohash and not cur.infohash)
+            or (e.size is not None and cur.size is None)
+            or (e.md5 and not cur.md5)
+            or (e.sha1 and not cur.sha1)
+            or (e.sha256 and not cur.sha256)
+            or (e.etag and not cur.etag)
+        ):
+            c.execute(
+                "UPDATE items SET urls=?, infohash=COALESCE(infohash, ?), size=COALESCE(size, ?),"
+                " md5=COALESCE(md5, ?), sha1=COALESCE(sha1, ?), sha256=COALESCE(sha256, ?), etag=COALESCE(etag, ?),"
+                " verification=?, updated_at=? WHERE id=?",
+                (json.dumps(merged), e.infohash, e.size, e.md5, e.sha1, e.sha256, e.etag, verification, now, cur.id),
+            )
+
+    def _backers(self, key: str, origin: str, url: str) -> set[str]:
+        """Origins of the other listed locations that agree with the item's current values."""
+        rows = self.conn.execute(
+            "SELECT origin FROM locations WHERE key=? AND conflict IS NULL AND superseded IS NULL"
+            " AND NOT (origin=? AND url=?)",
+            (key, origin, url),
+        )
+        return {str(r[0]) for r in rows}
+
+    def _release_relation(self, key: str, origin: str, url: str, group: str | None, order: int | None) -> str | None:
+        """"newer"/"older" when the locations backing the item are releases of the same dataset
+        (e.g. records of one Zenodo concept) and this entry comes after/before all of them."""
+        if group is None or order is None:
+            return None
+        rows = self.conn.execute(
+            "SELECT release_group, release_order FROM locations WHERE key=? AND conflict IS NULL"
+            " AND superseded IS NULL AND NOT (origin=? AND url=?)",
+            (key, origin, url),
+        ).fetchall()
+        if not rows or any(g != group or o is None for g, o in rows):
+            return None
+        if all(int(o) < order for _, o in rows):
+            return "newer"
+        if all(int(o) > order for _, o in rows):
+            return "older"
+        return None
+
+    def _refresh_conflict(self, key: str) -> Item:
+        """items.conflict of the current version = the reasons of its disagreeing locations."""
+        rows = self.conn.execute(
+            "SELECT origin, url, conflict FROM locations WHERE key=? AND conflict IS NOT NULL ORDER BY origin, url",
+            (key,),
+        ).fetchall()
+        text = "; ".join(f"{o} {u}: {why}" if u else f"{o}: {why}" for o, u, why in rows)[:2000] or None
+        cur = self.get_current(key)
+        assert cur is not None
+        if cur.conflict != text:
+            self.conn.execute("UPDATE items SET conflict=? WHERE id=?", (text, cur.id))
+            cur.conflict = text
+        return cur
+
+    def locations(self, key: str) -> list[dict[str, Any]]:
+        cols = (
+            "origin", "url", "size", "md5", "sha1", "sha256", "etag", "infohash", "conflict", "superseded",
+            "release_group", "release_order", "seen_at",
+        )  # fmt: skip
+        rows = self.conn.execute(
+            f"SELECT {', '.join(cols)} FROM locations WHERE key=? ORDER BY origin, url", (key,)
+        )
+        return [dict(zip(cols, r, strict=True)) for r in rows]
+
+    def published_pieces(self, key: str, size: int | None) -> tuple[int, bytes] | None:
+        """(piece length, sha1 digests) a published torrent of this name and size gives, if any."""
+        r = self.conn.execute(
+            "SELECT piece_length, hashes FROM published_pieces WHERE key=? AND size=? LIMIT 1", (key, size)
+        ).fetchone()
+        return None if r is None else (int(r[0]), bytes(r[1]))
+
+    def prune_locations(self, origin: str, listed: set[tuple[str, str]]) -> list[str]:
+        """After a complete listing of `origin`: forget its locations it no longer lists. Returns their keys.
+
+        Their URLs leave the items' URL lists, so no pull tries them; items and bytes stay.
+        """
+        gone = [
+            (str(k), str(u))
+            for k, u in self.conn.execute("SELECT key, url FROM locations WHERE origin=?", (origin,))
+            if (k, u) not in listed
+        ]
+        with self.tx() as c:
+            for key, url in gone:
+                c.execute("DELETE FROM locations WHERE key=? AND origin=? AND url=?", (key, origin, url))
+                for item_id, urls in c.execute("SELECT id, urls FROM items WHERE key=?", (key,)).fetchall():
+                    kept = [u for u in json.loads(urls) if u != url]
+                    if len(kept) != len(json.loads(urls)):
+                        c.execute("UPDATE items SET urls=? WHERE id=?", (json.dumps(kept), item_id))
+                if self.get_current(key) is not None:
+                    self._refresh_conflict(key)
+        return sorted({k for k, _ in gone})
+
+    def conflicts(self, limit: int = 100) -> list[tuple[str, str]]:
+        """(key, reason) of current items whose locations disagree."""
+        rows = self.conn.execute(
+            "SELECT key, conflict FROM items i WHERE conflict IS NOT NULL"
+            " AND version = (SELECT MAX(version) FROM items j WHERE j.key = i.key) ORDER BY key LIMIT ?",
+            (limit,),
+        )
+        return [(str(k), str(c)) for k, c in rows]
 
     def set_state(self, item_id: int, new: State, *, error: str | None = None, **fields: Any) -> Item:
         """Move an item to a new state (validated), updating any extra columns in the same write."""
@@ -563,9 +789,32 @@ class Store:
         return [dict(zip(("location", "size", "md5", "sha256", "etag", "seen_at"), r, strict=True)) for r in rows]
 
 
-def _changed(cur: Item, e: CatalogEntry) -> bool:
-    """True when the origin now publishes different content under the same key."""
-    for mine, theirs in ((cur.md5, e.md5), (cur.sha256, e.sha256), (cur.sha1, e.sha1)):
+def _values(x: Item | CatalogEntry) -> str:
+    parts = [f"{k} {v}" for k, v in (("size", x.size), ("md5", x.md5), ("sha1", x.sha1), ("sha256", x.sha256)) if v]
+    return ", ".join(parts) or "no size or checksum"
+
+
+def _disagreement(cur: Item, e: CatalogEntry) -> str | None:
+    """What an entry publishes differently from the item's values (None: they agree where both say)."""
+    return _disagreement_values(cur, e.size, e.md5, e.sha1, e.sha256)
+
+
+def _disagreement_values(
+    cur: Item | CatalogEntry, size: int | None, md5: str | None, sha1: str | None, sha256: str | None
+) -> str | None:
+    for name, mine, theirs in (("md5", cur.md5, md5), ("sha256", cur.sha256, sha256), ("sha1", cur.sha1, sha1)):
         if mine and theirs and mine.lower() != theirs.lower():
-            return True
-    return bool(cur.size is not None and e.size is not None and cur.size != e.size)
+            return f"{name} {theirs}, not {mine}"
+    if cur.size is not None and size is not None and cur.size != size:
+        return f"size {size}, not {cur.size}"
+    return None
+
+
+def _rank(preference: Sequence[str], origin: str) -> int:
+    return preference.index(origin) if origin in preference else len(preference)
+
+
+def _verification(e: CatalogEntry) -> str:
+    if e.origin == "inbox":
+        return "local"
+    return "checksum" if (e.md5 or e.sha1 or e.sha256 or e.infohash) else "unverified"

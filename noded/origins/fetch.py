@@ -401,11 +401,16 @@ class HttpClient:
         channel: str,
         expected_size: int | None = None,
         want_sha1: bool = False,
+        any_location: bool = False,
     ) -> HashResult:
-        """Fetch `url` into `partial` (resuming if a matching state file exists); return its hashes."""
+        """Fetch `url` into `partial` (resuming if a matching state file exists); return its hashes.
+
+        any_location: a state file left by another URL (another location of the same content, same
+        size) is continued from the bytes it reached; the caller verifies the whole against a checksum.
+        """
         for _ in range(MAX_RESTARTS + 1):
             try:
-                return await _Pull(self, url, partial, channel, expected_size, want_sha1).run()
+                return await _Pull(self, url, partial, channel, expected_size, want_sha1, any_location).run()
             except ChangedUpstream as e:
                 log.warning("fetch.changed_upstream", url=url, host=urlsplit(url).netloc, reason=str(e))
                 await self._run_io(_discard, partial)
@@ -447,8 +452,16 @@ class _Pull:
     """One download attempt into one partial file."""
 
     def __init__(
-        self, client: HttpClient, url: str, partial: Path, channel: str, expected_size: int | None, want_sha1: bool
+        self,
+        client: HttpClient,
+        url: str,
+        partial: Path,
+        channel: str,
+        expected_size: int | None,
+        want_sha1: bool,
+        any_location: bool = False,
     ) -> None:
+        self.any_location = any_location
         self.c = client
         self.url = url
         self.partial = partial
@@ -468,6 +481,10 @@ class _Pull:
     async def run(self) -> HashResult:
         cfg = self.c.cfg
         st = await self.c._run_io(_load_state, self.partial)
+        if st is not None and st.url != self.url and self.any_location and st.ranges and st.size == self.expected_size:
+            # Another location's bytes: continue them here. Its validators mean nothing at this URL.
+            log.info("fetch.switch_location", old=st.url, new=self.url, have=sum(s.done for s in st.segments))
+            st.url, st.etag, st.last_modified = self.url, None, None
         if st is not None and (
             st.url != self.url or not st.ranges or (self.expected_size is not None and st.size != self.expected_size)
         ):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import time
@@ -38,6 +39,7 @@ from noded.core.store import Store
 from noded.origins.catalog.base import Adapter, CatalogError, Limits
 from noded.origins.catalog.ia import InternetArchiveAdapter
 from noded.origins.catalog.sourcecoop import SourceCoopAdapter
+from noded.origins.catalog.stac import StacAdapter
 from noded.origins.catalog.zenodo import ZenodoAdapter
 from noded.origins.fetch import HttpClient, state_path
 from noded.origins.rendezvous import decide
@@ -158,7 +160,14 @@ class HttpOriginSource:
             self._hosts[urlsplit(url).netloc] = url
             try:
                 return await self.client.download(
-                    url, partial, channel=self.name, expected_size=item.size, want_sha1=bool(item.sha1)
+                    url,
+                    partial,
+                    channel=self.name,
+                    expected_size=item.size,
+                    want_sha1=bool(item.sha1),
+                    # The bytes are checked against a published checksum at the end, so a partial left by
+                    # another location of the same content may be continued from where it stopped.
+                    any_location=bool(item.size and (item.md5 or item.sha256 or item.sha1)),
                 )
             except HostWaiting as e:
                 waiting = e if waiting is None or e.until < waiting.until else waiting
@@ -186,6 +195,8 @@ def build_adapters(cfg: Config, client: HttpClient) -> list[Adapter]:
     if o.ia.enabled:
         client.pace_host(o.ia.base_url, o.ia.requests_per_minute)
         out.append(InternetArchiveAdapter(o.ia, client, limits))
+    if o.stac.enabled:
+        out.append(StacAdapter(o.stac, client, limits))
     return out
 
 
@@ -234,6 +245,8 @@ class Origins:
         self.last_refresh: dict[str, dict[str, Any]] = {}
         self.pulled = 0
         self.failed = 0
+        self.unverified_items = 0  # current items no location publishes a checksum for (after the last refresh)
+        self.conflict_count = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -294,6 +307,8 @@ class Origins:
             "active_pulls": len(self._active),
             "pulled": self.pulled,
             "failed": self.failed,
+            "unverified_items": self.unverified_items,
+            "conflicts": self.conflict_count,
             "origins": [a.name for a in self.adapters],
             "last_refresh": self.last_refresh,
             "hosts": {h: s.status() for h, s in self.client.hosts.items()},
@@ -384,8 +399,17 @@ class Origins:
             log.warning("catalog.entry_rejected", origin=adapter.name, key=r.key, reason=r.reason)
         new = 0
         entries = listing.entries
+        store = self.node.store
+        # The listing is complete and trusted: locations it no longer names are gone from this origin.
+        listed = {(e.key, e.urls[0] if e.urls else "") for e in entries}
+        await store.run(store.prune_locations, adapter.name, listed)
+        conflicts: list[str] = []
+        preference = self.node.cfg.origins.preference
         for i in range(0, len(entries), UPSERT_BATCH):
-            new += await self.node.store.run(_upsert_batch, self.node.store, entries[i : i + UPSERT_BATCH])
+            new += await store.run(_upsert_batch, store, entries[i : i + UPSERT_BATCH], preference, conflicts)
+        for line in conflicts:
+            log.warning("catalog.conflict", origin=adapter.name, conflict=line[:500])
+        await self._show_conflicts()
         self.node.problems.pop(f"catalog:{adapter.name}", None)
         self.node.notify("wanted")  # this origin's items can be pulled now, whatever the others do
         self.last_refresh[adapter.name] = {
@@ -405,6 +429,18 @@ class Origins:
             pages=listing.pages,
             seconds=round(time.monotonic() - t0, 3),
         )
+
+    async def _show_conflicts(self) -> None:
+        """status problems `conflict:<key>` = the names whose locations disagree, kept current."""
+        store = self.node.store
+        now = dict(await store.run(store.conflicts))
+        self.unverified_items = await store.run(_count_unverified, store)
+        self.conflict_count = len(now)
+        for name in [p for p in self.node.problems if p.startswith("conflict:")]:
+            if name.removeprefix("conflict:") not in now:
+                self.node.problems.pop(name, None)
+        for key, why in now.items():
+            self.node.problems[f"conflict:{key}"] = why[:300]
 
     # -- pulls ------------------------------------------------------------------------------------
     async def _pull_loop(self) -> None:
@@ -539,6 +575,21 @@ class Origins:
         except UnsafePath as e:  # listings are validated; this guards rows from anywhere else
             await store.run(store.set_state, item.id, State.FAILED, error=str(e))
             return
+        pinned = await store.run(_pinned_older, store, item)
+        if pinned is not None:
+            # A newer release would replace the bytes at the same path: the pin keeps the older one.
+            reason = f"version {pinned} is pinned here; unpin it to take this newer release"
+            if item.error != reason:
+                log.info("pull.kept_pinned_version", key=item.key, version=item.version, pinned=pinned)
+            if item.state != State.FAILED:
+                await store.run(store.set_state, item.id, State.FAILED, error=reason)
+            return
+        if self.node.cfg.origins.require_checksum and item.verification == "unverified":
+            reason = "no location publishes a checksum (origins.require_checksum)"
+            if item.error != reason:
+                log.warning("pull.unverified_refused", key=item.key, version=item.version)
+            await store.run(store.set_state, item.id, State.FAILED, error=reason)
+            return
         if await self._defer_to_owner(item):
             return
         partial = self.layout.partial_path(item.id, item.version)
@@ -608,6 +659,16 @@ class Origins:
                         await self._quarantine(item, partial, src.name, str(e))
                     continue
                 problem = mismatch(item, result)
+                published = await store.run(store.published_pieces, item.key, item.size)
+                if published is not None and published[0] != result.piece_length:
+                    published = None  # another piece length: nothing to compare piece by piece
+                if problem is None and published is not None and published[1] != result.pieces:
+                    problem = "piece hashes differ from the published torrent's"
+                if problem is not None and published is not None:
+                    repaired = await self._repair(item, partial, result, published, src, candidates)
+                    if repaired is not None:
+                        await store.run(mark_suspect, store, item.key, item.version, src.name, problem)
+                        result, problem = repaired, None
                 if problem is not None:
                     locations[src.name] = f"{problem} (quarantined)"
                     checksum = True
@@ -677,6 +738,62 @@ class Origins:
             "pull.failed", key=item.key, version=item.version, cause=cause, attempt=count, retry_in=delay, reason=reason
         )
         await self.node.store.run(self.node.store.set_state, item.id, State.FAILED, error=reason[:2000])
+
+    async def _repair(
+        self,
+        item: Item,
+        partial: Path,
+        got: HashResult,
+        published: tuple[int, bytes],
+        bad_source: Source,
+        candidates: Sequence[Source],
+    ) -> HashResult | None:
+        """Re-fetch only the pieces whose sha1 differs from the published torrent's, from other HTTP
+        locations; the hashes of the repaired file, or None when it cannot be repaired that way."""
+        plen, hashes = published
+        if item.size is None or got.piece_length != plen or len(got.pieces) != len(hashes):
+            return None
+        n = len(hashes) // 20
+        bad = [i for i in range(n) if got.pieces[i * 20 : i * 20 + 20] != hashes[i * 20 : i * 20 + 20]]
+        if not bad or 2 * len(bad) > n:
+            return None  # most of it is wrong: a whole fetch from the next location is no worse
+        others = [s for s in candidates if isinstance(s, HttpOriginSource) and s is not bad_source]
+        loop = asyncio.get_running_loop()
+        for i in bad:
+            start, end = i * plen, min(item.size, (i + 1) * plen) - 1
+            if not await self._fetch_piece(item, partial, others, start, end, hashes[i * 20 : i * 20 + 20]):
+                log.warning("pull.repair_failed", key=item.key, piece=i)
+                return None
+        result = await loop.run_in_executor(None, lambda: hash_file(partial, want_sha1=bool(item.sha1)))
+        if mismatch(item, result) is not None or result.pieces != hashes:
+            return None
+        log.info("pull.repaired", key=item.key, version=item.version, source=bad_source.name, pieces=bad)
+        return result
+
+    async def _fetch_piece(
+        self, item: Item, partial: Path, sources: Sequence[HttpOriginSource], start: int, end: int, want: bytes
+    ) -> bool:
+        loop = asyncio.get_running_loop()
+        for src in sources:
+            for url in src.urls(item):
+                try:
+                    reply = await self.client.get_bytes(
+                        url,
+                        channel=src.name,
+                        headers={"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"},
+                        max_bytes=end - start + 1,
+                    )
+                except FetchError as e:
+                    log.info("pull.repair_source_failed", key=item.key, source=src.name, reason=str(e))
+                    continue
+                body = reply.body
+                if reply.status != 206 or len(body) != end - start + 1:
+                    continue
+                if await loop.run_in_executor(None, _piece_sha1, body) != want:
+                    continue
+                await loop.run_in_executor(None, _pwrite, partial, start, body)
+                return True
+        return False
 
     def owner_wait(self, item: Item, now: float | None = None) -> float | None:
         """Until when to leave `item` to the peer that ranks first for it, or None to go ahead."""
@@ -790,13 +907,44 @@ def _discard_partial(partial: Path) -> None:
             p.unlink()
 
 
-def _upsert_batch(store: Store, entries: Sequence[CatalogEntry]) -> int:
+def _pinned_older(store: Store, item: Item) -> int | None:
+    row = store.conn.execute(
+        "SELECT version FROM items WHERE key=? AND version<? AND state=? AND pinned=1 LIMIT 1",
+        (item.key, item.version, State.CACHED.value),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _count_unverified(store: Store) -> int:
+    row = store.conn.execute(
+        "SELECT COUNT(*) FROM items i WHERE verification = 'unverified'"
+        " AND version = (SELECT MAX(version) FROM items j WHERE j.key = i.key)"
+    ).fetchone()
+    return int(row[0])
+
+
+def _piece_sha1(data: bytes) -> bytes:
+    return hashlib.sha1(data, usedforsecurity=False).digest()  # BitTorrent v1 piece hash, not security
+
+
+def _pwrite(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _upsert_batch(
+    store: Store, entries: Sequence[CatalogEntry], preference: Sequence[str], conflicts: list[str]
+) -> int:
     """Runs on the store thread: one transaction per batch. Returns how many rows were created."""
     created = 0
     with store.tx():
         for e in entries:
             before = store.get_current(e.key)
-            item, _ = store.upsert_entry(e)
+            item, _ = store.upsert_entry(e, preference=preference, conflicts=conflicts)
             if before is None or item.id != before.id:
                 created += 1
     return created

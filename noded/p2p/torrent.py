@@ -83,7 +83,8 @@ class TorrentMeta:
             size=self.total_size,
             md5=self.md5,
             infohash=self.infohash,
-            extra={"trackers": list(self.trackers)},
+            # The piece hashes let a copy from any location be checked, and repaired, piece by piece.
+            extra={"trackers": list(self.trackers), "pieces": self.pieces, "piece_length": self.piece_length},
         )
 
 

@@ -24,6 +24,19 @@ REPORT_PENALTY = 150.0  # per open report: two reports weigh about as much as be
 MAX_REPORT_PENALTY = 3_000.0  # reports alone never push a working mirror below a down one
 LATENCY_CAP_MS = 5_000.0
 LOCAL_BONUS = -50.0  # this node's own verified copy: no extra hop
+# A report against this very copy (mirror + item) weighs far more than one against the mirror at large,
+# and a copy known to differ (conflict, bad bytes) goes after every copy that may match.
+ITEM_REPORT_PENALTY = 1_000.0
+MAX_ITEM_REPORT_PENALTY = 3_000.0
+MISMATCH_PENALTY = 5_000.0
+MATCH_WORDS = {
+    "match": "copy known to match",
+    "unknown": "no published checksum to compare",
+    "conflict": "publishes other content under this name",
+    "suspect": "served bytes that did not verify",
+    "superseded": "an older release of this dataset",
+}
+BAD_COPY = ("conflict", "suspect", "superseded")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +50,14 @@ class Candidate:
     status_reason: str = ""
     local: bool = False
     bittorrent: str | None = None  # host:port for peers
+    match: str = "unknown"  # "match" | "unknown" | "conflict" | "suspect" | "superseded" (see MATCH_WORDS)
+    item_reports: int = 0  # open reports against this mirror's copy of this item, since its last clean probe
+    note: str = ""  # e.g. the conflict or suspect reason
+
+    @property
+    def working(self) -> bool:
+        """Worth handing to a client as a web seed: not down, not known bad, not reported."""
+        return self.status != MirrorStatus.DOWN and self.match not in BAD_COPY and not self.item_reports
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +71,9 @@ def score(c: Candidate) -> float:
     s = STATUS_PENALTY[c.status]
     s += min(MAX_REPORT_PENALTY, REPORT_PENALTY * c.open_reports)
     s += min(LATENCY_CAP_MS, c.latency_ms or 0.0) / 10
+    s += min(MAX_ITEM_REPORT_PENALTY, ITEM_REPORT_PENALTY * c.item_reports)
+    if c.match in BAD_COPY:
+        s += MISMATCH_PENALTY
     if c.local:
         s += LOCAL_BONUS
     return s
@@ -66,6 +90,11 @@ def explain(c: Candidate) -> str:
     parts.append(
         "no open reports" if not c.open_reports else f"{c.open_reports} open report{'s' * (c.open_reports > 1)}"
     )
+    if c.item_reports:
+        parts.append(f"{c.item_reports} open report{'s' * (c.item_reports > 1)} against this copy")
+    if not c.local:
+        words = MATCH_WORDS.get(c.match, c.match)
+        parts.append(f"{words} ({c.note})" if c.note else words)
     return ", ".join(parts)
 
 
@@ -101,6 +130,9 @@ def places(ranked: list[Ranked]) -> list[dict[str, Any]]:
             "status": r.candidate.status.value,
             "latency_ms": r.candidate.latency_ms,
             "open_reports": r.candidate.open_reports,
+            "item_reports": r.candidate.item_reports,
+            "match": r.candidate.match,
+            "working": r.candidate.working,
             "score": round(r.score, 1),
             "reason": r.reason,
         }

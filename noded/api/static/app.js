@@ -44,6 +44,31 @@ function renderMirrors(list) {
   }
 }
 
+function renderDatasets(list) {
+  const tbody = document.querySelector("#datasets tbody");
+  tbody.replaceChildren();
+  if (!list.length) {
+    const tr = el("tr"); tr.appendChild(el("td", { colspan: "4" }, "no datasets known yet")); tbody.appendChild(tr);
+    return;
+  }
+  for (const d of list) {
+    const tr = el("tr", { "data-dataset": d.key, "data-verification": d.verification });
+    tr.appendChild(el("td", {}, d.key));
+    tr.appendChild(el("td", {}, d.state_here));
+    tr.appendChild(el("td", {}, d.verification === "unverified" ? "unverified (size only)" : d.verification));
+    const td = el("td");
+    for (const l of d.locations) {
+      const cls = "status " + (l.working ? (l.match === "match" ? "up" : "unknown") : "down");
+      const chip = el("span", { class: cls, "data-origin": l.origin, "data-match": l.match, title: l.url + (l.note ? " — " + l.note : "") },
+        l.origin + ": " + l.match);
+      td.appendChild(chip); td.appendChild(document.createTextNode(" "));
+    }
+    if (d.conflict) td.appendChild(el("div", { class: "reason" }, "conflict: " + d.conflict));
+    tr.appendChild(td);
+    tbody.appendChild(tr);
+  }
+}
+
 function renderChart(hours) {
   const svg = document.getElementById("traffic-chart");
   const NS = "http://www.w3.org/2000/svg";
@@ -108,9 +133,10 @@ function renderFailing(list) {
 
 async function refresh() {
   try {
-    const [status, mirrors, traffic, reports, failing] = await Promise.all([
+    const [status, mirrors, traffic, reports, failing, datasets] = await Promise.all([
       getJSON("v1/status"), getJSON("v1/mirrors"), getJSON("v1/traffic"), getJSON("v1/reports?status=open&limit=50"),
       getJSON("v1/items?state=failed,wanted&limit=200").catch(() => ({ items: [] })),  // a node without origins
+      getJSON("v1/datasets?limit=100").catch(() => ({ datasets: [] })),
     ]);
     document.getElementById("node-name").textContent = `${status.node} (${status.region})`;
     const c = status.cache;
@@ -133,6 +159,7 @@ async function refresh() {
       .map(([ch, r]) => `${ch} ↓${fmtBytes(r.in)}/s ↑${fmtBytes(r.out)}/s`).join(" · ") || "idle");
     renderReports(reports.reports);
     renderFailing(failing.items);
+    renderDatasets(datasets.datasets);
     document.getElementById("updated").textContent = "updated " + new Date().toISOString().slice(11, 19) + " UTC";
     document.getElementById("updated").classList.remove("error");
     document.body.dataset.ready = "1";

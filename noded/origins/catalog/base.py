@@ -129,7 +129,7 @@ class EntryCollector:
     def __init__(self, origin: str, limits: Limits) -> None:
         self.listing = Listing(origin)
         self.limits = limits
-        self._seen: set[str] = set()
+        self._seen: dict[str, tuple[Any, set[tuple[str, ...]]]] = {}  # key -> (raw key, URLs listed)
         self._units = 0
         self._unit_errors: list[str] = []
 
@@ -192,11 +192,14 @@ class EntryCollector:
         except (KeyError_, ValueError) as e:
             self.reject(raw_key, str(e))
             return None
-        if key in self._seen:
+        # The same name at another URL is one more location of that dataset (two products, two records);
+        # two spellings that normalise alike, or the same URL twice, are duplicates.
+        seen = self._seen.get(key)
+        if seen is not None and (seen[0] != raw_key or urls in seen[1]):
             self.reject(raw_key, f"duplicate of key {key[:120]!r} after normalisation")
             return None
         if len(self.listing.entries) >= self.limits.max_entries:
             raise ListingBound(f"more than {self.limits.max_entries} entries")
-        self._seen.add(key)
+        self._seen.setdefault(key, (raw_key, set()))[1].add(urls)
         self.listing.entries.append(entry)
         return entry

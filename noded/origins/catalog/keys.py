@@ -45,3 +45,15 @@ def normalise_key(raw: str, *, prefix: str = "") -> str:
     if len(out.encode()) > MAX_KEY_BYTES:
         raise KeyError_(f"key is longer than {MAX_KEY_BYTES} bytes")
     return out
+
+
+def dataset_name(object_key: str) -> str:
+    """The dataset's name inside a product: the object key without its first (product) segment.
+
+    `<product>/<name>` -> `<name>`; `<product>/<dir>/<name>` -> `<dir>/<name>` (multi-file datasets keep
+    their inner layout); a key with no product segment is its own name.
+    """
+    product, sep, rest = object_key.partition("/")
+    if product in ("", ".", ".."):
+        return object_key  # not a product: the key rules reject the whole key
+    return rest if sep and rest else object_key

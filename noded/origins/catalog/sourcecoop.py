@@ -8,8 +8,11 @@ paginator. Before botocore parses a page, defusedxml checks it (no DTD or entity
 200 answer really is a ListBucketResult.
 
 A single-part ETag is the object's md5; a multipart ETag ("<hex>-<parts>") is not, so it is kept as
-an ETag only and never compared with a file md5 (verification then relies on the size, plus any md5
-published elsewhere, e.g. in the organisation's torrent).
+an ETag only and never compared with a file md5 (verification then relies on the md5 or piece hashes
+other locations of the same dataset publish: Zenodo, IA, the organisation's torrent).
+
+Keys: the object key without its product segment (`origins.sourcecoop.strip_product`), so the object
+`dataforcanada/<product>/<name>` is the dataset `<name>` as Zenodo, IA and the torrents name it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from defusedxml import DefusedXmlException
 
 from noded.core.config import FetchConfig, SourceCoopConfig
 from noded.origins.catalog.base import CatalogError, EntryCollector, HttpGetter, Limits, Listing, is_hex
+from noded.origins.catalog.keys import dataset_name
 
 NAME = "sourcecoop"
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
@@ -161,7 +165,7 @@ class SourceCoopAdapter:
             md5 = etag if etag and is_hex(etag, 32) else None
             modified = c.get("LastModified")
             out.add(
-                key,
+                dataset_name(key) if self.cfg.strip_product else key,
                 urls=(self.object_url(bucket, key),),
                 size=size,
                 md5=md5,
@@ -169,5 +173,6 @@ class SourceCoopAdapter:
                 extra={
                     "last_modified": modified.isoformat() if modified is not None else None,
                     "multipart": bool(etag and "-" in etag),
+                    "path": f"{bucket}/{key}",
                 },
             )

@@ -132,6 +132,13 @@ class ZenodoAdapter:
         if not isinstance(files, list):
             raise CatalogError(f"{what}: files is not a list")
         rid = rec.get("id")
+        # Records of one concept are versions of one dataset: a newer record id is a newer release.
+        concept = rec.get("conceptrecid")
+        release = (
+            {"release_group": f"zenodo-concept:{concept}", "release_order": rid}
+            if isinstance(rid, int) and isinstance(concept, str | int) and str(concept).isdigit()
+            else {}
+        )
         for f in files:
             if not isinstance(f, dict):
                 out.reject(f, "file entry is not an object")
@@ -151,4 +158,4 @@ class ZenodoAdapter:
             elif checksum is not None:
                 out.reject(key, f"checksum {str(checksum)[:80]!r} is not 'algo:hex'")
                 continue
-            out.add(key, urls=(url,), size=f.get("size"), md5=md5, extra={"record": rid})
+            out.add(key, urls=(url,), size=f.get("size"), md5=md5, extra={"record": rid, **release})
