@@ -17,6 +17,7 @@ import contextlib
 import os
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ class Holding:
     num_pieces: int
     want: frozenset[int]
     path: Path
+    web_seeds: tuple[str, ...] = ()
 
 
 def holding_path(layout: CacheLayout, infohash: str) -> Path:
@@ -146,6 +148,37 @@ class PieceHolder:
         if h is None:
             return None
         return list(await asyncio.get_running_loop().run_in_executor(None, h.piece_availability))
+
+    async def have_all(self, infohashes: Iterable[str]) -> dict[str, frozenset[int]]:
+        """`have()` for many torrents in one executor call."""
+        handles = [(ih, self.session.handles.get(ih)) for ih in infohashes]
+
+        def read() -> dict[str, frozenset[int]]:
+            return {ih: _have(h) for ih, h in handles if h is not None}
+
+        return await asyncio.get_running_loop().run_in_executor(None, read)
+
+    async def availability_all(self, infohashes: Iterable[str]) -> dict[str, list[int]]:
+        """`availability()` for many torrents in one executor call."""
+        handles = [(ih, self.session.handles.get(ih)) for ih in infohashes]
+
+        def read() -> dict[str, list[int]]:
+            return {ih: list(h.piece_availability()) for ih, h in handles if h is not None}
+
+        return await asyncio.get_running_loop().run_in_executor(None, read)
+
+    def set_web_seeds(self, infohash: str, urls: Iterable[str]) -> None:
+        """Switch the torrent's HTTP web seeds (BEP 19) to `urls` (asynchronous in libtorrent)."""
+        hold = self.holdings.get(infohash)
+        h = self.session.handles.get(infohash)
+        new = tuple(urls)
+        if hold is None or h is None or hold.web_seeds == new:
+            return
+        for u in set(hold.web_seeds) - set(new):
+            h.remove_url_seed(u)
+        for u in set(new) - set(hold.web_seeds):
+            h.add_url_seed(u)
+        hold.web_seeds = new
 
     def scrape(self, infohash: str) -> bool:
         """Ask the torrent's trackers for seeders/leechers; the answer lands in `scrapes`."""
