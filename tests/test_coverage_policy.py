@@ -133,6 +133,30 @@ def test_hysteresis_still_lets_a_much_rarer_piece_in(items: list[ItemState], bud
     new = ItemState.uniform("new.pmtiles", PIECE, PIECE, 0)
     second = select([*held, new], budget, node, hysteresis=3.0)
     assert second.hold.get("new.pmtiles") == frozenset({0})
+    # With the per-round draw the move may wait for this holder's turn, but it comes.
+    assert any(select([*held, new], budget, node, 3.0, epoch=e).hold.get("new.pmtiles") for e in range(64))
+
+
+def test_holders_of_one_piece_do_not_all_move_in_the_same_round() -> None:
+    # Four volunteers hold the same piece; another piece has no copy. Each sees 3 other copies of its own.
+    nodes = [f"vol-{n}" for n in range(4)]
+    movers_per_round = []
+    for epoch in range(200):
+        moved = 0
+        for me in nodes:
+            a = ItemState("a", (PIECE,), (3,), held=frozenset({0}))
+            b = ItemState("b", (PIECE,), (0,))
+            sel = select([a, b], PIECE, me, epoch=epoch)
+            moved += "b" in sel.hold
+        movers_per_round.append(moved)
+    # About one mover a round (probability 1/4 each), rarely all four; without the draw all four move.
+    assert 0.7 < sum(movers_per_round) / 200 < 1.3
+    assert movers_per_round.count(4) <= 3
+    assert all(
+        "b" in select([a, b], PIECE, me).hold
+        for me in nodes
+        for a, b in [(ItemState("a", (PIECE,), (3,), held=frozenset({0})), ItemState("b", (PIECE,), (0,)))]
+    )
 
 
 @given(items=item_states(), budget=budgets, node=nodes)
@@ -186,7 +210,7 @@ def test_volunteers_taking_turns_reach_two_copies_of_every_piece_and_settle() ->
     holds: dict[str, dict[str, frozenset[int]]] = {n: {} for n in names}
     archive = sum(sizes) * PIECE
     moved_last_round = -1
-    for _round in range(4):
+    for _round in range(12):
         moved_last_round = 0
         for me in names:
             items = []
@@ -196,7 +220,7 @@ def test_volunteers_taking_turns_reach_two_copies_of_every_piece_and_settle() ->
                     1 + sum(1 for n in names if n != me and i in holds[n].get(key, ())) for i in range(pieces)
                 )
                 items.append(ItemState(key, (PIECE,) * pieces, others, held=holds[me].get(key, frozenset())))
-            sel = select(items, archive // 4, me)
+            sel = select(items, archive // 4, me, epoch=_round)
             moved_last_round += sel.acquire_bytes + sel.release_bytes
             holds[me] = sel.hold
     # The full seed (the leading 1 above) leaves: every piece still has two volunteer copies.

@@ -106,9 +106,25 @@ async def test_half_the_pieces_are_fetched_kept_and_seeded(tmp_path: Path) -> No
         other.pause()
         del other
 
-        # Holding changes in place: drop two pieces, add one; release deletes the file.
+        # Dropping pieces gives their blocks back and they are no longer had (nor offered to peers).
+        await holder.hold(ih, tor, frozenset({1, 2}))
+        assert holder.inventory() == {ih: [1, 2]}
+        assert await holder.have(ih) == {1, 2}
+        assert 2 * PL <= allocated_bytes(path) <= 2 * PL + 2 * 4096
+        with path.open("rb") as f:
+            f.seek(PL)
+            assert f.read(2 * PL) == DATA[PL : 3 * PL]
+        # Adding one back downloads it again (from a seed that returns).
+        seeder2 = raw_session()
+        add(seeder2, tor, seed_dir, seed=True)
         await holder.hold(ih, tor, frozenset({1, 2, 5}))
-        assert holder.inventory() == {ih: [1, 2, 5]}
+        deadline = time.monotonic() + 60
+        while await holder.have(ih) != {1, 2, 5}:
+            assert time.monotonic() < deadline
+            engine.session.connect_peer(ih, "127.0.0.1", seeder2.listen_port())
+            await asyncio.sleep(0.3)
+        seeder2.pause()
+        del seeder2
         assert await holder.release(ih)
         assert not path.exists() and ih not in engine.session.handles
     finally:

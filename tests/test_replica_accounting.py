@@ -34,9 +34,12 @@ def test_pieces_count_durable_nodes_and_swarm_without_double_counting() -> None:
         availability=[1, 4, 0, 1],
         me_seeding=True,
     )
-    # nodes per piece: 2,3,1,1; swarm per piece: max(seeders-1=1, availability) = 1,4,1,1
+    # nodes per piece: 2,3,1,1; swarm per piece: availability (known) = 1,4,0,1
     assert r.pieces == (3, 5, 2, 2)
     assert r.min_copies == 2
+    # Without availability the scrape's seeders (this node taken off) stand for the swarm.
+    assert count("a", 2, seeders=3, me_seeding=True).pieces == (2, 2)
+    assert count("a", 2, seeders=3, availability=[0, 1]).pieces == (0, 1)
     body = r.public()
     assert body["nodes"] == {"whole": ["toronto"], "partial": {"vol-1": 2, "vol-2": 1}}
     assert body["swarm"]["seeders"] == 2 and body["swarm"]["leechers"] == 3

@@ -95,7 +95,6 @@ async def volunteer_node(tmp: Path, name: str, torrent_files: list[Path], budget
             "budget": budget,
             "interval": 1.0,
             "scrape_interval": 1.0,
-            "hysteresis": 2.0,
             "allow_local_trackers": True,
         },
     )

@@ -11,7 +11,12 @@ item (all of them for a whole item).
   taking the rarest pieces first maximises the minimum (water filling). Within one rarity level smaller
   pieces go first (more pieces lifted per byte).
 - **Hysteresis.** A piece this node already holds competes as if it had `hysteresis` fewer copies, so
-  counts that wobble by less than half of that never swap holdings back and forth.
+  counts that wobble by less than half of that never swap holdings back and forth. The default (1.5)
+  moves a copy only where it lifts the minimum: to a piece with at least two fewer copies.
+- **No herd.** Volunteers holding the same over-replicated piece would all move to the same rarer one
+  in the same round (none sees the others' intent), and back in the next. With an `epoch` (the round),
+  each holder of a piece with `k` other copies is free to release it with probability 1/(k+1), drawn
+  from a hash of (node, item, piece, epoch): about one holder moves per round.
 - **Pins** are held whole, before anything else, whatever the budget says (the cache never drops a pinned
   item; a pin larger than the budget is reported, not dropped). `weight <= 0` means "never hold".
 - **Spread.** Ties are broken by a rendezvous hash of (node, item, piece), so volunteers that start at
@@ -24,7 +29,7 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-DEFAULT_HYSTERESIS = 2.0
+DEFAULT_HYSTERESIS = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +89,19 @@ def spread(node: str, key: str, piece: int) -> int:
     return int.from_bytes(digest, "big")
 
 
-def select(items: Iterable[ItemState], budget: int, node: str, hysteresis: float = DEFAULT_HYSTERESIS) -> Selection:
+def may_release(node: str, key: str, piece: int, others: int, epoch: int) -> bool:
+    """This round's draw: is this holder of the piece one that may let it go? (probability 1/(others+1))"""
+    draw = spread(node, f"{key}\0{epoch}", piece) / 2**64
+    return draw * (others + 1) < 1.0
+
+
+def select(
+    items: Iterable[ItemState],
+    budget: int,
+    node: str,
+    hysteresis: float = DEFAULT_HYSTERESIS,
+    epoch: int | None = None,
+) -> Selection:
     """Choose the pieces to hold within `budget` bytes (pins excepted, see the module docstring)."""
     items = list(items)
     sel = Selection()
@@ -97,7 +114,12 @@ def select(items: Iterable[ItemState], budget: int, node: str, hysteresis: float
         if it.weight <= 0:
             continue
         for i, (size, others) in enumerate(zip(it.piece_sizes, it.others, strict=True)):
-            level = (others - (hysteresis if i in it.held else 0.0)) / it.weight
+            if i in it.held:
+                keep = epoch is not None and not may_release(node, it.key, i, others, epoch)
+                # Not this holder's turn to move: it keeps the piece ahead of anything else.
+                level = float("-inf") if keep else (others - hysteresis) / it.weight
+            else:
+                level = others / it.weight
             ranked.append((level, size, spread(node, it.key, i), it.key, i))
     sel.bytes = sel.pinned_bytes
     sel.over_budget = sel.pinned_bytes > budget

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import time
 import warnings
@@ -80,6 +81,32 @@ def _have(handle: Any) -> frozenset[int]:
     return frozenset(i for i, b in enumerate(st.pieces) if b)
 
 
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch_holes(path: Path, ranges: Iterable[tuple[int, int]]) -> bool:
+    """Give the blocks of byte ranges back to the filesystem (the file keeps its size). False if unsupported."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fallocate = libc.fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return True
+    try:
+        for off, length in ranges:
+            if length <= 0:
+                continue
+            if fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, off, length) != 0:
+                err = ctypes.get_errno()
+                log.warning("p2p.punch_hole_failed", path=str(path), error=os.strerror(err))
+                return False
+        return True
+    finally:
+        os.close(fd)
+
+
 def allocated_bytes(path: Path) -> int:
     try:
         return os.stat(path).st_blocks * 512
@@ -95,6 +122,9 @@ class PieceHolder:
         self.layout = layout
         self.holdings: dict[str, Holding] = {}
         self.scrapes: dict[str, Scrape] = {}
+        # Payload moved by torrents since taken out of the session (their counters start again when re-added).
+        self.retired_down = 0
+        self.retired_up = 0
         session.subscribe("scrape_reply_alert", self._on_scrape)
 
     def _on_scrape(self, a: Any) -> None:
@@ -107,9 +137,14 @@ class PieceHolder:
         h = self.session.handles.get(infohash)
         cur = self.holdings.get(infohash)
         if h is not None and cur is not None:
-            if cur.want != want:
+            if cur.want == want:
+                return
+            dropped = cur.want - want
+            if dropped:
+                await self._drop(cur, dropped, want)
+            else:
                 h.prioritize_pieces(priorities(cur.num_pieces, want))  # asynchronous in libtorrent
-                cur.want = want
+            cur.want = want
             return
         if h is not None:
             raise ValueError(f"{infohash} is already in the session as a whole item")
@@ -124,11 +159,50 @@ class PieceHolder:
         self.holdings[infohash] = Holding(infohash, num, want, path)
         log.info("p2p.hold_pieces", infohash=infohash, pieces=len(want), of_pieces=num)
 
+    def _retire(self, infohash: str) -> None:
+        ts = self.session.states.get(infohash)
+        if ts is not None:
+            self.retired_down += ts.downloaded
+            self.retired_up += ts.uploaded
+
+    async def _drop(self, hold: Holding, dropped: frozenset[int], want: frozenset[int]) -> None:
+        """Really let pieces go: a priority of 0 only stops downloading, libtorrent would keep and seed them.
+
+        The torrent leaves the session with its resume data, the dropped pieces' bytes are punched out of
+        the sparse file (the budget gets them back), and it comes back with those pieces cleared from its
+        have-bitfield: no recheck, and peers are never offered a piece that is gone.
+        """
+        ih = hold.infohash
+        raw = await self.session.resume_data(ih)
+        if raw is None:
+            raise RuntimeError(f"{ih}: no resume data; pieces not dropped")
+        self._retire(ih)
+        await self.session.remove(ih)
+        atp = lt.read_resume_data(raw)
+        have = list(atp.have_pieces)
+        for i in dropped:
+            if i < len(have):
+                have[i] = False
+        atp.have_pieces = have
+        atp.verified_pieces = []
+        atp.piece_priorities = priorities(hold.num_pieces, want)
+        atp.flags &= ~lt.torrent_flags.auto_managed
+        atp.flags &= ~lt.torrent_flags.paused
+        ti = atp.ti
+        if ti is None:
+            raise RuntimeError(f"{ih}: resume data without the info dict; pieces not dropped")
+        piece_length, total = int(ti.piece_length()), int(ti.total_size())
+        ranges = [(i * piece_length, min(piece_length, total - i * piece_length)) for i in sorted(dropped)]
+        await asyncio.get_running_loop().run_in_executor(None, punch_holes, hold.path, ranges)
+        await self.session.add(atp, ih)
+        log.info("p2p.pieces_dropped", infohash=ih, pieces=len(dropped), kept=len(want))
+
     async def release(self, infohash: str) -> bool:
         """Stop holding the torrent and delete its partial file."""
         h = self.holdings.pop(infohash, None)
         if h is None:
             return False
+        self._retire(infohash)
         await self.session.remove(infohash, delete_files=True)
         with contextlib.suppress(FileNotFoundError):
             await asyncio.get_running_loop().run_in_executor(None, h.path.unlink)

@@ -6,8 +6,10 @@ Three kinds of copy are counted, each from what this node already knows:
   same md5 or sha256 and size, R2 with the pushed flag). Whole copies. `durable_locations()` is the one
   place that decides this, so it can later read a locations table instead of the replicas rows.
 - **nodes**: Smart Nodes and volunteers, from their inventories: a whole item, or the pieces they hold.
-- **swarm**: BitTorrent peers: seeders from tracker scrapes (whole copies) and, per piece, how many
-  connected peers have it (`piece_availability`).
+- **swarm**: BitTorrent peers: per piece, how many connected peers have it (`piece_availability`); where
+  the torrent is not in our session, the seeders of the last tracker scrape. Scrapes are not used when
+  availability is known: a fleet bench showed `complete=3` where only two peers held every piece (partial
+  holders whose wanted pieces are all done were counted as seeders), which flattened every count.
 
 A peer may be counted by more than one source (a Smart Node is also in the swarm), so the per-piece
 count is `durable + max(nodes, swarm)`: an estimate that errs low, which is the safe side for a policy
@@ -101,8 +103,8 @@ def count(
 ) -> ItemReplicas:
     """Per-piece copies of one item. `nodes` maps a node to its pieces (None: the whole item).
 
-    `seeders` from a scrape includes this node when it seeds the item (`me_seeding`), so one is taken off.
-    Availability from our own session never includes ourselves.
+    `seeders` from a scrape includes this node when it seeds the item (`me_seeding`), so one is taken off;
+    it counts only where `availability` (connected peers, never ourselves) is unknown.
     """
     nodes = nodes or {}
     whole = tuple(sorted(n for n, p in nodes.items() if p is None))
@@ -114,7 +116,7 @@ def count(
     per_piece = []
     for i in range(num_pieces):
         by_nodes = len(whole) + sum(1 for p in partial.values() if i in p)
-        swarm = max(seeds, avail[i] if avail is not None else 0)
+        swarm = avail[i] if avail is not None else seeds
         per_piece.append(len(durable) + max(by_nodes, swarm))
     return ItemReplicas(
         key=key,

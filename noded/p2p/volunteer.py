@@ -102,6 +102,7 @@ class Volunteer:
         self.released_bytes = 0
         self.crashes = 0
         self.last_error: str | None = None
+        self.missing_pieces = 0  # pieces chosen but not yet verified here, as of the last round
         self.origin_items: set[str] = set()  # keys whose web seeds are on (no copy anywhere else)
         v = cfg.volunteer
         self.budget = v.budget or int(cfg.cache.budget * cfg.cache.low_watermark)
@@ -241,7 +242,7 @@ class Volunteer:
             held = hold.want if hold is not None else frozenset()
             states.append(ItemState(key, m.piece_sizes, r.pieces, vcfg.weight(key), it.pinned, held))
         sel = await asyncio.get_running_loop().run_in_executor(
-            None, select, states, self.budget, self.node.cfg.node.name, vcfg.hysteresis
+            None, select, states, self.budget, self.node.cfg.node.name, vcfg.hysteresis, self.rounds
         )
         for st in states:
             m = metas[st.key]
@@ -259,6 +260,9 @@ class Volunteer:
                 self.origin_items.add(st.key)
             else:
                 self.origin_items.discard(st.key)
+        self.missing_pieces = sum(
+            len(sel.hold.get(st.key, frozenset()) - have.get(metas[st.key].infohash, frozenset())) for st in states
+        )
         self.acquired_bytes += sel.acquire_bytes
         self.released_bytes += sel.release_bytes
         self.rounds += 1
@@ -310,9 +314,16 @@ class Volunteer:
             "held_pieces": sum(len(h.want) for h in self.holder.holdings.values()),
             "held_bytes": sel.bytes if sel else 0,
             "pinned_over_budget": bool(sel and sel.over_budget),
+            "missing_pieces": self.missing_pieces,
+            "last_acquire_bytes": sel.acquire_bytes if sel else 0,
+            "last_release_bytes": sel.release_bytes if sel else 0,
             "acquired_bytes": self.acquired_bytes,
             "released_bytes": self.released_bytes,
             "origin_items": len(self.origin_items),
+            "downloaded_bytes": self.holder.retired_down
+            + sum(ts.downloaded for ih, ts in self.engine.session.states.items() if ih in self.holder.holdings),
+            "uploaded_bytes": self.holder.retired_up
+            + sum(ts.uploaded for ih, ts in self.engine.session.states.items() if ih in self.holder.holdings),
             "crashes": self.crashes,
             "last_error": self.last_error,
             "replicas": summary(self._replicas.values(), k),
