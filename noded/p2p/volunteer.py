@@ -221,6 +221,11 @@ class Volunteer:
         peers = self._peer_holdings()
         avail = await self.holder.availability_all([m.infohash for m in metas.values()])
         have = await self.holder.have_all([m.infohash for m in metas.values()])
+        for ih, h in self.holder.holdings.items():
+            # Pieces found in the file after a restart are held: the selection keeps or really drops them.
+            extra = have.get(ih, frozenset()) - h.want
+            if extra:
+                h.want = h.want | extra
         vcfg = self.node.cfg.volunteer
         states: list[ItemState] = []
         for key, m in metas.items():
