@@ -14,7 +14,7 @@
 transmission-daemon is not used as the fresh client: 3.00 connects to no peer at 127.0.0.1 handed out by a
 tracker (FIELD-NOTES), and every volunteer here is on 127.0.0.1.
 
-Usage: .venv/bin/python bench/fleet.py [--nodes 8] [--items 8] [--item-mib 64] [--big-mib 160]
+Usage: .venv/bin/python bench/fleet.py [--nodes 8] [--items 8] [--item-mib 64] [--big-mib 192]
        [--budget-fraction 0.25] [--steady 30]
 The last line is one JSON object.
 """
@@ -279,7 +279,7 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=8)
     ap.add_argument("--items", type=int, default=8)
     ap.add_argument("--item-mib", type=int, default=64)
-    ap.add_argument("--big-mib", type=int, default=160, help="size of the last item (larger than any budget)")
+    ap.add_argument("--big-mib", type=int, default=192, help="size of the last item (larger than any budget)")
     ap.add_argument("--budget-fraction", type=float, default=0.25)
     ap.add_argument("--steady", type=float, default=30.0, help="seconds of steady state (10 minutes scaled down)")
     ap.add_argument("--skip-naive", action="store_true")
