@@ -406,9 +406,9 @@ class VolunteerConfig(_Section):
     interval: Seconds = 60.0
     # Seconds between tracker scrapes of every catalogue torrent.
     scrape_interval: Seconds = 300.0
-    # A held piece competes as if it had this many fewer copies: 1.5 moves a copy only to a piece with at
-    # least two fewer; larger values tolerate noisier counts and leave the minimum lower.
-    hysteresis: float = Field(1.5, ge=0, le=100)
+    # A held piece competes as if it had this many fewer copies: 0.5 moves a copy only where the minimum
+    # rises (to a piece with two fewer copies in all); larger values tolerate noisier counts, lower minimum.
+    hysteresis: float = Field(0.5, ge=0, le=100)
     # Status and the dashboard count items with fewer copies than this.
     copies_target: int = Field(3, ge=1, le=1000)
     # Upload cap in bytes/s for a volunteer's BitTorrent traffic (0: unlimited); the timetable may lower it.

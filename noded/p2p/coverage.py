@@ -11,8 +11,10 @@ item (all of them for a whole item).
   taking the rarest pieces first maximises the minimum (water filling). Within one rarity level smaller
   pieces go first (more pieces lifted per byte).
 - **Hysteresis.** A piece this node already holds competes as if it had `hysteresis` fewer copies, so
-  counts that wobble by less than half of that never swap holdings back and forth. The default (1.5)
-  moves a copy only where it lifts the minimum: to a piece with at least two fewer copies.
+  counts that wobble by less than half of that never swap holdings back and forth. Counts exclude this
+  node, so a held piece with `c` other copies has `c + 1` in all: moving to a piece with `c - 1` others
+  turns (c+1, c-1) into (c, c) and lifts the minimum; one with `c` others would only swap the shape. The
+  default (0.5) moves exactly in the first case.
 - **No herd.** Volunteers holding the same over-replicated piece would all move to the same rarer one
   in the same round (none sees the others' intent), and back in the next. With an `epoch` (the round),
   each holder of a piece with `k` other copies is free to release it with probability 1/(k+1), drawn
@@ -29,7 +31,7 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-DEFAULT_HYSTERESIS = 1.5
+DEFAULT_HYSTERESIS = 0.5
 
 
 @dataclass(frozen=True, slots=True)
