@@ -233,6 +233,9 @@ class Volunteer:
             sc = self.holder.scrapes.get(m.infohash)
             hold = self.holder.holdings.get(m.infohash)
             mine = have.get(m.infohash, frozenset())
+            av = avail.get(m.infohash)
+            if av is not None and hold is not None and hold.web_seeds:
+                av = [max(0, a - 1) for a in av]  # a web seed connection has every piece: not a copy
             r = count(
                 key,
                 len(m.piece_sizes),
@@ -240,7 +243,7 @@ class Volunteer:
                 nodes=peers.get(key),
                 seeders=sc.seeders if sc else None,
                 leechers=sc.leechers if sc else None,
-                availability=avail.get(m.infohash),
+                availability=av,
                 me_seeding=len(mine) == len(m.piece_sizes),
             )
             self._replicas[key] = r
@@ -253,8 +256,10 @@ class Volunteer:
             m = metas[st.key]
             want = sel.hold.get(st.key, frozenset())
             r = self._replicas[st.key]
-            # Origins only for pieces nobody else has: durable copies are the origins themselves.
-            lonely = any(r.pieces[i] - len(r.durable) <= 0 for i in want)
+            # Origins only for pieces nobody else has (durable copies are the origins themselves), and only
+            # until those pieces are here.
+            missing = want - have.get(m.infohash, frozenset())
+            lonely = any(r.pieces[i] - len(r.durable) <= 0 for i in missing)
             try:
                 await self.holder.hold(m.infohash, m.data, want)
                 self.holder.set_web_seeds(m.infohash, m.web_seeds if lonely else ())
