@@ -227,31 +227,38 @@ class Volunteer:
             if extra:
                 h.want = h.want | extra
         vcfg = self.node.cfg.volunteer
-        states: list[ItemState] = []
-        for key, m in metas.items():
-            it = by_key[key]
-            sc = self.holder.scrapes.get(m.infohash)
-            hold = self.holder.holdings.get(m.infohash)
-            mine = have.get(m.infohash, frozenset())
-            av = avail.get(m.infohash)
-            if av is not None and hold is not None and hold.web_seeds:
-                av = [max(0, a - 1) for a in av]  # a web seed connection has every piece: not a copy
-            r = count(
-                key,
-                len(m.piece_sizes),
-                durable=durable.get(key, ()),
-                nodes=peers.get(key),
-                seeders=sc.seeders if sc else None,
-                leechers=sc.leechers if sc else None,
-                availability=av,
-                me_seeding=len(mine) == len(m.piece_sizes),
-            )
-            self._replicas[key] = r
-            held = hold.want if hold is not None else frozenset()
-            states.append(ItemState(key, m.piece_sizes, r.pieces, vcfg.weight(key), it.pinned, held))
-        sel = await asyncio.get_running_loop().run_in_executor(
-            None, select, states, self.budget, self.node.cfg.node.name, vcfg.hysteresis, self.rounds
-        )
+        # Snapshots taken on the loop; the counting and the selection run in an executor (large catalogues).
+        scrapes = {m.infohash: self.holder.scrapes.get(m.infohash) for m in metas.values()}
+        holds = {m.infohash: self.holder.holdings.get(m.infohash) for m in metas.values()}
+        held_now = {ih: (h.want, bool(h.web_seeds)) for ih, h in holds.items() if h is not None}
+
+        def decide() -> tuple[dict[str, ItemReplicas], list[ItemState], Selection]:
+            counted: dict[str, ItemReplicas] = {}
+            states: list[ItemState] = []
+            for key, m in metas.items():
+                sc = scrapes[m.infohash]
+                held, web = held_now.get(m.infohash, (frozenset(), False))
+                mine = have.get(m.infohash, frozenset())
+                av = avail.get(m.infohash)
+                if av is not None and web:
+                    av = [max(0, a - 1) for a in av]  # a web seed connection has every piece: not a copy
+                r = count(
+                    key,
+                    len(m.piece_sizes),
+                    durable=durable.get(key, ()),
+                    nodes=peers.get(key),
+                    seeders=sc.seeders if sc else None,
+                    leechers=sc.leechers if sc else None,
+                    availability=av,
+                    me_seeding=len(mine) == len(m.piece_sizes),
+                )
+                counted[key] = r
+                states.append(ItemState(key, m.piece_sizes, r.pieces, vcfg.weight(key), by_key[key].pinned, held))
+            sel = select(states, self.budget, self.node.cfg.node.name, vcfg.hysteresis, self.rounds)
+            return counted, states, sel
+
+        counted, states, sel = await asyncio.get_running_loop().run_in_executor(None, decide)
+        self._replicas = counted
         for st in states:
             m = metas[st.key]
             want = sel.hold.get(st.key, frozenset())
