@@ -93,6 +93,23 @@ async def test_volunteer_daemon_takes_only_its_pieces_from_an_unseeded_item(tmp_
         assert item["replicas"]["pieces"]["count"] == 8
         assert st["replicas"]["below_k"] == 1
         assert vol["origin_items"] == 0  # web seeds off again once the pieces are here
+
+        # A restart finds the held pieces in their file: the same ones are held, nothing is fetched again.
+        node.stop()
+        sent = seed.sent
+        node.start()
+        deadline = time.monotonic() + 60
+        again: list[int] = []
+        while time.monotonic() < deadline:
+            _, inv = await asyncio.to_thread(node.get, "/v1/inventory/pieces")
+            _, st = await asyncio.to_thread(node.get, "/v1/status")
+            vol = st["components"]["volunteer"]
+            if inv["items"] and vol["rounds"] > 1 and not vol["missing_pieces"]:
+                again = inv["items"][0]["pieces"]
+                break
+            await asyncio.sleep(0.5)
+        assert again == held
+        assert seed.sent == sent
     finally:
         node.stop()
         await runner.cleanup()
