@@ -84,3 +84,24 @@ def test_summary_says_how_many_items_are_below_k() -> None:
     assert s["below_k"] == 2 and s["no_copy"] == 1
     assert s["sentence"] == "2 items have fewer than 2 copies"
     assert [x["key"] for x in s["at_risk"]] == ["b", "a"]
+
+
+def test_a_peers_piece_inventory_keeps_good_entries_and_skips_bad_ones() -> None:
+    import pytest
+
+    from noded.p2p.sync import InventoryError, parse_pieces_page
+
+    ih = "a" * 40
+    body = {
+        "items": [
+            {"key": "ok.parquet", "infohash": ih.upper(), "pieces": [0, 3]},
+            {"key": "", "infohash": ih, "pieces": [1]},
+            {"key": "neg.parquet", "infohash": ih, "pieces": [-1]},
+            {"key": "bool.parquet", "infohash": ih, "pieces": [True]},
+            {"key": "short.parquet", "infohash": "ab", "pieces": [1]},
+            "not an object",
+        ]
+    }
+    assert parse_pieces_page(body) == {"ok.parquet": (ih, frozenset({0, 3}))}
+    with pytest.raises(InventoryError):
+        parse_pieces_page({"items": "nope"})

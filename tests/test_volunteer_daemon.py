@@ -93,6 +93,8 @@ async def test_volunteer_daemon_takes_only_its_pieces_from_an_unseeded_item(tmp_
         assert item["replicas"]["pieces"]["count"] == 8
         assert st["replicas"]["below_k"] == 1
         assert vol["origin_items"] == 0  # web seeds off again once the pieces are here
+        _, loc = await asyncio.to_thread(node.get, "/v1/locate/lonely.parquet")
+        assert loc["partial_holders"] == [{"node": "vol-1", "pieces": 4, "local": True}]
 
         # A restart finds the held pieces in their file: the same ones are held, nothing is fetched again.
         node.stop()

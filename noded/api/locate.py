@@ -86,6 +86,23 @@ def candidates(
     return out
 
 
+def partial_holders(node: Node, item: Item) -> list[dict[str, Any]]:
+    """Volunteers holding some of the item's pieces (this node and peers): BitTorrent clients get them there."""
+    out: list[dict[str, Any]] = []
+    vol: Any = node.components.get("volunteer")
+    if vol is not None and item.infohash:
+        for ih, _key, pieces in vol.partial_holdings():
+            if ih == item.infohash:
+                out.append({"node": node.cfg.node.name, "pieces": len(pieces), "local": True})
+    sync: Any = node.components.get("sync")
+    addrs = {p.name: p.bittorrent for p in node.cfg.peers}
+    for view in getattr(sync, "peers", {}).values():
+        held = view.partial.get(item.key) if view.up else None
+        if held is not None and (not item.infohash or held[0] == item.infohash):
+            out.append({"node": view.name, "pieces": len(held[1]), "bittorrent": addrs.get(view.name)})
+    return out
+
+
 async def locate(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     key = request.match_info["key"].lstrip("/")
@@ -104,6 +121,7 @@ async def locate(request: web.Request) -> web.Response:
             for n, c in counts.items()
         ]
     ranked = rank(candidates(node, request, item, replicas, mirrors))
+    partial = partial_holders(node, item)
     body: dict[str, Any] = {
         "key": item.key,
         "version": item.version,
@@ -113,6 +131,7 @@ async def locate(request: web.Request) -> web.Response:
         "sha256": item.sha256,
         "infohash": item.infohash,
         "places": places(ranked),
+        "partial_holders": partial,
         "magnet": None,
         "torrent_url": None,
     }

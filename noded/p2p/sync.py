@@ -117,7 +117,12 @@ def parse_pieces_page(body: Any) -> dict[str, tuple[str, frozenset[int]]]:
         key, ih, pieces = e.get("key"), e.get("infohash"), e.get("pieces")
         if not isinstance(key, str) or not key or len(key) > 1024 or "\0" in key:
             continue
-        if not isinstance(ih, str) or not is_hex(ih, 40) or not isinstance(pieces, list) or len(pieces) > 1_000_000:
+        if (
+            not isinstance(ih, str)
+            or not is_hex(ih.lower(), 40)
+            or not isinstance(pieces, list)
+            or len(pieces) > 1_000_000
+        ):
             continue
         if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in pieces):
             continue
