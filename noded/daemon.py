@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from noded.api import cache_routes, origins_routes
+from noded.api import items as item_routes
 from noded.api import torrents as torrent_routes
 from noded.api.app import ApiServer, RouteSetup
 from noded.api.transparency import ROUTES as TRANSPARENCY_ROUTES
@@ -113,6 +114,7 @@ class Daemon:
         cache = Cache(self.node)
         comps += [cache, Watcher(self.node, cache)]
         self.routes.append(cache_routes.setup)
+        self.routes.append(item_routes.setup)
         # Origins: bandwidth timetable, catalog refresh and the pull pipeline. The peer's source goes
         # first (below); R2 as an origin is an extension whose source goes last.
         self.schedule = Schedule(self.cfg.schedule)
@@ -148,6 +150,14 @@ class Daemon:
             # The origins pipeline takes `self.peer_sync.source` as its first source (before origins).
             self.peer_sync = PeerSync(self.node, engine)
             out += [engine, self.peer_sync]
+            if self.cfg.volunteer.enabled:
+                from noded.p2p.volunteer import Volunteer
+
+                # Volunteer mode: pieces of what the network is closest to losing, from the swarm; the
+                # pipeline refreshes the catalogue but pulls nothing whole.
+                volunteer = Volunteer(self.node, engine, self.peer_sync)
+                self.origins.may_pull = volunteer.may_pull
+                out.append(volunteer)
         if self.cfg.http_mirror.enabled:
             out.append(WebSeedServer(self.node))
         return out

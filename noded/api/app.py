@@ -84,6 +84,10 @@ async def build_status(node: Node) -> dict[str, Any]:
         extra["mirrors"] = prober.mirrors()
     if recorder is not None and hasattr(recorder, "quiet_hours_of_day"):
         extra["quiet_hours"] = recorder.quiet_hours_of_day()
+    # Copies per item, where a volunteer counts them: "N items have fewer than k copies".
+    vol = comps.get("volunteer")
+    if isinstance(vol, dict) and "replicas" in vol:
+        extra["replicas"] = vol["replicas"]
     return {
         "node": node.cfg.node.name,
         "region": node.cfg.node.region,

@@ -168,6 +168,23 @@ def _item_reports(store: Store, key: str) -> dict[str, int]:
     return {str(m): int(n) for m, n in rows}
 
 
+def partial_holders(node: Node, item: Item) -> list[dict[str, Any]]:
+    """Volunteers holding some of the item's pieces (this node and peers): BitTorrent clients get them there."""
+    out: list[dict[str, Any]] = []
+    vol: Any = node.components.get("volunteer")
+    if vol is not None and item.infohash:
+        for ih, _key, pieces in vol.partial_holdings():
+            if ih == item.infohash:
+                out.append({"node": node.cfg.node.name, "pieces": len(pieces), "local": True})
+    sync: Any = node.components.get("sync")
+    addrs = {p.name: p.bittorrent for p in node.cfg.peers}
+    for view in getattr(sync, "peers", {}).values():
+        held = view.partial.get(item.key) if view.up else None
+        if held is not None and (not item.infohash or held[0] == item.infohash):
+            out.append({"node": view.name, "pieces": len(held[1]), "bittorrent": addrs.get(view.name)})
+    return out
+
+
 async def locate(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     key = request.match_info["key"].lstrip("/")
@@ -189,6 +206,7 @@ async def locate(request: web.Request) -> web.Response:
             for n, c in counts.items()
         ]
     ranked = rank(candidates(node, request, item, replicas, mirrors, locations or None, bad, reports))
+    partial = partial_holders(node, item)
     body: dict[str, Any] = {
         "key": item.key,
         "version": item.version,
@@ -200,6 +218,7 @@ async def locate(request: web.Request) -> web.Response:
         "verification": item.verification,
         "conflict": item.conflict,
         "places": places(ranked),
+        "partial_holders": partial,
         "magnet": None,
         "torrent_url": None,
     }

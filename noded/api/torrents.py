@@ -72,6 +72,17 @@ async def inventory(request: web.Request) -> web.StreamResponse:
     return web.Response(body=raw, content_type="application/json", headers={"ETag": etag, "Cache-Control": "no-cache"})
 
 
+async def inventory_pieces(request: web.Request) -> web.Response:
+    """Partial holdings of a volunteer node: item key, infohash and the pieces it holds and seeds."""
+    node = request.app[NODE_KEY]
+    vol: Any = node.components.get("volunteer")
+    items: list[dict[str, Any]] = []
+    if vol is not None:
+        for ih, key, pieces in vol.partial_holdings():
+            items.append({"key": key, "infohash": ih, "pieces": pieces})
+    return web.json_response({"node": node.cfg.node.name, "items": items})
+
+
 async def torrent_file(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE_KEY]
     ih = request.match_info["infohash"].lower()
@@ -123,5 +134,6 @@ async def torrents_rss(request: web.Request) -> web.StreamResponse:
 
 def setup(app: web.Application) -> None:
     app.router.add_get("/v1/inventory", inventory)
+    app.router.add_get("/v1/inventory/pieces", inventory_pieces)
     app.router.add_get("/v1/torrents.rss", torrents_rss)
     app.router.add_get("/v1/torrents/{infohash}.torrent", torrent_file)

@@ -412,6 +412,45 @@ class BitTorrentConfig(_Section):
         return self
 
 
+class VolunteerConfig(_Section):
+    """A small node that holds what the network is closest to losing, down to single pieces."""
+
+    enabled: bool = False
+    # Bytes of pieces to hold; 0: the cache budget times its low watermark.
+    budget: ByteSize = 0
+    # Seconds between decisions (counts gathered, selection made, piece priorities applied).
+    interval: Seconds = 60.0
+    # Seconds between tracker scrapes of every catalogue torrent.
+    scrape_interval: Seconds = 300.0
+    # A held piece competes as if it had this many fewer copies: 0.5 moves a copy only where the minimum
+    # rises (to a piece with two fewer copies in all); larger values tolerate noisier counts, lower minimum.
+    hysteresis: float = Field(0.5, ge=0, le=100)
+    # Status and the dashboard count items with fewer copies than this.
+    copies_target: int = Field(3, ge=1, le=1000)
+    # Upload cap in bytes/s for a volunteer's BitTorrent traffic (0: unlimited); the timetable may lower it.
+    upload_limit: ByteSize = 2_000_000
+    # Operator priorities: item key prefix -> weight (2.0 aims for twice the copies, 0 never holds it).
+    priorities: dict[str, float] = Field(default_factory=dict)
+    # Scrape trackers on 127.0.0.1 too (private fleets and tests): turns off libtorrent's SSRF mitigation,
+    # which lets a localhost tracker be asked only for /announce.
+    allow_local_trackers: bool = False
+
+    @model_validator(mode="after")
+    def _weights(self) -> VolunteerConfig:
+        bad = {k: v for k, v in self.priorities.items() if not 0 <= v <= 1000}
+        if bad:
+            raise ValueError(f"priorities must be weights from 0 to 1000, got {bad}")
+        return self
+
+    def weight(self, key: str) -> float:
+        """The weight of the longest matching prefix (1.0 when none matches)."""
+        best, w = -1, 1.0
+        for prefix, v in self.priorities.items():
+            if key.startswith(prefix) and len(prefix) > best:
+                best, w = len(prefix), v
+        return w
+
+
 _DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
 
@@ -511,9 +550,14 @@ class Config(_Section):
     probe: ProbeConfig = ProbeConfig()
     reports: ReportsConfig = ReportsConfig()
     traffic: TrafficConfig = TrafficConfig()
+    volunteer: VolunteerConfig = VolunteerConfig()
 
     @model_validator(mode="after")
     def _unique(self) -> Config:
+        if self.volunteer.enabled and not self.bittorrent.enabled:
+            raise ValueError("volunteer.enabled needs bittorrent.enabled: the swarm is where a volunteer gets pieces")
+        if self.volunteer.budget > self.cache.budget:
+            raise ValueError("volunteer.budget must not exceed cache.budget")
         names = [p.name for p in self.peers] + [s.name for s in self.seed_targets]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

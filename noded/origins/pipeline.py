@@ -222,6 +222,8 @@ class Origins:
         # Has every peer's inventory been asked for at least once? (P2P sets it.) Until then nothing is
         # pulled from an origin, or a restarting node would fetch what its peer already holds.
         self.peers_ready: Callable[[], bool] = lambda: True
+        # May this wanted item be pulled whole? A volunteer node answers no: it holds pieces from the swarm.
+        self.may_pull: Callable[[Item], bool] = lambda item: True
         self._started_at = time.time()
         # Origins other stages provide (R2), plugged in by the composition root; opened with open().
         self.extensions: list[OriginExtension] = []
@@ -521,6 +523,8 @@ class Origins:
                 if len(self._active) >= cap:
                     return
                 if item.id in self._active or self._deferred.get(item.id, 0) > now:
+                    continue
+                if not self.may_pull(item):
                     continue
                 if self._per_origin.get(item.origin, 0) >= self.node.cfg.fetch.max_items_per_origin:
                     continue  # its origin is at its cap: leave the global slot to items of other origins

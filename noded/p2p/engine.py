@@ -65,6 +65,7 @@ class P2PEngine:
         self.restore_seconds: float | None = None
         self.seed_errors = 0
         self._started = False
+        self.upload_cap = 0  # bytes/s the timetable may lower but never raise (a volunteer's limit); 0: none
         self._seed_lock = asyncio.Lock()  # one scan at a time: the loop and callers never race on a torrent
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -128,6 +129,8 @@ class P2PEngine:
     def _apply_rates(self, down: int | None, up: int | None) -> None:
         """The bandwidth timetable for BitTorrent: libtorrent's own limiter (0 = unlimited). As libtorrent
         does by default, peers on the local network are not limited."""
+        if self.upload_cap:
+            up = min(up, self.upload_cap) if up else self.upload_cap
         self.session.apply_settings({"download_rate_limit": down or 0, "upload_rate_limit": up or 0})
 
     async def reload(self, cfg: Any) -> None:

@@ -65,6 +65,7 @@ class PeerView:
     pages: dict[int, tuple[str, dict[str, Any]]] = field(default_factory=dict)  # cursor -> (etag, body)
     adopted: set[str] = field(default_factory=set)  # peer keys already considered (adoption is once per key)
     down_since: float | None = None  # first failed poll of the current outage
+    partial: dict[str, tuple[str, frozenset[int]]] = field(default_factory=dict)  # key -> (infohash, pieces held)
 
 
 class InventoryError(ValueError):
@@ -98,6 +99,35 @@ def parse_inventory_page(body: Any, max_items: int) -> tuple[list[PeerItem], int
             continue
         out.append(PeerItem(key, ih, size, md5, sha256))
     return out, nxt
+
+
+MAX_PARTIAL_ITEMS = 100_000
+
+
+def parse_pieces_page(body: Any) -> dict[str, tuple[str, frozenset[int]]]:
+    """Validate a peer's partial holdings (untrusted); a bad entry is skipped, the rest kept."""
+    if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+        raise InventoryError("piece inventory must be an object with an 'items' list")
+    if len(body["items"]) > MAX_PARTIAL_ITEMS:
+        raise InventoryError(f"piece inventory lists more than {MAX_PARTIAL_ITEMS} items")
+    out: dict[str, tuple[str, frozenset[int]]] = {}
+    for e in body["items"]:
+        if not isinstance(e, dict):
+            continue
+        key, ih, pieces = e.get("key"), e.get("infohash"), e.get("pieces")
+        if not isinstance(key, str) or not key or len(key) > 1024 or "\0" in key:
+            continue
+        if (
+            not isinstance(ih, str)
+            or not is_hex(ih.lower(), 40)
+            or not isinstance(pieces, list)
+            or len(pieces) > 1_000_000
+        ):
+            continue
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in pieces):
+            continue
+        out[key] = (ih.lower(), frozenset(pieces))
+    return out
 
 
 def matches(item: Item, p: PeerItem) -> bool:
@@ -224,12 +254,26 @@ class PeerSync:
                 peer.down_since = time.time()
             self.node.traffic.add(f"peer:{peer.name}", "in", errors=1)
             return
+        peer.partial = await self._poll_pieces(peer)
         if not peer.up:
             log.info("sync.peer_up", peer=peer.name, items=len(items))
         peer.up, peer.error, peer.items, peer.last_ok = True, None, items, time.time()
         peer.down_since = None
         if self.node.cfg.bittorrent.mirror_peers and items:
             await self._adopt(peer, items)
+
+    async def _poll_pieces(self, peer: PeerView) -> dict[str, tuple[str, frozenset[int]]]:
+        """The peer's partial holdings (volunteers); a peer without them (404, bad body) holds none."""
+        url = f"{peer.api_url}/v1/inventory/pieces"
+        try:
+            async with self.http.get(url) as r:
+                self.node.traffic.add(f"peer:{peer.name}", "in", r.content_length or 0, requests=1)
+                if r.status != 200:
+                    return {}
+                return parse_pieces_page(await r.json(content_type=None))
+        except (aiohttp.ClientError, TimeoutError, InventoryError, ValueError) as e:
+            log.debug("sync.pieces_unavailable", peer=peer.name, error=str(e) or type(e).__name__)
+            return {}
 
     async def _adopt(self, peer: PeerView, items: dict[str, PeerItem]) -> None:
         """Keep the nodes' caches in sync: what a peer holds and this node does not know becomes wanted here.

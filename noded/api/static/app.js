@@ -145,6 +145,14 @@ async function refresh() {
     document.getElementById("cache-text").textContent =
       `${fmtBytes(c.used_bytes)} of ${fmtBytes(c.budget_bytes)} (${pct(share)}), ${c.cached_items} items, ` +
       `${status.push_backlog.items} not yet in R2`;
+    const rep = document.getElementById("replicas-text");
+    if (status.replicas) {
+      const low = status.replicas.at_risk.slice(0, 3).map(x => `${x.key} (${x.copies})`).join(", ");
+      rep.textContent = `${status.replicas.sentence}` + (low ? ` — fewest: ${low}` : "");
+      rep.hidden = false;
+    } else {
+      rep.hidden = true;
+    }
     const up = mirrors.mirrors.filter(m => m.status === "up").length;
     document.getElementById("summary").textContent =
       `version ${status.version} · ready ${status.ready} · mirrors up ${up}/${mirrors.mirrors.length}` +
