@@ -37,6 +37,7 @@ class Seeder:
     item: Item
     infohash: str
     torrent: bytes
+    before: dict[str, int]  # bytes counted per direction before this engine started (an earlier run)
 
     @property
     def endpoint(self) -> tuple[str, int]:
@@ -59,7 +60,9 @@ async def start_seeder(cfg: Config, data: bytes | None, node: Node | None = None
     await engine.seed_pending()
     item = (await node.store.run(node.store.items))[0]
     assert item.infohash and item.seeding
-    return Seeder(node, layout, engine, recorder, item, item.infohash, layout.torrent_path(item.infohash).read_bytes())
+    torrent = layout.torrent_path(item.infohash).read_bytes()
+    before = {d: sum(counted(node.traffic, d).values()) for d in ("out", "in")}
+    return Seeder(node, layout, engine, recorder, item, item.infohash, torrent, before)
 
 
 async def stop_seeder(s: Seeder) -> None:
@@ -92,7 +95,7 @@ async def reconciled(s: Seeder) -> None:
     assert counters is not None
     ledger = s.engine.ledger
     for direction, total in zip(("out", "in"), counters, strict=True):
-        assert sum(counted(s.node.traffic, direction).values()) == total, (direction, ledger)
+        assert sum(counted(s.node.traffic, direction).values()) - s.before[direction] == total, (direction, ledger)
         assert ledger.attributed[direction] + ledger.unattributed[direction] == total
 
 
@@ -179,3 +182,118 @@ async def test_two_clients_behind_one_address_one_a_seed_target(tmp_path: Path) 
         assert abs(out.get("swarm", 0) - from_node_other) <= BLOCK, (out, from_node_other)
         assert from_node_target > 0 and from_node_other > 0
         assert set(out) == {"seed:netcup", "swarm"}, out
+
+
+async def test_download_from_a_seed_target_is_counted_in_its_channel(tmp_path: Path) -> None:
+    """The other direction: the node takes a file from a seed target; `in` equals what the target sent."""
+    import libtorrent as lt
+
+    size = 12 * MiB
+    data = content(size, 9)
+    host, port = "127.0.0.2", free_port("127.0.0.2")
+    cfg = cfg_for(tmp_path / "a", seed_targets=[{"name": "netcup", "bittorrent": f"{host}:{port}"}])
+    async with seeding(cfg, content(MiB, 1)) as s:
+        # The target seeds a file the node does not have.
+        src = tmp_path / "target"
+        src.mkdir()
+        (src / "big.bin").write_bytes(data)
+        tor = await asyncio.to_thread(_torrent_of, src / "big.bin")
+        target = Client(host, port, src)
+        await asyncio.to_thread(target.start, tor, seed_mode=True)
+        try:
+            atp = lt.add_torrent_params()
+            atp.ti = lt.torrent_info(tor)
+            atp.save_path = str(tmp_path / "into")
+            ih = str(atp.ti.info_hashes().v1)
+            await s.engine.session.add(atp, ih)
+            for _ in range(600):
+                s.engine.session.connect_peer(ih, host, port)
+                s.engine.session.post_updates()
+                await asyncio.sleep(0.1)
+                st = s.engine.session.states.get(ih)
+                if st is not None and st.is_seeding:
+                    break
+            assert (tmp_path / "into" / "big.bin").read_bytes() == data
+            await s.engine.session.remove(ih)  # the final reading happens on the way out
+            await asyncio.to_thread(target.drop)
+            await reconciled(s)
+        finally:
+            target.close()
+        got = counted(s.node.traffic, "in")
+        assert abs(got.get("seed:netcup", 0) - target.sent) <= BLOCK, (got, target.sent)
+        assert target.sent >= size
+        assert set(got) == {"seed:netcup"}, got
+
+
+async def test_restart_mid_transfer_counts_every_byte_once_in_the_store(tmp_path: Path) -> None:
+    """Counters flushed on stop; after the restart the transfer resumes; the hourly buckets hold exactly
+    what the client received, counted once."""
+    size = 24 * MiB
+    cfg = cfg_for(tmp_path / "a")
+    s = await start_seeder(cfg, content(size, 13))
+    client = Client("127.0.0.3", free_port("127.0.0.3"), tmp_path / "c")
+    try:
+        s.engine.session.handles[s.infohash].set_upload_limit(6 * MiB)
+        await asyncio.to_thread(client.start, s.torrent)
+        assert await asyncio.to_thread(client.wait, until=size // 3, peer=s.endpoint)
+        await stop_seeder(s)  # what the daemon does on SIGTERM: p2p stops, then the recorder flushes
+        before = (await asyncio.to_thread(client.status)).total_payload_download
+        assert before < size
+        s = await start_seeder(cfg, None, node=s.node)
+        s.engine.session.connect_peer(s.infohash, client.host, client.port)  # both sides try to reconnect
+        assert await asyncio.to_thread(client.wait, peer=s.endpoint)
+        await asyncio.to_thread(client.drop)
+        await reconciled(s)
+        await stop_seeder(s)
+        stored = await s.node.store.run(_stored_out, s.node)
+        assert abs(stored.get("swarm", 0) - client.received) <= 2 * BLOCK, (stored, client.received)
+        assert set(stored) == {"swarm"}, stored
+    finally:
+        client.close()
+        await s.node.store.close()
+
+
+def _stored_out(node: Node) -> dict[str, int]:
+    rows = node.store.conn.execute("SELECT channel, SUM(bytes) FROM traffic WHERE direction='out' GROUP BY channel")
+    return {ch: int(n) for ch, n in rows if n}
+
+
+def _torrent_of(path: Path) -> bytes:
+    from noded.p2p import torrent as T
+
+    raw, md5s = T.hash_files([path])
+    info = T.single_file_info(path.name, path.stat().st_size, md5s[0], raw, source="Data for Canada")
+    return T.encode_torrent(info, trackers=(), web_seeds=())
+
+
+async def test_dashboard_chart_and_offpeak_profile_read_the_p2p_counters(tmp_path: Path) -> None:
+    """The 24 h chart (/v1/traffic last_24h) and the off-peak profile see the bytes the client received."""
+    from noded.transparency.offpeak import hour_of_week, load_profile
+    from noded.transparency.traffic import hourly_load
+
+    size = 4 * MiB
+    async with seeding(cfg_for(tmp_path / "a"), content(size, 21)) as s:
+        client = Client("127.0.0.3", free_port("127.0.0.3"), tmp_path / "c")
+        await asyncio.to_thread(client.start, s.torrent)
+        try:
+            assert await asyncio.to_thread(client.wait, peer=s.endpoint)
+            await asyncio.to_thread(client.drop)
+            await reconciled(s)
+        finally:
+            client.close()
+        await s.recorder.flush()
+        report = await s.recorder.report()
+        hours_out = sum(h["out"] for h in report["last_24h"])
+        swarm_out = sum(h["channels"].get("swarm", {}).get("out", 0) for h in report["last_24h"])
+        assert abs(hours_out - client.received) <= BLOCK, (report["last_24h"][-2:], client.received)
+        assert swarm_out == hours_out
+        assert report["totals_24h"]["swarm"]["out"] == swarm_out
+        # The profile behind the quiet-hour advice: the hour's load, once that hour is complete.
+        store = s.node.store
+        loads, first = await store.run(hourly_load, store, 0)
+        assert first is not None
+        last = max(loads)
+        profile = load_profile(loads, first, last + 1)
+        assert abs(sum(loads.values()) - client.received) <= BLOCK
+        assert last - first < 168  # a fresh store: this hour of the week occurred once
+        assert profile[hour_of_week(last)] == loads[last]
