@@ -36,6 +36,7 @@ log = get_logger("noded.p2p")
 
 UPDATE_INTERVAL = 1.0  # seconds between post_torrent_updates
 SEED_SCAN_INTERVAL = 30.0  # fallback when a "cached" hint is lost
+SWEEP_INTERVAL = 30.0  # seconds between readings of every torrent (the busy ones are read every round)
 TOUCH_MIN_INTERVAL = 60.0  # at most one LRU write per item per minute
 PAGE = 500
 
@@ -62,6 +63,8 @@ class P2PEngine:
         self.ledger = Ledger()
         self.accounting = True  # off only to measure what accounting costs
         self._account_lock = asyncio.Lock()
+        self._active: set[str] = set()  # torrents read every round (connections, bytes, state changes)
+        self._last_sweep = 0.0
         self.session.before_remove = self._read_one
         self.session.subscribe("peer_disconnected_alert", self._on_disconnect)
         self.restored = 0
@@ -107,9 +110,9 @@ class P2PEngine:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.save_all_resume(), 5)
             try:  # the last bytes of this run, before the session goes: two rounds a tick apart
-                await asyncio.wait_for(self._account(), 5)
+                await asyncio.wait_for(self._account(sweep=True), 5)
                 await asyncio.sleep(UPDATE_INTERVAL)
-                await asyncio.wait_for(self._account(), 5)
+                await asyncio.wait_for(self._account(sweep=True), 5)
             except Exception as e:
                 log.warning("p2p.final_accounting_failed", error=str(e))
         await self.session.stop()
@@ -310,12 +313,13 @@ class P2PEngine:
 
     async def account_now(self) -> None:
         """Read every torrent's and connection's counters now (before a torrent leaves, at shutdown)."""
-        await self._account()
+        await self._account(sweep=True)
 
     def _on_disconnect(self, a: Any) -> None:
         ih = self.session.infohash_of(a.handle)
         if ih is None:
             return
+        self._active.add(ih)
         address, port = a.endpoint
         self.ledger.closed(ih, str(address), int(port), a.pid.to_bytes())
 
@@ -330,26 +334,39 @@ class P2PEngine:
                 self._charge(self.ledger.torrent(r))
             self.ledger.forget(infohash)
 
-    async def _account(self) -> None:
-        """Every torrent's payload totals and every connection's own counters, read at a fixed interval,
-        then the session's payload counters: the channels add up to what libtorrent moved."""
+    async def _account(self, *, sweep: bool = False) -> None:
+        """Payload totals of the torrents and their connections' own counters, then the session's payload
+        counters: the channels add up to what libtorrent moved. Each round reads the torrents that had
+        connections, moved bytes or changed state since the last; a sweep every `SWEEP_INTERVAL` reads
+        them all (nothing is lost in between: the counters are running totals), and only a sweep is
+        reconciled with the session."""
         if not self.accounting:
             return
         touch: list[int] = []
         now = time.time()
         async with self._account_lock:
-            handles = list(self.session.handles.items())
+            sweep = sweep or time.monotonic() - self._last_sweep >= SWEEP_INTERVAL
+            self._active |= self.session.take_updated()
+            if sweep:
+                self._last_sweep = time.monotonic()
+                handles = list(self.session.handles.items())
+            else:
+                handles = [(ih, h) for ih, h in self.session.handles.items() if ih in self._active]
             readings = await asyncio.get_running_loop().run_in_executor(None, _readings, handles)
+            self._active = set()
             for r in readings:
                 charges = self.ledger.torrent(r)
+                if charges or r.peers:
+                    self._active.add(r.infohash)
                 self._charge(charges)
                 item_id = self._item_of.get(r.infohash)
                 uploaded = any(d == "out" for _, d, _ in charges)
                 if item_id is not None and uploaded and now - self._touched.get(item_id, 0) >= TOUCH_MIN_INTERVAL:
                     touch.append(item_id)
                     self._touched[item_id] = now
-            # The session reading of the previous round against the torrents read now, a tick later.
-            self._charge(self.ledger.settle())
+            # The session reading of the previous round against every torrent read now, a tick later.
+            if sweep:
+                self._charge(self.ledger.settle())
             counters = await self.session.payload_counters()
             if counters is not None:
                 self.ledger.session(*counters)

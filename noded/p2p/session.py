@@ -97,6 +97,7 @@ class TorrentSession:
         # Subscribers by alert type name (e.g. "state_changed_alert"); called on the loop.
         self.subscribers: dict[str, list[AlertHandler]] = {}
         self.checking_seen: set[str] = set()  # infohashes that ever entered a checking state
+        self._updated: set[str] = set()  # infohashes in state updates since take_updated()
         self.followers: dict[str, PieceFollower] = {}
         self._stats_waiters: list[asyncio.Future[tuple[int, int]]] = []
         # Called with the infohash before a torrent leaves the session (its final byte counts are read).
@@ -229,6 +230,11 @@ class TorrentSession:
             with contextlib.suppress(ValueError):
                 self._stats_waiters.remove(fut)
 
+    def take_updated(self) -> set[str]:
+        """Infohashes whose status changed since the last call."""
+        out, self._updated = self._updated, set()
+        return out
+
     def post_peer_info(self, infohash: str) -> None:
         h = self.handles.get(infohash)
         if h is not None:
@@ -289,6 +295,7 @@ class TorrentSession:
         elif isinstance(a, lt.state_update_alert):
             for st in a.status:
                 ih = _v1(st.info_hashes)
+                self._updated.add(ih)
                 ts = self.states.setdefault(ih, TorrentState(ih))
                 ts.state = str(st.state).rsplit(".", 1)[-1]
                 ts.progress = float(st.progress)
