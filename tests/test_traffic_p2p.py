@@ -19,7 +19,7 @@ from noded.core.config import Config
 from noded.core.counters import Traffic
 from noded.core.model import Item
 from noded.p2p.engine import P2PEngine
-from noded.p2p.ledger import UNATTRIBUTED
+from noded.p2p.ledger import SETTLE_AFTER, UNATTRIBUTED
 from noded.transparency.traffic import TrafficRecorder
 from tests.conftest import free_port
 from tests.p2p_helpers import content, make_config, open_node, put_cached_sync
@@ -87,9 +87,9 @@ def counted(traffic: Traffic, direction: str) -> dict[str, int]:
 async def reconciled(s: Seeder) -> None:
     """Once the transfers are over, the channels add up exactly to the session's payload counters."""
     await s.engine.account_now()
-    await asyncio.sleep(1.1)  # libtorrent folds connection bytes into torrent totals on a one-second tick
+    await asyncio.sleep(SETTLE_AFTER)  # libtorrent folds connection bytes into torrents on a 1 s tick
     await s.engine.account_now()
-    await asyncio.sleep(1.1)
+    await asyncio.sleep(SETTLE_AFTER)
     await s.engine.account_now()
     counters = await s.engine.session.payload_counters()
     assert counters is not None

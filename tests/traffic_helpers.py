@@ -31,6 +31,7 @@ class Client:
 
     def start(self, torrent: bytes, *, seed_mode: bool = False, download_limit: int = 0) -> None:
         self.ses = raw_session(self.port, self.host)
+        self.ses.apply_settings({"alert_mask": int(lt.alert_category.stats)})
         ti = lt.torrent_info(torrent)
         with warnings.catch_warnings():  # deprecated, but the one way to drop a torrent_info's url-list
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -62,11 +63,21 @@ class Client:
         return False
 
     def drop(self) -> None:
-        """Blocking: read the final counters, then close every connection of the torrent."""
-        st = self.handle.status()
-        self.received, self.sent = int(st.total_payload_download), int(st.total_payload_upload)
+        """Blocking: close every connection of the torrent, then read what the session moved in all (the
+        torrent's own totals restart at a pause; the session's do not)."""
         self.handle.pause()
         self.ses.remove_torrent(self.handle)
+        time.sleep(0.2)  # the removal is asynchronous
+        self.ses.post_session_stats()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            self.ses.wait_for_alert(500)
+            for a in self.ses.pop_alerts():
+                if isinstance(a, lt.session_stats_alert):
+                    self.received = int(a.values["net.recv_payload_bytes"])
+                    self.sent = int(a.values["net.sent_payload_bytes"])
+                    return
+        raise RuntimeError("no session_stats_alert")
 
     def close(self) -> None:
         if self.ses is not None:

@@ -27,7 +27,7 @@ from noded.core.model import PIECE_LENGTH, Item, State
 from noded.origins.schedule import Schedule
 from noded.p2p import torrent as T
 from noded.p2p.importer import import_configured
-from noded.p2p.ledger import Charge, Directory, Ledger, PeerReading, TorrentReading, node_fingerprint
+from noded.p2p.ledger import SETTLE_AFTER, Charge, Directory, Ledger, PeerReading, TorrentReading, node_fingerprint
 from noded.p2p.resume import SeedPlan, load_plan, remove_files, seed_params
 from noded.p2p.session import TorrentSession
 from noded.p2p.settings import session_settings
@@ -111,7 +111,7 @@ class P2PEngine:
                 await asyncio.wait_for(self.save_all_resume(), 5)
             try:  # the last bytes of this run, before the session goes: two rounds a tick apart
                 await asyncio.wait_for(self._account(sweep=True), 5)
-                await asyncio.sleep(UPDATE_INTERVAL)
+                await asyncio.sleep(SETTLE_AFTER)
                 await asyncio.wait_for(self._account(sweep=True), 5)
             except Exception as e:
                 log.warning("p2p.final_accounting_failed", error=str(e))
@@ -366,10 +366,11 @@ class P2PEngine:
                     self._touched[item_id] = now
             # The session reading of the previous round against every torrent read now, a tick later.
             if sweep:
-                self._charge(self.ledger.settle())
+                self._charge(self.ledger.settle(time.monotonic()))
+            at = time.monotonic()
             counters = await self.session.payload_counters()
             if counters is not None:
-                self.ledger.session(*counters)
+                self.ledger.session(*counters, at)
         if touch:
             await self.node.store.run(self.node.store.touch, touch, now)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 UNATTRIBUTED = "unattributed"
 SWARM = "swarm"
 FINGERPRINT_PREFIX = "-ND"
+SETTLE_AFTER = 1.5  # seconds: libtorrent's one-second tick, and some slack
 
 Charge = tuple[str, str, int]  # (channel, direction, bytes)
 
@@ -79,7 +80,7 @@ class Ledger:
     _closed: dict[str, set[str]] = field(default_factory=dict)  # channels of connections seen closing
     attributed: dict[str, int] = field(default_factory=lambda: {"out": 0, "in": 0})
     unattributed: dict[str, int] = field(default_factory=lambda: {"out": 0, "in": 0})
-    _session_reading: tuple[int, int] | None = None
+    _session_readings: list[tuple[float, int, int]] = field(default_factory=list)
 
     def closed(self, infohash: str, address: str, port: int, pid: bytes) -> None:
         """A connection closed (peer_disconnected_alert): its last bytes may show only in the torrent total."""
@@ -136,22 +137,24 @@ class Ledger:
         for k in [k for k in self._conns if k[0] == infohash]:
             del self._conns[k]
 
-    def session(self, sent: int, recv: int) -> None:
-        """Note the session's payload counters. libtorrent folds a connection's bytes into its torrent's
-        totals on its one-second tick, so the session runs ahead of the torrents: a reading is only
-        compared with torrent readings taken at least a tick later (`settle`)."""
-        self._session_reading = (sent, recv)
+    def session(self, sent: int, recv: int, at: float) -> None:
+        """Note the session's payload counters, read at monotonic time `at`. libtorrent folds a
+        connection's bytes into its torrent's totals on its one-second tick, so the session runs ahead
+        of the torrents: a reading is only compared with torrent readings taken `SETTLE_AFTER` later."""
+        self._session_readings.append((at, sent, recv))
 
-    def settle(self) -> list[Charge]:
-        """Reconcile with the session reading noted before the latest torrent readings: what no torrent
-        explains is unattributed."""
-        if self._session_reading is None:
+    def settle(self, now: float) -> list[Charge]:
+        """Reconcile with the newest session reading old enough for the torrents read since (all of
+        them, at `now`) to include its bytes: what no torrent explains is unattributed."""
+        ripe = [r for r in self._session_readings if r[0] <= now - SETTLE_AFTER]
+        if not ripe:
             return []
+        _, sent, recv = ripe[-1]
+        self._session_readings = [r for r in self._session_readings if r[0] > ripe[-1][0]]
         out: list[Charge] = []
-        for direction, total in zip(("out", "in"), self._session_reading, strict=True):
+        for direction, total in (("out", sent), ("in", recv)):
             missing = total - self.attributed[direction] - self.unattributed[direction]
             if missing > 0:
                 self.unattributed[direction] += missing
                 out.append((UNATTRIBUTED, direction, missing))
-        self._session_reading = None
         return out
