@@ -65,6 +65,7 @@ class P2PEngine:
         self._account_lock = asyncio.Lock()
         self._active: set[str] = set()  # torrents read every round (connections, bytes, state changes)
         self._last_sweep = 0.0
+        self.accounting_seconds = 0.0  # time spent reading and charging (status: what accounting costs)
         self.session.before_remove = self._read_one
         self.session.subscribe("peer_disconnected_alert", self._on_disconnect)
         self.restored = 0
@@ -133,6 +134,8 @@ class P2PEngine:
             "restore_seconds": self.restore_seconds,
             "checking_seen": len(self.session.checking_seen),
             "seed_errors": self.seed_errors,
+            "accounting_seconds": round(self.accounting_seconds, 3),
+            "unattributed_bytes": dict(self.ledger.unattributed),
             "rate_limits": {
                 "down": self.schedule.down.rate if self.schedule else None,
                 "up": self.schedule.up.rate if self.schedule else None,
@@ -345,6 +348,7 @@ class P2PEngine:
         touch: list[int] = []
         now = time.time()
         async with self._account_lock:
+            t0 = time.perf_counter()
             sweep = sweep or time.monotonic() - self._last_sweep >= SWEEP_INTERVAL
             self._active |= self.session.take_updated()
             if sweep:
@@ -367,6 +371,7 @@ class P2PEngine:
             # The session reading of the previous round against every torrent read now, a tick later.
             if sweep:
                 self._charge(self.ledger.settle(time.monotonic()))
+            self.accounting_seconds += time.perf_counter() - t0  # the wait for the stats alert is idle
             at = time.monotonic()
             counters = await self.session.payload_counters()
             if counters is not None:
