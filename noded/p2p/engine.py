@@ -36,7 +36,7 @@ log = get_logger("noded.p2p")
 
 UPDATE_INTERVAL = 1.0  # seconds between post_torrent_updates
 SEED_SCAN_INTERVAL = 30.0  # fallback when a "cached" hint is lost
-SWEEP_INTERVAL = 30.0  # seconds between readings of every torrent (the busy ones are read every round)
+SWEEP_INTERVAL = 10.0  # seconds between readings of every torrent (the busy ones are read every round)
 TOUCH_MIN_INTERVAL = 60.0  # at most one LRU write per item per minute
 PAGE = 500
 
@@ -68,6 +68,7 @@ class P2PEngine:
         self.accounting_seconds = 0.0  # time spent reading and charging (status: what accounting costs)
         self.session.before_remove = self._read_one
         self.session.subscribe("peer_disconnected_alert", self._on_disconnect)
+        self.session.subscribe("peer_connect_alert", self._on_connect)
         self.restored = 0
         self.imported = 0
         self.restore_seconds: float | None = None
@@ -317,6 +318,11 @@ class P2PEngine:
     async def account_now(self) -> None:
         """Read every torrent's and connection's counters now (before a torrent leaves, at shutdown)."""
         await self._account(sweep=True)
+
+    def _on_connect(self, a: Any) -> None:
+        ih = self.session.infohash_of(a.handle)
+        if ih is not None:  # read from the next round on, whatever the state updates say
+            self._active.add(ih)
 
     def _on_disconnect(self, a: Any) -> None:
         ih = self.session.infohash_of(a.handle)
