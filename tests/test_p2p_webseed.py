@@ -148,3 +148,37 @@ async def test_inventory_torrent_and_rss_routes(tmp_path: Path, aiohttp_client) 
         assert enclosures[0]["type"] == "application/x-bittorrent"
     finally:
         await node.store.close()
+
+
+async def test_an_aborted_download_counts_the_bytes_actually_sent(mirror) -> None:  # type: ignore[no-untyped-def]
+    """A client that reads part of a large body and goes away is charged what went out, not the whole file."""
+    import asyncio
+
+    node, layout, _server, base = mirror
+    size = 96 * 1024 * 1024
+    data = content(size, 3)
+    await node.store.run(put_cached_sync, node.store, layout, "a/big.pmtiles", data, pieces=False)
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    # A small receive window, so the server cannot push the whole body into socket buffers.
+    sock = writer.get_extra_info("socket")
+    import socket
+
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    writer.write(b"GET /processed/a/big.pmtiles HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    got = 0
+    while got < 8 * 1024 * 1024:
+        got += len(await reader.read(1 << 16))
+    writer.transport.abort()  # the client goes away mid-body
+    for _ in range(100):
+        c = node.traffic.totals.get(("webseed", "out"))
+        if c is not None and c.requests:
+            break
+        await asyncio.sleep(0.05)
+    c = node.traffic.totals[("webseed", "out")]
+    assert c.requests == 1 and c.errors == 1
+    # What the client read, plus at most what sat in the two sockets' buffers when it left.
+    assert got <= c.bytes < size // 2, (got, c.bytes)

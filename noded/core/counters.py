@@ -1,7 +1,8 @@
 """Byte counters per channel and direction, with short-window rates.
 
 Channels are low-cardinality names: each origin ("sourcecoop", "zenodo", "ia", "r2"), each peer
-("peer:<name>"), "netcup"-style seed targets ("seed:<name>"), "webseed" (our HTTP mirror) and "api".
+("peer:<name>"), "netcup"-style seed targets ("seed:<name>"), other BitTorrent clients ("swarm"),
+BitTorrent payload no connection explains ("unattributed"), "webseed" (our HTTP mirror) and "api".
 Counting is a dict update on the loop (cheap); persistence into hourly buckets happens in batches.
 """
 

@@ -2,9 +2,10 @@
 
 Work lives in the store rows: CACHED items without `seeding` get a torrent (built from the piece
 hashes stored by the pull pipeline, else hashed in an executor) and are added to the session in seed
-mode. At start, items already seeding come back from their resume data (no recheck). Uploads per
-torrent come from state updates; per-peer splits from peer_info alerts; both feed the traffic
-channels ("peer:<name>", "seed:<name>", "swarm") and the item's last access (LRU).
+mode. At start, items already seeding come back from their resume data (no recheck). Payload bytes
+are read at a fixed interval from every torrent and connection and reconciled with the session's
+counters (noded/p2p/ledger.py); they feed the traffic channels ("peer:<name>", "seed:<name>",
+"swarm", "unattributed") and the item's last access (LRU).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from noded.core.model import PIECE_LENGTH, Item, State
 from noded.origins.schedule import Schedule
 from noded.p2p import torrent as T
 from noded.p2p.importer import import_configured
+from noded.p2p.ledger import SETTLE_AFTER, Charge, Directory, Ledger, PeerReading, TorrentReading, node_fingerprint
 from noded.p2p.resume import SeedPlan, load_plan, remove_files, seed_params
 from noded.p2p.session import TorrentSession
 from noded.p2p.settings import session_settings
@@ -34,6 +36,7 @@ log = get_logger("noded.p2p")
 
 UPDATE_INTERVAL = 1.0  # seconds between post_torrent_updates
 SEED_SCAN_INTERVAL = 30.0  # fallback when a "cached" hint is lost
+SWEEP_INTERVAL = 10.0  # seconds between readings of every torrent (the busy ones are read every round)
 TOUCH_MIN_INTERVAL = 60.0  # at most one LRU write per item per minute
 PAGE = 500
 
@@ -51,15 +54,21 @@ class P2PEngine:
         self.schedule = schedule
         cfg = node.cfg
         self.layout = layout or CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir)
-        self.session = TorrentSession(session_settings(cfg.bittorrent))
+        settings = session_settings(cfg.bittorrent)
+        settings["peer_fingerprint"] = node_fingerprint(cfg.node.name)
+        self.session = TorrentSession(settings)
         self._tasks: list[asyncio.Task[None]] = []
         self._item_of: dict[str, int] = {}  # infohash -> item id of torrents we seed
-        self._last_up: dict[str, int] = {}
-        self._last_down: dict[str, int] = {}
-        self._peer_totals: dict[tuple[str, str], tuple[int, int]] = {}
         self._touched: dict[int, float] = {}
-        self._last_channel: dict[str, str] = {}
-        self._channels: dict[str, str] = {}  # peer ip -> traffic channel
+        self.ledger = Ledger()
+        self.accounting = True  # off only to measure what accounting costs
+        self._account_lock = asyncio.Lock()
+        self._active: set[str] = set()  # torrents read every round (connections, bytes, state changes)
+        self._last_sweep = 0.0
+        self.accounting_seconds = 0.0  # time spent reading and charging (status: what accounting costs)
+        self.session.before_remove = self._read_one
+        self.session.subscribe("peer_disconnected_alert", self._on_disconnect)
+        self.session.subscribe("peer_connect_alert", self._on_connect)
         self.restored = 0
         self.imported = 0
         self.restore_seconds: float | None = None
@@ -72,7 +81,7 @@ class P2PEngine:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.layout.ensure)
-        self._channels = await loop.run_in_executor(None, self._resolve_channels)
+        self.ledger.directory = await loop.run_in_executor(None, self._resolve_directory)
         await self.session.start()
         if self.schedule is not None:
             self.schedule.on_change(self._apply_rates)
@@ -102,6 +111,12 @@ class P2PEngine:
         if self._started:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.save_all_resume(), 5)
+            try:  # the last bytes of this run, before the session goes: two rounds a tick apart
+                await asyncio.wait_for(self._account(sweep=True), 5)
+                await asyncio.sleep(SETTLE_AFTER)
+                await asyncio.wait_for(self._account(sweep=True), 5)
+            except Exception as e:
+                log.warning("p2p.final_accounting_failed", error=str(e))
         await self.session.stop()
         self._started = False
 
@@ -120,6 +135,8 @@ class P2PEngine:
             "restore_seconds": self.restore_seconds,
             "checking_seen": len(self.session.checking_seen),
             "seed_errors": self.seed_errors,
+            "accounting_seconds": round(self.accounting_seconds, 3),
+            "unattributed_bytes": dict(self.ledger.unattributed),
             "rate_limits": {
                 "down": self.schedule.down.rate if self.schedule else None,
                 "up": self.schedule.up.rate if self.schedule else None,
@@ -134,7 +151,7 @@ class P2PEngine:
         self.session.apply_settings({"download_rate_limit": down or 0, "upload_rate_limit": up or 0})
 
     async def reload(self, cfg: Any) -> None:
-        self._channels = await asyncio.get_running_loop().run_in_executor(None, self._resolve_channels)
+        self.ledger.directory = await asyncio.get_running_loop().run_in_executor(None, self._resolve_directory)
 
     # -- restore at start ------------------------------------------------------------------
     async def _restore(self) -> None:
@@ -298,67 +315,84 @@ class P2PEngine:
             except Exception as e:
                 log.warning("p2p.accounting_failed", error=str(e))
 
-    def hint_channel(self, infohash: str, channel: str) -> None:
-        """The channel to charge when a torrent's bytes cannot be tied to a live connection."""
-        self._last_channel[infohash] = channel
-
     async def account_now(self) -> None:
-        """Account what the last state update says (a download about to leave the session)."""
-        await self._account()
+        """Read every torrent's and connection's counters now (before a torrent leaves, at shutdown)."""
+        await self._account(sweep=True)
 
-    async def _account(self) -> None:
-        """Per-torrent byte deltas (exact, from state updates) split across peers by their own counters;
-        bytes of connections that closed before we looked go to the torrent's last seen channel."""
-        now = time.time()
+    def _on_connect(self, a: Any) -> None:
+        ih = self.session.infohash_of(a.handle)
+        if ih is not None:  # read from the next round on, whatever the state updates say
+            self._active.add(ih)
+
+    def _on_disconnect(self, a: Any) -> None:
+        ih = self.session.infohash_of(a.handle)
+        if ih is None:
+            return
+        self._active.add(ih)
+        address, port = a.endpoint
+        self.ledger.closed(ih, str(address), int(port), a.pid.to_bytes())
+
+    async def _read_one(self, infohash: str) -> None:
+        """The final reading of a torrent about to leave the session."""
+        h = self.session.handles.get(infohash)
+        if h is None:
+            return
+        async with self._account_lock:
+            readings = await asyncio.get_running_loop().run_in_executor(None, _readings, [(infohash, h)])
+            for r in readings:
+                self._charge(self.ledger.torrent(r))
+            self.ledger.forget(infohash)
+
+    async def _account(self, *, sweep: bool = False) -> None:
+        """Payload totals of the torrents and their connections' own counters, then the session's payload
+        counters: the channels add up to what libtorrent moved. Each round reads the torrents that had
+        connections, moved bytes or changed state since the last; a sweep every `SWEEP_INTERVAL` reads
+        them all (nothing is lost in between: the counters are running totals), and only a sweep is
+        reconciled with the session."""
+        if not self.accounting:
+            return
         touch: list[int] = []
-        moved: dict[str, tuple[int, int]] = {}
-        for ih, ts in list(self.session.states.items()):
-            d_up = max(0, ts.uploaded - self._last_up.get(ih, 0))
-            d_down = max(0, ts.downloaded - self._last_down.get(ih, 0))
-            self._last_up[ih], self._last_down[ih] = ts.uploaded, ts.downloaded
-            if d_up or d_down:
-                moved[ih] = (d_up, d_down)
-            if d_up:
-                item_id = self._item_of.get(ih)
-                if item_id is not None and now - self._touched.get(item_id, 0) >= TOUCH_MIN_INTERVAL:
+        now = time.time()
+        async with self._account_lock:
+            t0 = time.perf_counter()
+            sweep = sweep or time.monotonic() - self._last_sweep >= SWEEP_INTERVAL
+            self._active |= self.session.take_updated()
+            if sweep:
+                self._last_sweep = time.monotonic()
+                handles = list(self.session.handles.items())
+            else:
+                handles = [(ih, h) for ih, h in self.session.handles.items() if ih in self._active]
+            readings = await asyncio.get_running_loop().run_in_executor(None, _readings, handles)
+            self._active = set()
+            for r in readings:
+                charges = self.ledger.torrent(r)
+                if charges or r.peers:
+                    self._active.add(r.infohash)
+                self._charge(charges)
+                item_id = self._item_of.get(r.infohash)
+                uploaded = any(d == "out" for _, d, _ in charges)
+                if item_id is not None and uploaded and now - self._touched.get(item_id, 0) >= TOUCH_MIN_INTERVAL:
                     touch.append(item_id)
                     self._touched[item_id] = now
-        if moved:
-            handles = [(ih, self.session.handles[ih]) for ih in moved if ih in self.session.handles]
-            # peer_info_alert's list has no Python converter in 2.1.1; get_peer_info() waits on
-            # libtorrent's network thread, so it runs in an executor, only for torrents that moved bytes.
-            infos = dict(await asyncio.get_running_loop().run_in_executor(None, _peer_infos, handles))
-            for ih, (d_up, d_down) in moved.items():
-                self._split_per_peer(ih, d_up, d_down, infos.get(ih, []))
+            # The session reading of the previous round against every torrent read now, a tick later.
+            if sweep:
+                self._charge(self.ledger.settle(time.monotonic()))
+            self.accounting_seconds += time.perf_counter() - t0  # the wait for the stats alert is idle
+            at = time.monotonic()
+            counters = await self.session.payload_counters()
+            if counters is not None:
+                self.ledger.session(*counters, at)
         if touch:
             await self.node.store.run(self.node.store.touch, touch, now)
 
-    def _split_per_peer(self, ih: str, d_up: int, d_down: int, peers: list[tuple[str, int, int, int]]) -> None:
-        left_up, left_down = d_up, d_down
-        for ip, port, up, down in peers:
-            key = (ih, f"{ip}:{port}")
-            last_up, last_down = self._peer_totals.get(key, (0, 0))
-            if up < last_up or down < last_down:  # a new connection from the same endpoint
-                last_up, last_down = 0, 0
-            channel = self._channels.get(ip, "swarm")
-            self._last_channel[ih] = channel
-            pu, pd = min(up - last_up, left_up), min(down - last_down, left_down)
-            if pu > 0:
-                self.node.traffic.add(channel, "out", pu)
-                left_up -= pu
-            if pd > 0:
-                self.node.traffic.add(channel, "in", pd)
-                left_down -= pd
-            self._peer_totals[key] = (up, down)
-        channel = self._last_channel.get(ih, "swarm")
-        if left_up:
-            self.node.traffic.add(channel, "out", left_up)
-        if left_down:
-            self.node.traffic.add(channel, "in", left_down)
+    def _charge(self, charges: list[Charge]) -> None:
+        for channel, direction, n in charges:
+            self.node.traffic.add(channel, "out" if direction == "out" else "in", n)
 
-    def _resolve_channels(self) -> dict[str, str]:
-        """Peer and seed-target IPs -> traffic channel. Blocking (DNS): run in an executor."""
-        out: dict[str, str] = {}
+    def _resolve_directory(self) -> Directory:
+        """Seed targets and peers by endpoint (address and port), peers also by their peer-id prefix.
+        Blocking (DNS): run in an executor."""
+        d = Directory()
         cfg = self.node.cfg
         pairs = [(p.bittorrent, f"peer:{p.name}") for p in cfg.peers]
         pairs += [(s.bittorrent, f"seed:{s.name}") for s in cfg.seed_targets]
@@ -366,10 +400,12 @@ class P2PEngine:
             host, port = split_host_port(hp)
             try:
                 for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP):
-                    out[str(info[4][0])] = channel
+                    d.endpoints[(str(info[4][0]), port)] = channel
             except OSError:
-                out[host] = channel
-        return out
+                d.endpoints[(host, port)] = channel
+        for p in cfg.peers:
+            d.fingerprints[node_fingerprint(p.name).encode()] = f"peer:{p.name}"
+        return d
 
     async def _targets_loop(self) -> None:
         while True:
@@ -386,21 +422,23 @@ class P2PEngine:
         return n
 
 
-def _peer_infos(moved: list[tuple[str, Any]]) -> list[tuple[str, list[tuple[str, int, int, int]]]]:
-    """(infohash, [(ip, port, total_upload, total_download)]) for BitTorrent peers. Blocking."""
+def _readings(handles: list[tuple[str, Any]]) -> list[TorrentReading]:
+    """Payload totals of each torrent and of each of its BitTorrent connections. Blocking: status() and
+    get_peer_info() wait on libtorrent's network thread."""
     out = []
-    for ih, h in moved:
-        peers = []
+    for ih, h in handles:
         try:
-            infos = h.get_peer_info()
+            st = h.status(0)
+            infos = h.get_peer_info() if st.num_peers or st.total_payload_upload or st.total_payload_download else []
         except RuntimeError:  # the torrent went away meanwhile
             continue
+        peers = []
         for p in infos:
             if p.connection_type != lt.peer_info.standard_bittorrent:  # web seeds: counted by the HTTP side
                 continue
             ip, port = p.ip
-            peers.append((str(ip), int(port), int(p.total_upload), int(p.total_download)))
-        out.append((ih, peers))
+            peers.append(PeerReading(str(ip), int(port), p.pid.to_bytes(), int(p.total_upload), int(p.total_download)))
+        out.append(TorrentReading(ih, int(st.total_payload_upload), int(st.total_payload_download), tuple(peers)))
     return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,7 +97,11 @@ class TorrentSession:
         # Subscribers by alert type name (e.g. "state_changed_alert"); called on the loop.
         self.subscribers: dict[str, list[AlertHandler]] = {}
         self.checking_seen: set[str] = set()  # infohashes that ever entered a checking state
+        self._updated: set[str] = set()  # infohashes in state updates since take_updated()
         self.followers: dict[str, PieceFollower] = {}
+        self._stats_waiters: list[asyncio.Future[tuple[int, int]]] = []
+        # Called with the infohash before a torrent leaves the session (its final byte counts are read).
+        self.before_remove: Callable[[str], Awaitable[None]] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -125,6 +129,8 @@ class TorrentSession:
             box = [ses]
             del ses
             await asyncio.get_running_loop().run_in_executor(None, _destroy, box)
+        for w in self._stats_waiters:
+            w.cancel()
         for fut in [*self._adding.values(), *self._removing.values(), *self._resume_waiters.values()]:
             if not fut.done():
                 fut.set_exception(SessionError("session stopped"))
@@ -159,7 +165,15 @@ class TorrentSession:
         if h is None or self.ses is None or self._loop is None:
             return False
         fut = self._removing.get(infohash)
+        if fut is None and self.before_remove is not None:
+            try:
+                await self.before_remove(infohash)
+            except Exception as e:  # the removal goes ahead; the session reconciliation keeps the bytes
+                log.warning("p2p.final_reading_failed", infohash=infohash, error=str(e))
+            fut = self._removing.get(infohash)
         if fut is None:
+            if infohash not in self.handles:
+                return False
             fut = self._loop.create_future()
             self._removing[infohash] = fut
             flags = lt.session.delete_files if delete_files else 0
@@ -200,6 +214,26 @@ class TorrentSession:
     def post_updates(self) -> None:
         if self.ses is not None:
             self.ses.post_torrent_updates()
+
+    async def payload_counters(self, timeout: float = 5) -> tuple[int, int] | None:
+        """The session's (sent, received) payload bytes since it started, from a session_stats alert."""
+        if self.ses is None or self._loop is None:
+            return None
+        fut: asyncio.Future[tuple[int, int]] = self._loop.create_future()
+        self._stats_waiters.append(fut)
+        self.ses.post_session_stats()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            with contextlib.suppress(ValueError):
+                self._stats_waiters.remove(fut)
+
+    def take_updated(self) -> set[str]:
+        """Infohashes whose status changed since the last call."""
+        out, self._updated = self._updated, set()
+        return out
 
     def post_peer_info(self, infohash: str) -> None:
         h = self.handles.get(infohash)
@@ -261,6 +295,7 @@ class TorrentSession:
         elif isinstance(a, lt.state_update_alert):
             for st in a.status:
                 ih = _v1(st.info_hashes)
+                self._updated.add(ih)
                 ts = self.states.setdefault(ih, TorrentState(ih))
                 ts.state = str(st.state).rsplit(".", 1)[-1]
                 ts.progress = float(st.progress)
@@ -302,6 +337,13 @@ class TorrentSession:
             fut = self._resume_waiters.get(ih)
             if fut is not None and not fut.done():
                 fut.set_result(None)
+        elif isinstance(a, lt.session_stats_alert):
+            values = a.values
+            counters = (int(values["net.sent_payload_bytes"]), int(values["net.recv_payload_bytes"]))
+            waiters, self._stats_waiters = self._stats_waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(counters)
         elif isinstance(a, lt.listen_succeeded_alert):
             if a.socket_type == lt.socket_type_t.tcp:
                 self.listen_port = int(a.port)

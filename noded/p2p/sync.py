@@ -368,9 +368,6 @@ class PeerSource:
         if not endpoints:
             raise FetchError(f"{item.key}: no peer holds it", retryable=True)
         atp = _download_params(meta.data, partial)
-        # Bytes of connections that closed before a peer_info sample still land on the right channel.
-        first = f"peer:{holders[0][0].name}" if holders else f"seed:{sync.node.cfg.seed_targets[0].name}"
-        engine.hint_channel(ih, first)
         # md5/sha256 follow the download piece by piece (noded/p2p/follow.py): at idle priority on a
         # thread of its own while the transfer runs, the rest at normal priority once it is complete.
         follower = PieceFollower(meta.num_pieces)

@@ -9,10 +9,11 @@ access for LRU (at most one store write per item per minute).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -106,25 +107,41 @@ class WebSeedServer:
             await store.run(store.touch, [item.id], now)
         return resp
 
-    def _count(self, request: web.BaseRequest, resp: web.StreamResponse) -> None:
-        sent = (resp.content_length or 0) if request.method == "GET" and resp.status in (200, 206) else 0
-        self.node.traffic.add("webseed", "out", sent, requests=1, errors=int(resp.status >= 400))
+    def _count(self, request: web.BaseRequest, resp: _CountingFileResponse, aborted: bool) -> None:
+        errors = int(resp.status >= 400 or aborted)
+        self.node.traffic.add("webseed", "out", resp.body_sent, requests=1, errors=errors)
 
 
 class _CountingFileResponse(web.FileResponse):
-    """FileResponse (Range, ETag, sendfile) that reports what it sent once the body is out."""
+    """FileResponse (Range, ETag, sendfile) that reports the body bytes it actually handed to the socket,
+    also when the client went away mid-body."""
 
     def __init__(
-        self, path: Path, on_sent: Callable[[web.BaseRequest, web.StreamResponse], None], chunk_size: int
+        self, path: Path, on_sent: Callable[[web.BaseRequest, _CountingFileResponse, bool], None], chunk_size: int
     ) -> None:
         super().__init__(path, chunk_size=chunk_size)
         self._on_sent = on_sent
+        self.body_sent = 0
+
+    async def _sendfile(
+        self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int
+    ) -> AbstractStreamWriter:
+        try:
+            return await super()._sendfile(request, fobj, offset, count)
+        finally:
+            # asyncio's sendfile leaves the file offset just past what the kernel took, even when it
+            # fails midway; the chunked fallback leaves it past what it read (at most one chunk more).
+            with contextlib.suppress(OSError, ValueError):
+                self.body_sent = max(0, min(count, fobj.tell() - offset))
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        aborted = True
         try:
-            return await super().prepare(request)
+            writer = await super().prepare(request)
+            aborted = False
+            return writer
         finally:
-            self._on_sent(request, self)
+            self._on_sent(request, self, aborted)
 
 
 def _cached_version(store: Any, key: str) -> Any:
