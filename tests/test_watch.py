@@ -6,11 +6,14 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from noded.cache.layout import CacheLayout
 from noded.core.model import PIECE_LENGTH
@@ -393,3 +396,35 @@ def test_deleted_by_hand_is_fetched_again(
     )
     assert row["sha256"] == hashlib.sha256(data).hexdigest()
     assert (d / "cache" / "x.parquet").read_bytes() == data
+
+
+# A user namespace of its own gives the daemon its own inotify limits: none at all here, as on a
+# shared host whose users have used up every watch.
+NO_INOTIFY = [
+    "unshare", "--user", "--map-root-user",
+    "sh", "-c", 'echo 0 > /proc/sys/user/max_inotify_watches && exec "$@"', "sh",
+]  # fmt: skip
+
+
+def test_without_inotify_watches_the_watcher_polls_and_says_so(noded_factory: Any, tmp_path: Path) -> None:
+    probe = subprocess.run([*NO_INOTIFY, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot limit inotify in a user namespace here: {probe.stderr.strip()}")
+    d = tmp_path / "toronto"
+    node = noded_factory(
+        start=False, prefix=NO_INOTIFY, origins={"inbox": {"dir": str(d / "inbox"), "stable_seconds": 1.0}}
+    )
+    _seed_before_start(d, {"b/gone.parquet": os.urandom(50_000)}, origin="sourcecoop")
+    node.start()
+    _, status = node.get("/v1/status")
+    assert "inotify unavailable" in status["problems"]["watch"], status["problems"]
+    assert status["components"]["watch"]["state"] == "polling", status["components"]["watch"]
+    # The inbox is still published, found by listing it.
+    (d / "inbox" / "polled.csv").write_bytes(b"a,b\n1,2\n")
+    _until(lambda: (r := _row(d, "polled.csv")) and r["state"] == "cached", timeout=60, what="polled inbox file")
+    # A cached file deleted behind noded's back is still noticed, by the stat pass.
+    (d / "cache" / "b" / "gone.parquet").unlink()
+    gone = _until(
+        lambda: (r := _row(d, "b/gone.parquet")) and r["state"] == "wanted" and r, timeout=90, what="polled deletion"
+    )
+    assert "deleted" in gone["error"]
