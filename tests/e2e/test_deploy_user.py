@@ -92,6 +92,7 @@ def slot(test_host: DeployTarget, wheelhouse: Path) -> Iterator[UserDeployment]:
         "noded_node_name": "slot",
         "noded_region": "test",
         "noded_cache_budget": "1GB",
+        "noded_cache_quota": "2GB",  # the home's quota, as the operator copies it from the plan
         "noded_cache_free_space_floor": "1MB",
         "noded_api_port": api_port,
         "noded_http_mirror_port": mirror_port,
@@ -155,6 +156,23 @@ def test_first_run_deploys_a_ready_user_service(slot: UserDeployment) -> None:
         slot.api + "/v1/items/no-such-item/pin", method="POST", headers={"Authorization": f"Bearer {slot.token}"}
     )
     assert status_code == 404  # authorised (a wrong token is 401), and the item is unknown
+    # Free space answers to the quota, not to the filesystem statvfs shows.
+    _, st = http_json(slot.api + "/v1/status")
+    quota = st["components"]["cache"]["quota"]
+    assert quota["source"] == "cache.quota" and quota["limit_bytes"] == 2_000_000_000, quota
+    assert st["components"]["cache"]["fs_free_bytes"] <= quota["headroom_bytes"]
+
+
+def test_check_config_on_the_slot_reports_against_the_quota(slot: UserDeployment) -> None:
+    """The operator's check of a bigger budget, run as the slot user: refused, naming the quota."""
+    home = slot.home
+    r = slot.host.ssh(
+        f'sed \'s/budget = "1GB"/budget = "3GB"/\' {home}/.config/noded/config.toml > /tmp/bigger.toml'
+        f" && {home}/.local/share/noded/venv/bin/noded -c /tmp/bigger.toml check-config --skip-ports",
+        check=False,
+    )
+    assert r.returncode == 78, r.stdout + r.stderr
+    assert "cache.budget" in r.stderr and "larger than cache.quota (2000000000 bytes)" in r.stderr, r.stderr
 
 
 def test_second_run_changes_nothing(slot: UserDeployment) -> None:
