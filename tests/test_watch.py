@@ -1,5 +1,5 @@
-"""The watcher in a real `noded run`: inbox publishing (acceptance 4, local part), files deleted or
-changed behind noded's back (acceptance 5, marking part), fetches waiting with the reason in status."""
+"""The watcher in a real `noded run`: inbox publishing, files deleted or changed behind noded's back,
+fetches waiting with the reason in status, and polling where inotify is unavailable."""
 
 from __future__ import annotations
 
@@ -212,7 +212,7 @@ def test_cached_file_deleted_or_changed_by_hand_is_marked(noded_factory: Any, tm
 
 
 def test_fetch_waits_and_status_says_why(noded_factory: Any, tmp_path: Path) -> None:
-    """Acceptance 3 through a real node: R2 not configured, nothing durable; an inbox file must wait."""
+    """Through a real node: R2 not configured, nothing durable; an inbox file must wait."""
     d = tmp_path / "toronto"
     node = noded_factory(
         start=False,
@@ -301,7 +301,7 @@ def test_inbox_file_reaches_r2_and_peer(
     tmp_path: Path,
     s3server: CountingMotoServer,  # noqa: F811
 ) -> None:
-    """Acceptance 4 end to end: slow writer -> published -> pushed to the test S3 server -> on the peer.
+    """End to end: slow writer -> published -> pushed to the test S3 server -> on the peer.
 
     Written against the contracts: the R2 component pushes CACHED items after node.notify("cached")
     (object key = r2.prefix + item key) and sets pushed=1; the P2P component seeds them and the peer
@@ -361,7 +361,7 @@ def test_deleted_by_hand_is_fetched_again(
     tmp_path: Path,
     s3server: CountingMotoServer,  # noqa: F811
 ) -> None:
-    """Acceptance 5, first half end to end: the WANTED marking tested above, then the pull pipeline
+    """End to end: the WANTED marking tested above, then the pull pipeline
     fetches the item again from the origin (moto as the Source Cooperative S3 endpoint, path-style)."""
     s3 = s3_client(s3server.endpoint)
     s3.create_bucket(Bucket="d4c")
