@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -23,6 +25,7 @@ from noded.core.config import EX_CONFIG, ConfigError, parse_config
 from noded.core.hashing import hash_file
 from noded.core.model import CatalogEntry, State
 from noded.core.quota import Quota, QuotaView, parse_quota
+from noded.origins.pipeline import Origins
 from tests.cachekit import make_config, running_cache, tree_disk_bytes
 from tests.conftest import ROOT, base_config, noded_env, to_toml
 
@@ -160,3 +163,13 @@ async def test_cache_stays_within_a_quota_far_below_budget_and_filesystem(tmp_pa
         q = cache.status()["quota"]
         assert q["source"] == "cache.quota" and q["limit_bytes"] == quota
         assert cache.status()["fs_free_bytes"] <= quota
+
+
+async def test_a_disk_failure_is_retried_against_the_quota_not_statvfs(tmp_path: Path) -> None:
+    """The pull pipeline asks the cache's measure (quota included) whether a disk-full item has room again."""
+    cfg = make_config(tmp_path, cache={"budget": 64_000_000, "quota": 4_000_000, "free_space_floor": 1_000_000})
+    async with running_cache(cfg) as (node, cache, _p2p):
+        await cache.measure()
+        holder = SimpleNamespace(node=node, layout=cache.layout)
+        free = Origins._free_bytes(holder)  # type: ignore[arg-type]
+        assert free is not None and free <= 4_000_000 < shutil.disk_usage(tmp_path).free
