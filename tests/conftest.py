@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,8 +166,11 @@ def http_json(
 class NodedProcess:
     """`python -m noded run` as a real subprocess, stdout captured to a file."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None, log: Path | None = None) -> None:
+    def __init__(
+        self, config: Path, env: dict[str, str] | None = None, log: Path | None = None, prefix: Sequence[str] = ()
+    ) -> None:
         self.config = config
+        self.prefix = list(prefix)  # a command the daemon runs under (e.g. unshare with tighter limits)
         self.env = noded_env(env)
         self.log_path = log or config.with_suffix(".log")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -180,7 +183,7 @@ class NodedProcess:
     def start(self, wait_ready: bool = True, timeout: float = 30) -> NodedProcess:
         self._logf = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "noded", "-c", str(self.config), "run"],
+            [*self.prefix, sys.executable, "-m", "noded", "-c", str(self.config), "run"],
             stdout=self._logf,
             stderr=subprocess.STDOUT,
             env=self.env,
@@ -249,11 +252,15 @@ def noded_factory(tmp_path: Path) -> Iterator[Any]:
     procs: list[NodedProcess] = []
 
     def make(
-        name: str = "toronto", start: bool = True, env: dict[str, str] | None = None, **overrides: Any
+        name: str = "toronto",
+        start: bool = True,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+        **overrides: Any,
     ) -> NodedProcess:
         d = tmp_path / name
         cfg = base_config(d, name=name, **overrides)
-        p = NodedProcess(write_config(d, cfg), env=env)
+        p = NodedProcess(write_config(d, cfg), env=env, prefix=prefix)
         procs.append(p)
         if start:
             p.start()

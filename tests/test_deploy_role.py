@@ -1,6 +1,6 @@
-"""The deployment files without a booted system: the unit under systemd-analyze, the role's
-templates rendered by Ansible, the TOML filter, ansible-lint. The booted end-to-end test is
-tests/e2e/test_deploy_systemd.py."""
+"""The deployment files without a booted system: the units under systemd-analyze, the role's
+templates rendered by Ansible in both scopes, the TOML filter, ansible-lint. The booted end-to-end
+tests are in tests/e2e/."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from noded.core.config import parse_config
 from tests.conftest import ROOT
 
 UNIT = ROOT / "systemd" / "noded.service"
+USER_UNIT = ROOT / "systemd" / "noded-user.service"
 ANSIBLE_DIR = ROOT / "ansible"
 ROLE = ANSIBLE_DIR / "roles" / "noded"
 EXAMPLE_INVENTORY = ANSIBLE_DIR / "inventory" / "example" / "hosts.yml"
@@ -68,7 +69,7 @@ def test_unit_carries_the_required_directives() -> None:
     assert "RestartPreventExitStatus=78" in UNIT.read_text()
 
 
-def _render(tmp_path: Path, inventory: Path, target: str) -> Path:
+def _render(tmp_path: Path, inventory: Path, target: str, *extra: str) -> Path:
     playbook = _tool("ansible-playbook")
     if not playbook:
         pytest.skip("ansible-playbook is not installed (pip install ansible-core)")
@@ -79,7 +80,7 @@ def _render(tmp_path: Path, inventory: Path, target: str) -> Path:
         [
             playbook, "-i", str(inventory), str(ROOT / "tests/deploy/render.yml"),
             "-e", f"out={out}", "-e", f"templates={ROLE / 'templates'}", "-e", f"target={target}",
-            "--skip-tags", "always",
+            "--skip-tags", "always", *extra,
         ],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
@@ -98,7 +99,75 @@ def test_role_renders_the_shipped_unit_with_its_defaults(tmp_path: Path) -> None
     assert "".join(rendered[1:]) == UNIT.read_text()
 
 
+def _user_render(tmp_path: Path) -> Path:
+    inv = tmp_path / "inventory.yml"
+    host = {
+        "noded_scope": "user", "ansible_user": "operator",
+        "noded_api_token": "t" * 20, "noded_r2_access_key_id": "k" * 20, "noded_r2_secret_access_key": "s" * 40,
+    }  # fmt: skip
+    inv.write_text(json.dumps({"all": {"children": {"smart_nodes": {"hosts": {"node1": host}}}}}))
+    return _render(tmp_path, inv, "node1")
+
+
+def test_role_renders_the_shipped_user_unit_with_its_defaults(tmp_path: Path) -> None:
+    """systemd/noded-user.service is what the role installs in user scope with its defaults and three secrets."""
+    out = _user_render(tmp_path)
+    rendered = (out / "node1-noded-user.service").read_text().splitlines(keepends=True)
+    assert rendered[0].startswith("# Ansible managed")
+    assert "".join(rendered[1:]) == USER_UNIT.read_text()
+    cfg = out / "node1-config.toml"
+    c = parse_config(cfg.read_text(), cfg)
+    assert str(c.paths.cache_dir) == "/home/operator/.cache/noded"
+    assert str(c.paths.state_dir) == "/home/operator/.local/state/noded"
+
+
+def _directives(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for ln in text.splitlines():
+        if "=" in ln and not ln.startswith(("#", "[")):
+            k, v = ln.split("=", 1)
+            out.setdefault(k, []).append(v)
+    return out
+
+
+def test_user_unit_keeps_what_a_user_manager_runs_and_nothing_it_refuses() -> None:
+    d = _directives(USER_UNIT.read_text())
+    # Refused by a user manager (216/GROUP, 218/CAPABILITIES), or silently ignored without PrivateUsers=.
+    refused = {
+        "User", "Group", "DynamicUser", "SupplementaryGroups", "CapabilityBoundingSet", "AmbientCapabilities",
+        "PrivateUsers", "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "ProtectKernelTunables",
+        "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups", "ProtectClock", "ProtectHostname",
+        "ProtectProc", "ProcSubset", "RemoveIPC", "ReadWritePaths", "RequiresMountsFor", "KeyringMode",
+    }  # fmt: skip
+    assert not refused & d.keys(), refused & d.keys()
+    kept = {
+        "Type", "WatchdogSec", "Restart", "RestartPreventExitStatus", "NoNewPrivileges", "RestrictAddressFamilies",
+        "SystemCallFilter", "SystemCallArchitectures", "UMask", "LimitNOFILE", "LoadCredential",
+    }  # fmt: skip
+    assert kept <= d.keys(), kept - d.keys()
+    assert d["Type"] == ["notify"] and d["RestartPreventExitStatus"] == ["78"]
+    assert d["WantedBy"] == ["default.target"]  # a user manager has no multi-user.target
+    assert all(v.startswith("%h/") for k in ("ExecStart",) for v in d[k])
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
+def test_user_unit_verifies_and_its_exposure_is_reported(tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    s = subprocess.run(
+        ["systemd-analyze", "--user", "security", "--offline=true", "--no-pager", str(USER_UNIT)],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    exposure = _exposure(s.stdout)
+    print(f"systemd-analyze --user security --offline=true systemd/noded-user.service: exposure {exposure}")
+    # The analyzer scores a user unit as if it ran as root with every capability; this guards the
+    # hardening the unit keeps (without it the score passes 8).
+    assert exposure <= 6.5
+
+
 def test_example_inventory_wires_peers_and_seed_targets(tmp_path: Path) -> None:
+    """The example describes the real network: two slots in user scope, each with its own ports."""
     out = _render(tmp_path, EXAMPLE_INVENTORY, "smart_nodes")
     toronto = out / "toronto.smart.dataforcanada.org-config.toml"
     amsterdam = out / "amsterdam.smart.dataforcanada.org-config.toml"
@@ -106,12 +175,15 @@ def test_example_inventory_wires_peers_and_seed_targets(tmp_path: Path) -> None:
     a = parse_config(amsterdam.read_text(), amsterdam)
     assert (t.node.name, a.node.name) == ("toronto", "amsterdam")
     assert [p.name for p in t.peers] == ["amsterdam"] and [p.name for p in a.peers] == ["toronto"]
-    assert t.peers[0].bittorrent == "198.51.100.20:6881" and a.peers[0].api_url == "http://192.0.2.10:8470"
+    assert t.peers[0].bittorrent == "198.51.100.20:14872" and a.peers[0].api_url == "http://192.0.2.10:12470"
+    assert (t.api.port, t.http_mirror.port, t.bittorrent.listen_interfaces) == (12470, 12471, "0.0.0.0:12472")
     assert [s.name for s in t.seed_targets] == ["netcup"] == [s.name for s in a.seed_targets]
     assert t.seed_targets[0].bittorrent == "203.0.113.30:51413"
-    assert str(t.paths.cache_dir) == "/srv/flash/noded-cache" and t.origins.inbox.dir == Path("/var/lib/noded/inbox")
-    unit = (out / "toronto.smart.dataforcanada.org-noded.service").read_text()
-    assert "ReadWritePaths=/srv/flash/noded-cache /var/lib/noded\n" in unit
+    assert str(t.paths.cache_dir) == "/home/dfctoronto/.cache/noded"
+    assert t.origins.inbox.dir == Path("/home/dfctoronto/.local/state/noded/inbox")
+    assert t.cache.quota == 950_000_000_000
+    unit = (out / "toronto.smart.dataforcanada.org-noded-user.service").read_text()
+    assert "ExecStart=%h/.local/share/noded/venv/bin/noded -c %h/.config/noded/config.toml run\n" in unit
     assert "LoadCredential" not in unit  # no secrets in the example inventory: no credential lines
 
 

@@ -1,16 +1,19 @@
-"""The watcher in a real `noded run`: inbox publishing (acceptance 4, local part), files deleted or
-changed behind noded's back (acceptance 5, marking part), fetches waiting with the reason in status."""
+"""The watcher in a real `noded run`: inbox publishing, files deleted or changed behind noded's back,
+fetches waiting with the reason in status, and polling where inotify is unavailable."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from noded.cache.layout import CacheLayout
 from noded.core.model import PIECE_LENGTH
@@ -209,7 +212,7 @@ def test_cached_file_deleted_or_changed_by_hand_is_marked(noded_factory: Any, tm
 
 
 def test_fetch_waits_and_status_says_why(noded_factory: Any, tmp_path: Path) -> None:
-    """Acceptance 3 through a real node: R2 not configured, nothing durable; an inbox file must wait."""
+    """Through a real node: R2 not configured, nothing durable; an inbox file must wait."""
     d = tmp_path / "toronto"
     node = noded_factory(
         start=False,
@@ -298,7 +301,7 @@ def test_inbox_file_reaches_r2_and_peer(
     tmp_path: Path,
     s3server: CountingMotoServer,  # noqa: F811
 ) -> None:
-    """Acceptance 4 end to end: slow writer -> published -> pushed to the test S3 server -> on the peer.
+    """End to end: slow writer -> published -> pushed to the test S3 server -> on the peer.
 
     Written against the contracts: the R2 component pushes CACHED items after node.notify("cached")
     (object key = r2.prefix + item key) and sets pushed=1; the P2P component seeds them and the peer
@@ -358,7 +361,7 @@ def test_deleted_by_hand_is_fetched_again(
     tmp_path: Path,
     s3server: CountingMotoServer,  # noqa: F811
 ) -> None:
-    """Acceptance 5, first half end to end: the WANTED marking tested above, then the pull pipeline
+    """End to end: the WANTED marking tested above, then the pull pipeline
     fetches the item again from the origin (moto as the Source Cooperative S3 endpoint, path-style)."""
     s3 = s3_client(s3server.endpoint)
     s3.create_bucket(Bucket="d4c")
@@ -393,3 +396,35 @@ def test_deleted_by_hand_is_fetched_again(
     )
     assert row["sha256"] == hashlib.sha256(data).hexdigest()
     assert (d / "cache" / "x.parquet").read_bytes() == data
+
+
+# A user namespace of its own gives the daemon its own inotify limits: none at all here, as on a
+# shared host whose users have used up every watch.
+NO_INOTIFY = [
+    "unshare", "--user", "--map-root-user",
+    "sh", "-c", 'echo 0 > /proc/sys/user/max_inotify_watches && exec "$@"', "sh",
+]  # fmt: skip
+
+
+def test_without_inotify_watches_the_watcher_polls_and_says_so(noded_factory: Any, tmp_path: Path) -> None:
+    probe = subprocess.run([*NO_INOTIFY, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot limit inotify in a user namespace here: {probe.stderr.strip()}")
+    d = tmp_path / "toronto"
+    node = noded_factory(
+        start=False, prefix=NO_INOTIFY, origins={"inbox": {"dir": str(d / "inbox"), "stable_seconds": 1.0}}
+    )
+    _seed_before_start(d, {"b/gone.parquet": os.urandom(50_000)}, origin="sourcecoop")
+    node.start()
+    _, status = node.get("/v1/status")
+    assert "inotify unavailable" in status["problems"]["watch"], status["problems"]
+    assert status["components"]["watch"]["state"] == "polling", status["components"]["watch"]
+    # The inbox is still published, found by listing it.
+    (d / "inbox" / "polled.csv").write_bytes(b"a,b\n1,2\n")
+    _until(lambda: (r := _row(d, "polled.csv")) and r["state"] == "cached", timeout=60, what="polled inbox file")
+    # A cached file deleted behind noded's back is still noticed, by the stat pass.
+    (d / "cache" / "b" / "gone.parquet").unlink()
+    gone = _until(
+        lambda: (r := _row(d, "b/gone.parquet")) and r["state"] == "wanted" and r, timeout=90, what="polled deletion"
+    )
+    assert "deleted" in gone["error"]

@@ -32,6 +32,7 @@ from noded.core.component import Node, cancel_task
 from noded.core.hashing import hash_file
 from noded.core.logs import get_logger
 from noded.core.model import Item, State
+from noded.core.quota import QuotaView
 
 log = get_logger("noded.cache")
 
@@ -119,6 +120,9 @@ class Cache:
         self.node = node
         cfg = node.cfg
         self.layout = layout or CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir)
+        # Free space is the smaller of the filesystem's and the quota's headroom (a shared host's
+        # statvfs shows the whole array, not the user's quota).
+        self.quota = QuotaView(self.layout.root, cfg.cache.quota)
         self._reservations: set[Reservation] = set()
         self._held: Counter[int] = Counter()  # item id -> users (pushing, verifying, serving...)
         self._touched: set[int] = set()
@@ -140,7 +144,8 @@ class Cache:
     @property
     def budget(self) -> eviction.Budget:
         c = self.node.cfg.cache
-        return eviction.Budget(c.budget, c.high_watermark, c.low_watermark, c.free_space_floor)
+        budget = c.budget if c.quota is None else min(c.budget, c.quota)
+        return eviction.Budget(budget, c.high_watermark, c.low_watermark, c.free_space_floor)
 
     def listed_since(self) -> float:
         return time.time() - self.node.cfg.cache.listing_max_age
@@ -170,6 +175,7 @@ class Cache:
             "high_bytes": b.high_bytes,
             "low_bytes": b.low_bytes,
             "fs_free_bytes": s.fs_free if s else None,
+            "quota": self._quota_status(),
             "cached_items": s.cached_items if s else None,
             "reservations": len(self._reservations),
             "waiting": self._waiting,
@@ -220,7 +226,7 @@ class Cache:
         store = self.node.store
         loop = asyncio.get_running_loop()
         n, cached = await store.run(cachedb.cached_bytes, store)
-        partials, free = await loop.run_in_executor(None, self._scan_disk)
+        partials, free = await loop.run_in_executor(None, self._scan_disk, cached)
         reserved = pending = 0
         covered: set[Path] = set()
         for r in self._reservations:
@@ -233,12 +239,18 @@ class Cache:
         self._snap = Snapshot(n, cached, orphan, reserved, free, pending)
         return self._snap
 
-    def _scan_disk(self) -> tuple[dict[Path, int], int]:
+    def _scan_disk(self, cached: int) -> tuple[dict[Path, int], int]:
         partials = _scan_partials(self.layout.partial_dir)
         # A reservation may write outside the partial dir (e.g. a torrent's own staging path).
         extra = [r.path for r in self._reservations if r.path is not None and r.path not in partials]
         partials.update(_stat_tree(extra))
-        return partials, _fs_free(self.layout.root)
+        return partials, self.quota.free(_fs_free(self.layout.root), cached + sum(partials.values()))
+
+    def _quota_status(self) -> dict[str, Any] | None:
+        q = self.quota.last
+        if q is None:
+            return None
+        return {"source": q.source, "limit_bytes": q.limit, "used_bytes": q.used, "headroom_bytes": q.headroom}
 
     async def fix_unaccounted(self) -> int:
         """Record disk_bytes/mtime_ns for cached rows another component published without them."""

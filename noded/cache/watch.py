@@ -12,12 +12,17 @@ R2 components take over. On failure the file goes back to the inbox, so nothing 
 
 Cache: deletions and modifications of cached files (not of noded's own partial/quarantine area) are
 checked against the store row (size and mtime_ns) after a short debounce; the cache marks them.
+
+Without inotify (a shared host whose watches or instances have run out, ENOSPC/EMFILE) the watcher
+polls instead: the inbox is listed every POLL_INBOX seconds and the cached files are stat'ed every
+POLL_CACHE seconds, feeding the same stability and debounce checks; `node.problems["watch"]` says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -53,6 +58,8 @@ from noded.core.model import CatalogEntry, HashResult, State
 log = get_logger("noded.watch")
 
 DEBOUNCE = 0.5  # seconds: let a burst of events for one path settle before looking at it
+POLL_INBOX = 5.0  # seconds between inbox listings when inotify is unavailable
+POLL_CACHE = 30.0  # seconds between stat passes over the cached files when inotify is unavailable
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".swp", "~")
 _EVENTS: list[type[FileSystemEvent]] = [
     FileCreatedEvent,
@@ -92,6 +99,13 @@ class _Forward(FileSystemEventHandler):
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.tag, event))
 
 
+def _stop_observer(observer: Any) -> None:
+    """Stop what a failed start left running (emitters started before the one that failed)."""
+    with contextlib.suppress(Exception):
+        observer.stop()
+        observer.join(5.0)
+
+
 def _p(v: bytes | str) -> Path:
     return Path(os.fsdecode(v))
 
@@ -118,6 +132,7 @@ class Watcher:
         self.published = 0
         self.failed = 0
         self.external = 0
+        self.polling: str | None = None  # why the watcher polls instead of using inotify
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -133,15 +148,40 @@ class Watcher:
             root = self.cache.layout.root
             observer.schedule(_Forward(loop, self._queue, "cache"), str(root), recursive=True, event_filter=_EVENTS)
         # Adding inotify watches walks the trees: off the loop.
-        await loop.run_in_executor(None, observer.start)
-        self._observer = observer
+        try:
+            await loop.run_in_executor(None, observer.start)
+            self._observer = observer
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EMFILE):
+                raise
+            await loop.run_in_executor(None, _stop_observer, observer)
+            self._start_polling(e.strerror or str(e))
         if cfg.origins.inbox.enabled:
             for p in await loop.run_in_executor(None, self._existing_inbox_files):
                 self._note_inbox(p, closed=False)
-        self._tasks = [
+        self._tasks += [
             asyncio.create_task(self._consume(), name="watch-events"),
             asyncio.create_task(self._tick(), name="watch-tick"),
         ]
+
+    def _start_polling(self, why: str) -> None:
+        self.polling = (
+            f"inotify unavailable ({why}): polling the inbox every {POLL_INBOX:.0f} s and the cache every "
+            f"{POLL_CACHE:.0f} s; raise fs.inotify.max_user_watches/max_user_instances"
+        )
+        self.node.problems["watch"] = self.polling
+        log.warning("watch.polling", reason=self.polling)
+        self._tasks.append(asyncio.create_task(self._poll(), name="watch-poll"))
+
+    async def _emitters_alive(self) -> None:
+        """An emitter thread ends when a watch for a new directory cannot be added (the limit reached
+        later): from then on its tree would go unwatched, so the watcher polls instead."""
+        obs = self._observer
+        if obs is None or all(e.is_alive() for e in list(obs.emitters)):
+            return
+        self._observer = None
+        await asyncio.get_running_loop().run_in_executor(None, _stop_observer, obs)
+        self._start_polling("an inotify emitter stopped, most likely at the watch limit")
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -156,7 +196,7 @@ class Watcher:
 
     def status(self) -> dict[str, Any]:
         return {
-            "state": "running" if self._observer is not None else "stopped",
+            "state": "stopped" if not self._tasks else "polling" if self.polling else "running",
             "inbox": str(self.inbox) if self.node.cfg.origins.inbox.enabled else None,
             "inbox_pending": len(self._pending),
             "publishing": len(self._publishing),
@@ -170,6 +210,43 @@ class Watcher:
         for dirpath, _dirs, files in os.walk(self.inbox):
             out += [Path(dirpath) / f for f in files]
         return out
+
+    # -- polling, when inotify is unavailable ---------------------------------------------------
+    async def _poll(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.node.cfg
+        last_cache = time.monotonic()
+        while True:
+            await asyncio.sleep(POLL_INBOX)
+            try:
+                if cfg.origins.inbox.enabled:
+                    for p in await loop.run_in_executor(None, self._existing_inbox_files):
+                        if p not in self._pending and p not in self._publishing:
+                            self._note_inbox(p, closed=False)
+                if cfg.cache.watch_cache and time.monotonic() - last_cache >= POLL_CACHE:
+                    last_cache = time.monotonic()
+                    await self._poll_cache()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.error("watch.poll_failed", error=str(e), exc_info=True)
+
+    async def _poll_cache(self) -> None:
+        """Cached files whose size or mtime differ from their row become dirty paths, as an event would make
+        them: _check_cache looks again after the debounce, against the row as it is then."""
+        store = self.node.store
+        rows = await store.run(cachedb.cached_rows, store)
+        verdicts = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: [self._verdict(key, size, mtime) for _i, key, _v, size, mtime, _d in rows]
+        )
+        now = time.monotonic()
+        for (_i, key, *_rest), verdict in zip(rows, verdicts, strict=True):
+            if verdict is None:
+                continue
+            with contextlib.suppress(UnsafePath):
+                p = self.cache.layout.final_path(key)
+                if p not in self.cache.own_ops:
+                    self._dirty.setdefault(p, now)
 
     # -- events -------------------------------------------------------------------------------
     async def _consume(self) -> None:
@@ -245,6 +322,7 @@ class Watcher:
         while True:
             await asyncio.sleep(interval)
             try:
+                await self._emitters_alive()
                 await self._check_inbox(stable)
                 await self._check_cache()
             except asyncio.CancelledError:

@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from noded.core.quota import read_system_quota
 from noded.core.units import parse_rate, parse_size
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus uses it
@@ -122,6 +123,9 @@ class CacheConfig(_Section):
     high_watermark: float = Field(0.95, gt=0, le=1)
     low_watermark: float = Field(0.85, gt=0, le=1)
     free_space_floor: ByteSize = 1_000_000_000
+    # The most the node may keep on the cache's filesystem, for a quota the system does not report
+    # (statvfs shows a shared filesystem's free space, not the user's quota). None: no such limit.
+    quota: ByteSize | None = None
     # How often disk accounting is refreshed and the watermarks checked (also woken by events).
     check_interval: Seconds = 10.0
     # An origin listing older than this no longer counts as a durable copy for eviction.
@@ -137,6 +141,8 @@ class CacheConfig(_Section):
             raise ValueError("low_watermark must be below high_watermark")
         if self.budget <= 0:
             raise ValueError("budget must be positive")
+        if self.quota is not None and self.quota <= 0:
+            raise ValueError("quota must be positive")
         return self
 
 
@@ -710,6 +716,20 @@ def _check_port(key: str, bind: str, port: int) -> Iterable[Problem]:
             yield Problem(key, f"cannot listen on {bind}:{port}: {why}")
 
 
+def _check_quota(cfg: Config) -> Iterable[Problem]:
+    """The budget against the quotas: the configured one, and the user's as the system reports it."""
+    c = cfg.cache
+    if c.quota is not None and c.budget > c.quota:
+        yield Problem("cache.budget", f"{c.budget} bytes is larger than cache.quota ({c.quota} bytes)")
+    system = read_system_quota(cfg.paths.cache_dir)
+    if system is not None and c.budget > system.limit:
+        yield Problem(
+            "cache.budget",
+            f"{c.budget} bytes is larger than the disk quota of {cfg.paths.cache_dir}: "
+            f"{system.limit} bytes, {system.used} in use ({system.source})",
+        )
+
+
 def check_environment(cfg: Config, *, check_ports: bool = True) -> list[Problem]:
     """Checks against this machine: directories, filesystem capacity, listening ports."""
     problems: list[Problem] = []
@@ -726,6 +746,7 @@ def check_environment(cfg: Config, *, check_ports: bool = True) -> list[Problem]
                     f"{cfg.cache.budget} bytes is larger than the filesystem of {cfg.paths.cache_dir} ({total} bytes)",
                 )
             )
+        problems += _check_quota(cfg)
     for f in cfg.origins.torrents.files:
         if not f.is_file():
             problems.append(Problem("origins.torrents.files", f"torrent file {f} does not exist"))

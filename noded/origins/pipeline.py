@@ -483,6 +483,11 @@ class Origins:
         return None
 
     def _free_bytes(self) -> int | None:
+        # The cache's own measure counts a disk quota that statvfs cannot see; the filesystem otherwise.
+        cache = self.node.components.get("cache")
+        measured = cache.status().get("fs_free_bytes") if cache is not None else None
+        if isinstance(measured, int):
+            return measured
         try:
             return shutil.disk_usage(self.layout.partial_dir).free
         except OSError:

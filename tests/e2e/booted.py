@@ -15,6 +15,7 @@ first, which is not done here.)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -25,10 +26,20 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BOOT_SCRIPT = HERE / "boot-rootfs.sh"
-ROOTFS_CACHE = Path(os.environ.get("NODED_ROOTFS_CACHE", "/var/cache/noded-test/rootfs-bookworm"))
 DEBIAN_MIRROR = os.environ.get("NODED_DEBIAN_MIRROR", "http://deb.debian.org/debian")
-# python3-venv: the role's virtualenv; openssh-server: Ansible's way in; iproute2: network namespaces.
-ROOTFS_PACKAGES = "systemd,systemd-sysv,dbus,python3,python3-venv,openssh-server,iproute2"
+# python3-venv: the role's virtualenv; openssh-server: Ansible's way in; iproute2: network namespaces;
+# libpam-systemd and dbus-user-session: a user manager (systemd --user) for a login or a lingering user.
+ROOTFS_PACKAGES = (
+    "systemd,systemd-sysv,dbus,python3,python3-venv,openssh-server,iproute2,libpam-systemd,dbus-user-session"
+)
+# One cached rootfs per package list: checkouts with different lists share the machine's cache
+# without rebuilding (and deleting) each other's rootfs under a running boot.
+ROOTFS_CACHE = Path(
+    os.environ.get(
+        "NODED_ROOTFS_CACHE",
+        f"/var/cache/noded-test/rootfs-bookworm-{hashlib.sha256(ROOTFS_PACKAGES.encode()).hexdigest()[:10]}",
+    )
+)
 STAMP = ".noded-rootfs"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -50,7 +61,7 @@ def ensure_rootfs() -> Path:
     stamp = ROOTFS_CACHE / STAMP
     if stamp.is_file() and stamp.read_text().strip() == ROOTFS_PACKAGES:
         return ROOTFS_CACHE
-    partial = ROOTFS_CACHE.with_name(ROOTFS_CACHE.name + ".partial")
+    partial = ROOTFS_CACHE.with_name(f"{ROOTFS_CACHE.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(
@@ -67,6 +78,9 @@ def ensure_rootfs() -> Path:
         timeout=1800,
     )
     finish_rootfs(partial)
+    if (ROOTFS_CACHE / STAMP).is_file():  # another run finished the same rootfs meanwhile
+        shutil.rmtree(partial)
+        return ROOTFS_CACHE
     if ROOTFS_CACHE.exists():
         shutil.rmtree(ROOTFS_CACHE)
     partial.rename(ROOTFS_CACHE)

@@ -1,20 +1,15 @@
-"""End to end: ansible-playbook over SSH deploys noded into a booted systemd.
+"""End to end, system scope: ansible-playbook over SSH as root deploys noded into a booted systemd.
 
-One Debian bookworm rootfs (debootstrap, cached outside the clone) is booted with systemd as PID 1;
-sshd inside listens on a free loopback port and site.yml runs against it with the role, installing
-from a wheelhouse this test builds with ansible/scripts/build-wheelhouse. The tests then look at
-the result the way an operator would: systemctl, journalctl, /readyz, systemd-analyze.
+One Debian bookworm rootfs (debootstrap, cached outside the clone) is booted with systemd as PID 1
+(tests/e2e/conftest.py); sshd inside listens on a free loopback port and site.yml runs against it
+with the role, installing from a wheelhouse built with ansible/scripts/build-wheelhouse. The tests
+then look at the result the way an operator would: systemctl, journalctl, /readyz, systemd-analyze.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import secrets
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,30 +18,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, free_port, http_json
-from tests.e2e.booted import BootedSystem, missing_prerequisites
-
-ANSIBLE_DIR = ROOT / "ansible"
-SITE = ANSIBLE_DIR / "site.yml"
-TARGET_PYTHON = (3, 11)  # bookworm's python3; the wheelhouse is built for it
+from tests.conftest import free_port
+from tests.e2e.booted import BootedSystem
+from tests.e2e.conftest import DeployTarget, recap, run_playbook, wait_ready
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def _ansible_playbook() -> str | None:
-    beside = Path(sys.executable).parent / "ansible-playbook"
-    return str(beside) if beside.exists() else shutil.which("ansible-playbook")
-
-
-def _skip_reason() -> str | None:
-    why = missing_prerequisites()
-    if why:
-        return why
-    if not _ansible_playbook():
-        return "ansible-playbook is not installed (pip install ansible-core)"
-    if sys.version_info[:2] != TARGET_PYTHON:
-        return f"the wheelhouse must be built by Python {TARGET_PYTHON} to match bookworm's"
-    return None
 
 
 @dataclass
@@ -62,30 +38,10 @@ class Deployment:
     last_output: str = ""
 
     def playbook(self, *extra: str, expect_ok: bool = True) -> dict[str, Any]:
-        """Run site.yml; the JSON callback's per-host stats."""
+        """Run site.yml; the recap's per-host stats."""
         self.runs += 1
-        env = {
-            **os.environ,
-            "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
-            "ANSIBLE_ROLES_PATH": str(ANSIBLE_DIR / "roles"),
-            "ANSIBLE_STDOUT_CALLBACK": "default",
-            "ANSIBLE_HOST_KEY_CHECKING": "False",
-            "ANSIBLE_NOCOLOR": "1",
-            "ANSIBLE_LOCAL_TEMP": str(self.workdir / "ansible-local"),
-        }
-        argv = [
-            str(_ansible_playbook()),
-            "-i",
-            str(self.inventory),
-            str(SITE),
-            "-e",
-            f"noded_wheelhouse_dir={self.wheelhouse}",
-            *extra,
-        ]
-        r = subprocess.run(argv, cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=600)
-        log = self.workdir / f"playbook-{self.runs}.log"
+        r = run_playbook(self.workdir, self.inventory, self.wheelhouse, *extra, tag=f"system-{self.runs}")
         self.last_output = r.stdout + "\n--- stderr ---\n" + r.stderr
-        log.write_text(self.last_output)
         if expect_ok and r.returncode != 0:
             status = self.system.run(["systemctl", "status", "noded", "--no-pager", "-l"], check=False).stdout
             raise AssertionError(
@@ -96,74 +52,23 @@ class Deployment:
         return recap(r.stdout)
 
     def wait_ready(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            try:
-                status, last = http_json(self.api + "/readyz", timeout=2)
-                if status == 200:
-                    return
-            except OSError as e:
-                last = e
-            time.sleep(0.5)
-        raise AssertionError(f"/readyz not 200 after {timeout}s: {last}\n{self.journal()[-3000:]}")
+        try:
+            wait_ready(self.api, timeout)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.journal()[-3000:]}") from None
 
     def journal(self) -> str:
         return self.system.run(["journalctl", "-u", "noded", "-o", "cat", "--no-pager"]).stdout
 
 
-def recap(output: str) -> dict[str, dict[str, int]]:
-    """The PLAY RECAP lines: host -> {ok, changed, unreachable, failed, skipped, ...}."""
-    out: dict[str, dict[str, int]] = {}
-    lines = output.splitlines()
-    if "PLAY RECAP" not in output:
-        raise AssertionError(f"no PLAY RECAP in the playbook output:\n{output[-3000:]}")
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("PLAY RECAP"))
-    for line in lines[start + 1 :]:
-        m = re.match(r"^(\S+)\s+:\s+(.*)$", line)
-        if m:
-            out[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
-    return out
-
-
 @pytest.fixture(scope="module")
-def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    why = _skip_reason()
-    if why:
-        pytest.skip(why)
-    dest = tmp_path_factory.mktemp("wheelhouse")
-    subprocess.run(
-        [str(ANSIBLE_DIR / "scripts/build-wheelhouse"), str(ROOT), str(dest), sys.executable],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    return dest
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Iterator[Deployment]:
-    work = tmp_path_factory.mktemp("e2e-toronto")
-    key = work / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    ssh_port, api_port, mirror_port, bt_port = (free_port() for _ in range(4))
-    system = BootedSystem(work / "boot", hostname="toronto")
-    system.put(
-        "/etc/ssh/sshd_config.d/noded-test.conf",
-        f"Port {ssh_port}\nListenAddress 127.0.0.1\nPasswordAuthentication no\nUseDNS no\n",
-    )
-    (system.upper / "root").mkdir(parents=True, exist_ok=True)
-    (system.upper / "root").chmod(0o700)
-    system.put("/root/.ssh/authorized_keys", key.with_suffix(".pub").read_text(), mode=0o600)
-    (system.upper / "root/.ssh").chmod(0o700)
+def deployment(test_host: DeployTarget, wheelhouse: Path) -> Iterator[Deployment]:
+    work = test_host.workdir / "system-scope"
+    work.mkdir()
+    api_port, mirror_port, bt_port = (free_port() for _ in range(3))
     token = secrets.token_urlsafe(24)
     host = {
-        "ansible_host": "127.0.0.1",
-        "ansible_port": ssh_port,
-        "ansible_user": "root",
-        "ansible_become": False,
-        "ansible_ssh_private_key_file": str(key),
-        "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+        **test_host.ssh_vars(as_user=False),
         "noded_node_name": "toronto",
         "noded_region": "test",
         "noded_cache_budget": "1GB",
@@ -187,23 +92,15 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> It
     }
     inv = work / "inventory.yml"
     inv.write_text(json.dumps(inventory, indent=2))  # JSON is YAML
-    with system:
-        dep = Deployment(system, inv, wheelhouse, work, f"http://127.0.0.1:{api_port}", token)
-        dep.first_stats = dep.playbook()
-        _hold_for_debugging(system)
-        yield dep
-
-
-def _hold_for_debugging(system: BootedSystem) -> None:
-    """NODED_E2E_HOLD=SECONDS keeps the deployed system up for a look (nsenter -t PID ...)."""
-    hold = float(os.environ.get("NODED_E2E_HOLD", "0"))
-    if hold > 0:
-        print(f"holding {hold}s: nsenter -t {system.pid} -m -u -p -r -w bash", flush=True)
-        time.sleep(hold)
+    dep = Deployment(test_host.system, inv, wheelhouse, work, f"http://127.0.0.1:{api_port}", token)
+    dep.first_stats = dep.playbook()
+    yield dep
+    # The booted system goes on to the user-scope tests: leave it without this node.
+    test_host.system.run(["systemctl", "disable", "--now", "noded"], check=False)
 
 
 def test_first_run_deploys_a_ready_service_under_systemd(deployment: Deployment) -> None:
-    """Items 1-2: is-active, STATUS= in systemctl status, /readyz 200, JSON lines in the journal."""
+    """is-active, STATUS= in systemctl status, /readyz 200, JSON lines in the journal."""
     stats = deployment.first_stats
     assert stats["toronto"]["failed"] == 0 and stats["toronto"]["changed"] > 0
     sysd = deployment.system
@@ -245,7 +142,7 @@ def test_first_run_deploys_a_ready_service_under_systemd(deployment: Deployment)
 
 
 def test_second_run_changes_nothing_and_check_diff_works(deployment: Deployment) -> None:
-    """Item 3: idempotent; a --check --diff run also reports nothing to change."""
+    """Idempotent; a --check --diff run also reports nothing to change."""
     pid = deployment.system.systemctl_show("noded", "MainPID")["MainPID"]
     stats = deployment.playbook()
     assert stats["toronto"]["changed"] == 0, stats
@@ -259,7 +156,7 @@ def test_second_run_changes_nothing_and_check_diff_works(deployment: Deployment)
 
 
 def test_unit_verifies_and_security_exposure_at_most_2(deployment: Deployment) -> None:
-    """Item 5: the installed unit inside the booted system."""
+    """The installed unit inside the booted system."""
     sysd = deployment.system
     v = sysd.run(["systemd-analyze", "verify", "/etc/systemd/system/noded.service"], check=False)
     assert v.returncode == 0, v.stderr
@@ -285,7 +182,7 @@ def test_bad_variable_is_refused_before_it_reaches_the_node(deployment: Deployme
 
 
 def test_killed_daemon_is_restarted_and_ready_again(deployment: Deployment) -> None:
-    """Item 4a: SIGKILL -> Restart=on-failure brings it back."""
+    """SIGKILL -> Restart=on-failure brings it back."""
     sysd = deployment.system
     before = sysd.systemctl_show("noded", "MainPID", "NRestarts")
     sysd.run(["systemctl", "kill", "-s", "KILL", "noded"])
@@ -302,7 +199,7 @@ def test_killed_daemon_is_restarted_and_ready_again(deployment: Deployment) -> N
 
 
 def test_broken_config_fails_with_78_without_restart_loop(deployment: Deployment) -> None:
-    """Item 4b: exit 78, no restart, the journal names the key; the playbook then repairs it."""
+    """Exit 78, no restart, the journal names the key; the playbook then repairs it."""
     sysd = deployment.system
     cfg = sysd.run(["cat", "/etc/noded/config.toml"]).stdout
     assert 'budget = "1GB"' in cfg
