@@ -2,7 +2,7 @@
 
 Work lives in the store rows: CACHED items without `seeding` get a torrent (built from the piece
 hashes stored by the pull pipeline, else hashed in an executor) and are added to the session in seed
-mode. At start, items already seeding come back from their resume data (no recheck). Payload bytes
+mode; under `origins.require_checksum` an item no published checksum vouches for is not. At start, items already seeding come back from their resume data (no recheck). Payload bytes
 are read at a fixed interval from every torrent and connection and reconciled with the session's
 counters (noded/p2p/ledger.py); they feed the traffic channels ("peer:<name>", "seed:<name>",
 "swarm", "unattributed") and the item's last access (LRU).
@@ -152,6 +152,7 @@ class P2PEngine:
 
     async def reload(self, cfg: Any) -> None:
         self.ledger.directory = await asyncio.get_running_loop().run_in_executor(None, self._resolve_directory)
+        self.node.notify("cached")  # a scan applies a changed origins.require_checksum at once
 
     # -- restore at start ------------------------------------------------------------------
     async def _restore(self) -> None:
@@ -164,7 +165,12 @@ class P2PEngine:
             if not page:
                 break
             after = page[-1].id
-            todo = [i for i in page if i.seeding and i.infohash]
+            strict = self.node.cfg.origins.require_checksum
+            for item in page:
+                if item.seeding and item.withheld(strict):
+                    log.warning("p2p.unverified_not_seeded", key=item.key, infohash=item.infohash)
+                    await store.run(store.update_item, item.id, seeding=False)
+            todo = [i for i in page if i.seeding and i.infohash and not i.withheld(strict)]
             plans = await loop.run_in_executor(None, self._plans, todo)
             adds = []
             for item, plan in zip(todo, plans, strict=True):
@@ -223,7 +229,14 @@ class P2PEngine:
             if not page:
                 return added
             after = page[-1].id
+            strict = self.node.cfg.origins.require_checksum
             for item in page:
+                if item.withheld(strict):
+                    # Seeded before the rule applied (a reload): offered no longer.
+                    if item.infohash and item.infohash in self._item_of:
+                        log.warning("p2p.unverified_not_seeded", key=item.key, infohash=item.infohash)
+                        await self.remove_torrent(item.infohash)
+                    continue
                 if item.seeding and item.infohash in self.session.handles:
                     continue
                 try:
