@@ -2,10 +2,11 @@
 
 Work lives in the store rows: CACHED items without `seeding` get a torrent (built from the piece
 hashes stored by the pull pipeline, else hashed in an executor) and are added to the session in seed
-mode; under `origins.require_checksum` an item no published checksum vouches for is not. At start, items already seeding come back from their resume data (no recheck). Payload bytes
-are read at a fixed interval from every torrent and connection and reconciled with the session's
-counters (noded/p2p/ledger.py); they feed the traffic channels ("peer:<name>", "seed:<name>",
-"swarm", "unattributed") and the item's last access (LRU).
+mode; under `origins.require_checksum` an item no published checksum vouches for is not. At start,
+items already seeding come back from their resume data (no recheck). Payload bytes are read at a
+fixed interval from every torrent and connection and reconciled with the session's counters
+(noded/p2p/ledger.py); they feed the traffic channels ("peer:<name>", "seed:<name>", "swarm",
+"unattributed") and the item's last access (LRU).
 """
 
 from __future__ import annotations
