@@ -289,9 +289,7 @@ class R2Pusher:
             now = time.monotonic()
             strict = self.node.cfg.origins.require_checksum
             todo = [
-                i
-                for i in batch
-                if not i.pushed and not i.withheld(strict) and self._item_retry.get(i.id, 0.0) <= now
+                i for i in batch if not i.pushed and not i.withheld(strict) and self._item_retry.get(i.id, 0.0) <= now
             ]
             if not todo:
                 continue
