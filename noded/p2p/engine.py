@@ -361,8 +361,9 @@ class P2PEngine:
         """Payload totals of the torrents and their connections' own counters, then the session's payload
         counters: the channels add up to what libtorrent moved. Each round reads the torrents that had
         connections, moved bytes or changed state since the last; a sweep every `SWEEP_INTERVAL` reads
-        them all (nothing is lost in between: the counters are running totals), and only a sweep is
-        reconciled with the session."""
+        them all (nothing is lost in between: the counters are running totals), and only a sweep reads
+        the session's counters (a session_stats alert carries every libtorrent metric: not once a second)
+        and reconciles the torrents with the previous sweep's reading."""
         if not self.accounting:
             return
         touch: list[int] = []
@@ -376,7 +377,7 @@ class P2PEngine:
                 handles = list(self.session.handles.items())
             else:
                 handles = [(ih, h) for ih, h in self.session.handles.items() if ih in self._active]
-            readings = await asyncio.get_running_loop().run_in_executor(None, _readings, handles)
+            readings = await asyncio.get_running_loop().run_in_executor(None, _readings, handles) if handles else []
             self._active = set()
             for r in readings:
                 charges = self.ledger.torrent(r)
@@ -388,14 +389,17 @@ class P2PEngine:
                 if item_id is not None and uploaded and now - self._touched.get(item_id, 0) >= TOUCH_MIN_INTERVAL:
                     touch.append(item_id)
                     self._touched[item_id] = now
-            # The session reading of the previous round against every torrent read now, a tick later.
-            if sweep:
+            if not sweep:
+                self.accounting_seconds += time.perf_counter() - t0
+            else:
+                # The session reading of the previous sweep against every torrent read now (a sweep or
+                # more later, so the torrents have folded its bytes in), then a new one for the next.
                 self._charge(self.ledger.settle(time.monotonic()))
-            self.accounting_seconds += time.perf_counter() - t0  # the wait for the stats alert is idle
-            at = time.monotonic()
-            counters = await self.session.payload_counters()
-            if counters is not None:
-                self.ledger.session(*counters, at)
+                self.accounting_seconds += time.perf_counter() - t0  # the wait for the stats alert is idle
+                at = time.monotonic()
+                counters = await self.session.payload_counters()
+                if counters is not None:
+                    self.ledger.session(*counters, at)
         if touch:
             await self.node.store.run(self.node.store.touch, touch, now)
 
