@@ -124,9 +124,9 @@ async def test_a_client_leaving_midway_is_charged_what_went_out(api: tuple[Node,
     writer.transport.abort()  # the client goes away mid-body (a reset)
     c = await settled(node, "api")
     assert c.errors == 1
-    # At least what the client read (within one 128 KiB slice written at once), at most that plus what
-    # sat in the two sockets' buffers when it left; never the whole body.
-    assert got - 128 * 1024 <= c.bytes <= got + rcvbuf + kernel_send_buffer_max(), (got, c.bytes)
+    # At least what the client read, less what went out after the last count (a 128 KiB slice and what
+    # the transport held then); at most that plus what sat in the two sockets' buffers when it left.
+    assert got - 256 * 1024 <= c.bytes <= got + rcvbuf + kernel_send_buffer_max(), (got, c.bytes)
     assert c.bytes < size
 
 
