@@ -6,7 +6,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from noded.api import locate as locate_routes
+from noded.api.app import create_app
 from noded.cache.layout import CacheLayout, disk_bytes, publish
 from noded.core.model import CatalogEntry, Item, State
 from noded.core.store import Store
@@ -115,4 +120,30 @@ async def test_a_seeded_copy_stops_being_offered_when_the_rule_is_turned_on(tmp_
         assert row is not None and not row.seeding and row.infohash not in engine.session.handles
     finally:
         await engine.stop()
+        await node.store.close()
+
+
+@pytest.mark.parametrize("strict", [True, False])
+async def test_locate_never_calls_an_unverified_copy_here_verified(
+    tmp_path: Path, aiohttp_client: Any, strict: bool
+) -> None:
+    cfg = make_config(tmp_path / "node", origins={"require_checksum": strict})
+    node = await open_node(cfg)
+    layout = CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir)
+    try:
+        await node.store.run(put_unverified_sync, node.store, layout, content(1000, 8))
+        client = await aiohttp_client(create_app(node, [locate_routes.setup]))
+        r = await client.get(f"/v1/locate/{KEY}")
+        assert r.status == 200
+        body = await r.json()
+        assert body["verification"] == "unverified"
+        here = [p for p in body["places"] if p["kind"] == "node"]
+        if strict:
+            assert here == []  # the web seed refuses it: not offered
+        else:
+            assert len(here) == 1 and here[0]["match"] == "unknown"
+            assert "unverified copy" in here[0]["reason"] and "verified copy" not in here[0]["reason"].replace(
+                "unverified copy", ""
+            )
+    finally:
         await node.store.close()
