@@ -14,9 +14,18 @@
             overcount_fraction     = bytes counted beyond what the clients received / bytes received
                                      (sent to a client that left before reading them)
   cost:   one 1 GiB transfer node -> raw libtorrent client over loopback, accounting on against
-          accounting off (the baseline, same run), rounds alternating; best time of each counts.
+          accounting off (the baseline, same run), interleaved rounds after one warm-up. The client runs
+          in a process of its own, so the bench process's CPU time (all its threads: the loop, the
+          executor, libtorrent's) is the node's. CPU time, unlike wall time, does not stretch when other
+          jobs share the cores:
+            accounting_cost        = median node CPU with accounting on / median with it off - 1
+            accounting_cost_direct = the accounting rounds the engine ran during each transfer times the
+                                     process CPU of one round (measured alone, 200 rounds back to back
+                                     with an active torrent and a connected peer) / the transfer's CPU
+            accounting_cost_wall   = the same ratio as accounting_cost in wall time (noisy)
 
-Usage: .venv/bin/python bench/traffic.py [--transfers 100] [--cost-mib 1024] [--rounds 3]
+Usage: .venv/bin/python bench/traffic.py [--transfers 100] [--cost-mib 1024] [--rounds 7]
+(--transfers 0 runs the cost part alone.)
 The last line is one JSON object with accounted_fraction, misattributed_fraction and accounting_cost.
 """
 
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import shutil
@@ -41,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from noded.cache.layout import CacheLayout  # noqa: E402
 from noded.core.component import Node  # noqa: E402
 from noded.core.config import Config  # noqa: E402
-from noded.p2p.engine import P2PEngine  # noqa: E402
+from noded.p2p.engine import SWEEP_INTERVAL, P2PEngine  # noqa: E402
 from noded.p2p.ledger import SETTLE_AFTER, UNATTRIBUTED  # noqa: E402
 from noded.p2p.webseed import WebSeedServer  # noqa: E402
 from noded.transparency.traffic import TrafficRecorder  # noqa: E402
@@ -176,31 +186,85 @@ async def mixed(n: int, tmp: Path, rng: random.Random) -> dict[str, Any]:
     }
 
 
+def _no_mix() -> dict[str, Any]:
+    return {
+        k: None
+        for k in (
+            "transfers",
+            "accounted_fraction",
+            "misattributed_fraction",
+            "overcount_fraction",
+            "stored_equals_counted",
+        )
+    }
+
+
 def _size_of(tor: bytes) -> int:
     from noded.p2p import torrent as T
 
     return T.parse_torrent(tor).total_size
 
 
-async def one_big(tmp: Path, size: int, accounting: bool, state: dict[str, Any]) -> float:
-    """Seconds for one client to take `size` bytes from the node (the node already seeds it)."""
+def leech_main(torrent: Path, host: str, port: int, save: Path) -> None:
+    """The other side of a cost round, in a process of its own so the node's process CPU is the node's:
+    listen, say so, take the whole torrent from whoever connects, print what was received."""
+    client = Client(host, port, save)
+    client.start(torrent.read_bytes())
+    print("listening", flush=True)
+    if not client.wait(timeout=600):
+        raise SystemExit("transfer did not finish")
+    print("complete", flush=True)
+    client.drop()
+    print(json.dumps({"received": client.received}), flush=True)
+    client.close()
+
+
+async def one_big(tmp: Path, size: int, accounting: bool, state: dict[str, Any]) -> dict[str, float]:
+    """One client process takes `size` bytes from the node (the node already seeds it): the node
+    process's CPU seconds and the wall seconds from the connection to completion."""
     engine: P2PEngine = state["engine"]
     engine.accounting = accounting
-    work0 = engine.accounting_seconds
-    client = Client("127.0.0.3", free_port("127.0.0.3"), tmp / "big-client")
-    await asyncio.to_thread(client.start, state["torrent"])
+    save = tmp / "big-client"
+    port = free_port("127.0.0.3")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--leech",
+        str(state["torrent_path"]),
+        "127.0.0.3",
+        str(port),
+        str(save),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
     try:
-        t0 = time.monotonic()
-        engine.session.connect_peer(state["ih"], client.host, client.port)
-        if not await asyncio.to_thread(client.wait, timeout=300):
+        if (await proc.stdout.readline()).strip() != b"listening":
+            raise RuntimeError("the client did not start")
+        rounds0 = state["rounds"]
+        cpu0, t0 = time.process_time(), time.monotonic()
+        engine.session.connect_peer(state["ih"], "127.0.0.3", port)
+        if (await asyncio.wait_for(proc.stdout.readline(), 600)).strip() != b"complete":
             raise RuntimeError("1 GiB transfer did not finish")
-        dt = time.monotonic() - t0
-        state.setdefault("work", []).append((engine.accounting_seconds - work0) / dt)
-        await asyncio.to_thread(client.drop)
+        cpu, dt = time.process_time() - cpu0, time.monotonic() - t0
+        rounds = state["rounds"] - rounds0
+        done = json.loads(await proc.stdout.readline())
+        if done["received"] < size:
+            raise RuntimeError(f"the client received {done['received']} of {size} bytes")
     finally:
-        client.close()
-        shutil.rmtree(tmp / "big-client", ignore_errors=True)
-    return dt
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        shutil.rmtree(save, ignore_errors=True)
+    return {"cpu": cpu, "wall": dt, "rounds": rounds}
+
+
+async def round_cpu(engine: P2PEngine, n: int, *, sweep: bool) -> float:
+    """Process CPU seconds of one accounting round (all threads: the loop, the executor, libtorrent's
+    network thread answering status() and get_peer_info()), over `n` back-to-back rounds."""
+    cpu0 = time.process_time()
+    for _ in range(n):
+        await engine._account(sweep=sweep)
+    return (time.process_time() - cpu0) / n
 
 
 async def cost(tmp: Path, size: int, rounds: int) -> dict[str, Any]:
@@ -209,27 +273,67 @@ async def cost(tmp: Path, size: int, rounds: int) -> dict[str, Any]:
     layout = CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir)
     engine, torrents = await seed(node, layout, [("big/one.bin", content(size, 7))])
     ih, tor = next(iter(torrents.items()))
-    state = {"engine": engine, "ih": ih, "torrent": tor}
-    on: list[float] = []
-    off: list[float] = []
+    torrent_path = tmp / "big.torrent"
+    torrent_path.write_bytes(tor)
+    state: dict[str, Any] = {"engine": engine, "ih": ih, "torrent_path": torrent_path, "rounds": 0}
+    # Count the accounting rounds the engine's own loop runs during each transfer.
+    account = engine._account
+
+    async def counting(*, sweep: bool = False) -> None:
+        if engine.accounting:
+            state["rounds"] += 1
+        await account(sweep=sweep)
+
+    engine._account = counting  # type: ignore[method-assign]
+    on: list[dict[str, float]] = []
+    off: list[dict[str, float]] = []
     try:
+        await one_big(tmp, size, True, state)  # warm-up: page cache, connection paths
         for r in range(rounds):
             order = (True, False) if r % 2 == 0 else (False, True)
             for acc in order:
                 (on if acc else off).append(await one_big(tmp, size, acc, state))
+        # One round's cost, measured alone with a connected, active torrent (a client that stays).
+        save = tmp / "idle-client"
+        client = Client("127.0.0.3", free_port("127.0.0.3"), save)
+        await asyncio.to_thread(client.start, tor)
+        try:
+            engine.session.connect_peer(ih, client.host, client.port)
+            await asyncio.to_thread(client.wait, until=16 * MiB, timeout=120)
+            client.handle.pause()
+            engine.accounting = True
+            per_round = await round_cpu(engine, 200, sweep=False)
+            per_sweep = await round_cpu(engine, 50, sweep=True)
+        finally:
+            client.close()
+            shutil.rmtree(save, ignore_errors=True)
     finally:
+        engine._account = account  # type: ignore[method-assign]
         engine.accounting = True
         await engine.stop()
         await node.store.close()
+    cpu_on = median(x["cpu"] for x in on)
+    cpu_off = median(x["cpu"] for x in off)
+    wall_on = median(x["wall"] for x in on)
+    wall_off = median(x["wall"] for x in off)
+    # What the rounds the loop ran during a transfer cost, from the per-round figure above.
+    sweeps = [x["wall"] / SWEEP_INTERVAL for x in on]
+    direct = [(x["rounds"] * per_round + s * (per_sweep - per_round)) / y["cpu"] for x, s, y in zip(on, sweeps, off)]
     return {
         "cost_bytes": size,
-        "accounting_on_runs_s": [round(x, 3) for x in on],
-        "accounting_off_runs_s": [round(x, 3) for x in off],
-        "accounting_cost": round(min(on) / min(off) - 1, 4),
-        "accounting_cost_median": round(median(on) / median(off) - 1, 4),
-        # Time the accounting itself took (readings and charges, on the loop and its executor thread)
-        # per second of transfer: what it costs, free of the wall-clock noise of a shared machine.
-        "accounting_work_fraction": round(max(state.get("work", [0.0])), 5),
+        "accounting_on_cpu_s": [round(x["cpu"], 3) for x in on],
+        "accounting_off_cpu_s": [round(x["cpu"], 3) for x in off],
+        "accounting_on_wall_s": [round(x["wall"], 3) for x in on],
+        "accounting_off_wall_s": [round(x["wall"], 3) for x in off],
+        "rounds_during_transfer": [int(x["rounds"]) for x in on],
+        # Node process CPU per byte with accounting on against off (the baseline), medians of
+        # interleaved rounds: CPU time, unlike wall time, does not stretch when other jobs share the cores.
+        "accounting_cost": round(cpu_on / cpu_off - 1, 4),
+        "accounting_cost_wall": round(wall_on / wall_off - 1, 4),
+        # The same cost built from its parts: rounds run during a transfer times one round's process CPU.
+        "accounting_round_cpu_ms": round(per_round * 1000, 3),
+        "accounting_sweep_cpu_ms": round(per_sweep * 1000, 3),
+        "accounting_cost_direct": round(median(direct), 5),
     }
 
 
@@ -237,12 +341,17 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--transfers", type=int, default=100)
     ap.add_argument("--cost-mib", type=int, default=1024)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--leech", nargs=4, metavar=("TORRENT", "HOST", "PORT", "SAVE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.leech:
+        torrent, host, port, save = args.leech
+        leech_main(Path(torrent), host, int(port), Path(save))
+        return
     with tempfile.TemporaryDirectory(prefix="bench-traffic-") as d:
         tmp = Path(d)
-        mix = await mixed(args.transfers, tmp, random.Random(args.seed))
+        mix = await mixed(args.transfers, tmp, random.Random(args.seed)) if args.transfers else _no_mix()
         print(json.dumps({"part": "mixed", **mix}), flush=True)
         c = await cost(tmp, args.cost_mib * MiB, args.rounds)
         print(json.dumps({"part": "cost", **c}), flush=True)
@@ -254,11 +363,12 @@ async def main() -> None:
         "overcount_fraction": mix["overcount_fraction"],
         "stored_equals_counted": mix["stored_equals_counted"],
         "cost_bytes": c["cost_bytes"],
-        "accounting_on_best_s": min(c["accounting_on_runs_s"]),
-        "accounting_off_best_s": min(c["accounting_off_runs_s"]),
         "accounting_cost": c["accounting_cost"],
-        "accounting_cost_median": c["accounting_cost_median"],
-        "accounting_work_fraction": c["accounting_work_fraction"],
+        "accounting_cost_direct": c["accounting_cost_direct"],
+        "accounting_cost_wall": c["accounting_cost_wall"],
+        "accounting_on_cpu_s_median": median(c["accounting_on_cpu_s"]),
+        "accounting_off_cpu_s_median": median(c["accounting_off_cpu_s"]),
+        "accounting_round_cpu_ms": c["accounting_round_cpu_ms"],
     }
     print(json.dumps(out))
 

@@ -41,7 +41,8 @@ async def cors_and_count(request: web.Request, handler: Any) -> web.StreamRespon
             resp.headers["Vary"] = "Origin"
         resp.headers["Access-Control-Allow-Methods"] = "GET, HEAD, OPTIONS"
     node.traffic.add("api", "in", request.content_length or 0, requests=1)
-    if isinstance(resp, web.Response) and isinstance(resp.body, bytes):
+    # A streamed download (noded/api/counted.py) counts the bytes that went out itself.
+    if isinstance(resp, web.Response) and isinstance(resp.body, bytes) and request.method != "HEAD":
         node.traffic.add("api", "out", len(resp.body))
     return resp
 

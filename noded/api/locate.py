@@ -89,7 +89,9 @@ def candidates(
 
     out: list[Candidate] = []
     base = _http_mirror_base(node, request)
-    if item.state is State.CACHED and base:
+    # A copy no published checksum vouches for is not offered under require_checksum (the web seed
+    # refuses it), and is never called a verified one.
+    if item.state is State.CACHED and base and not item.withheld(node.cfg.origins.require_checksum):
         out.append(
             Candidate(
                 kind="node",
@@ -99,7 +101,7 @@ def candidates(
                 open_reports=counts.get(node.cfg.node.name, 0),
                 latency_ms=0.0,
                 local=True,
-                match="match",
+                match="unknown" if item.verification == "unverified" else "match",
                 item_reports=item_reports.get(node.cfg.node.name, 0),
             )
         )

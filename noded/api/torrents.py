@@ -1,4 +1,7 @@
-"""API endpoints of the P2P side: the inventory peers poll, .torrent files, and the RSS feed."""
+"""API endpoints of the P2P side: the inventory peers poll, .torrent files, and the RSS feed.
+
+A .torrent counts on the "api" channel the bytes the connection took, also when the client leaves midway.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from noded.api.app import NODE_KEY
+from noded.api.counted import CountedBody
 from noded.api.errors import ApiError
 from noded.cache.layout import CacheLayout
 from noded.core.model import Item, State
@@ -101,8 +105,13 @@ async def torrent_file(request: web.Request) -> web.StreamResponse:
     except FileNotFoundError:
         raise ApiError(404, f"torrent {ih} is known but its .torrent file is not built yet") from None
     name = item.key.rsplit("/", 1)[-1]
-    return web.Response(
-        body=data,
+
+    def count(sent: int, aborted: bool) -> None:
+        node.traffic.add("api", "out", sent, errors=int(aborted))
+
+    return CountedBody(
+        data,
+        count,
         content_type="application/x-bittorrent",
         headers={"Content-Disposition": f'attachment; filename="{_quote(name)}.torrent"'},
     )

@@ -143,3 +143,8 @@ class Item:
             "verification": self.verification,
             "conflict": self.conflict,
         }
+
+    def withheld(self, require_checksum: bool) -> bool:
+        """Under `origins.require_checksum`, a copy no published checksum vouches for is neither served,
+        seeded nor pushed: size alone cannot tell it from a damaged one."""
+        return require_checksum and self.verification == "unverified"

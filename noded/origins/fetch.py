@@ -715,18 +715,24 @@ class _Pull:
     async def _consume(self, seg: Segment, resp: aiohttp.ClientResponse) -> None:
         """Write the body into the segment's place; short bodies are retried from where they stopped."""
         unknown = seg.end < 0
-        async for chunk in resp.content.iter_chunked(CHUNK):
-            pos = seg.start + seg.done
-            if not unknown and pos + len(chunk) > seg.end:
-                chunk = chunk[: seg.end - pos]  # never write past the segment
-            if chunk:
-                await self._fd_call(self.c._io, os.pwrite, self.fd, chunk, pos)
-                seg.done += len(chunk)
-                self.c.traffic.add(self.channel, "in", len(chunk))
-                self.progress.set()
-                await self.c.down.take(len(chunk))
-            if not unknown and seg.complete:
-                break
+        taken = 0
+        try:
+            async for chunk in resp.content.iter_chunked(CHUNK):
+                taken += len(chunk)
+                self.c.traffic.add(self.channel, "in", len(chunk))  # received, whatever becomes of it
+                pos = seg.start + seg.done
+                if not unknown and pos + len(chunk) > seg.end:
+                    chunk = chunk[: seg.end - pos]  # never write past the segment
+                if chunk:
+                    await self._fd_call(self.c._io, os.pwrite, self.fd, chunk, pos)
+                    seg.done += len(chunk)
+                    self.progress.set()
+                    await self.c.down.take(len(chunk))
+                if not unknown and seg.complete:
+                    break
+        finally:
+            # A body that breaks leaves what had arrived unread in the stream's buffer: received all the same.
+            self.c.traffic.add(self.channel, "in", max(0, resp.content.total_bytes - taken))
         if unknown:
             seg.end = seg.start + seg.done  # a body without length ends where the stream ends
             assert self.state is not None

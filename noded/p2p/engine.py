@@ -2,10 +2,11 @@
 
 Work lives in the store rows: CACHED items without `seeding` get a torrent (built from the piece
 hashes stored by the pull pipeline, else hashed in an executor) and are added to the session in seed
-mode. At start, items already seeding come back from their resume data (no recheck). Payload bytes
-are read at a fixed interval from every torrent and connection and reconciled with the session's
-counters (noded/p2p/ledger.py); they feed the traffic channels ("peer:<name>", "seed:<name>",
-"swarm", "unattributed") and the item's last access (LRU).
+mode; under `origins.require_checksum` an item no published checksum vouches for is not. At start,
+items already seeding come back from their resume data (no recheck). Payload bytes are read at a
+fixed interval from every torrent and connection and reconciled with the session's counters
+(noded/p2p/ledger.py); they feed the traffic channels ("peer:<name>", "seed:<name>", "swarm",
+"unattributed") and the item's last access (LRU).
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class P2PEngine:
 
     async def reload(self, cfg: Any) -> None:
         self.ledger.directory = await asyncio.get_running_loop().run_in_executor(None, self._resolve_directory)
+        self.node.notify("cached")  # a scan applies a changed origins.require_checksum at once
 
     # -- restore at start ------------------------------------------------------------------
     async def _restore(self) -> None:
@@ -164,7 +166,12 @@ class P2PEngine:
             if not page:
                 break
             after = page[-1].id
-            todo = [i for i in page if i.seeding and i.infohash]
+            strict = self.node.cfg.origins.require_checksum
+            for item in page:
+                if item.seeding and item.withheld(strict):
+                    log.warning("p2p.unverified_not_seeded", key=item.key, infohash=item.infohash)
+                    await store.run(store.update_item, item.id, seeding=False)
+            todo = [i for i in page if i.seeding and i.infohash and not i.withheld(strict)]
             plans = await loop.run_in_executor(None, self._plans, todo)
             adds = []
             for item, plan in zip(todo, plans, strict=True):
@@ -223,7 +230,14 @@ class P2PEngine:
             if not page:
                 return added
             after = page[-1].id
+            strict = self.node.cfg.origins.require_checksum
             for item in page:
+                if item.withheld(strict):
+                    # Seeded before the rule applied (a reload): offered no longer.
+                    if item.infohash and item.infohash in self._item_of:
+                        log.warning("p2p.unverified_not_seeded", key=item.key, infohash=item.infohash)
+                        await self.remove_torrent(item.infohash)
+                    continue
                 if item.seeding and item.infohash in self.session.handles:
                     continue
                 try:
@@ -347,8 +361,9 @@ class P2PEngine:
         """Payload totals of the torrents and their connections' own counters, then the session's payload
         counters: the channels add up to what libtorrent moved. Each round reads the torrents that had
         connections, moved bytes or changed state since the last; a sweep every `SWEEP_INTERVAL` reads
-        them all (nothing is lost in between: the counters are running totals), and only a sweep is
-        reconciled with the session."""
+        them all (nothing is lost in between: the counters are running totals), and only a sweep reads
+        the session's counters (a session_stats alert carries every libtorrent metric: not once a second)
+        and reconciles the torrents with the previous sweep's reading."""
         if not self.accounting:
             return
         touch: list[int] = []
@@ -362,7 +377,7 @@ class P2PEngine:
                 handles = list(self.session.handles.items())
             else:
                 handles = [(ih, h) for ih, h in self.session.handles.items() if ih in self._active]
-            readings = await asyncio.get_running_loop().run_in_executor(None, _readings, handles)
+            readings = await asyncio.get_running_loop().run_in_executor(None, _readings, handles) if handles else []
             self._active = set()
             for r in readings:
                 charges = self.ledger.torrent(r)
@@ -374,14 +389,17 @@ class P2PEngine:
                 if item_id is not None and uploaded and now - self._touched.get(item_id, 0) >= TOUCH_MIN_INTERVAL:
                     touch.append(item_id)
                     self._touched[item_id] = now
-            # The session reading of the previous round against every torrent read now, a tick later.
-            if sweep:
+            if not sweep:
+                self.accounting_seconds += time.perf_counter() - t0
+            else:
+                # The session reading of the previous sweep against every torrent read now (a sweep or
+                # more later, so the torrents have folded its bytes in), then a new one for the next.
                 self._charge(self.ledger.settle(time.monotonic()))
-            self.accounting_seconds += time.perf_counter() - t0  # the wait for the stats alert is idle
-            at = time.monotonic()
-            counters = await self.session.payload_counters()
-            if counters is not None:
-                self.ledger.session(*counters, at)
+                self.accounting_seconds += time.perf_counter() - t0  # the wait for the stats alert is idle
+                at = time.monotonic()
+                counters = await self.session.payload_counters()
+                if counters is not None:
+                    self.ledger.session(*counters, at)
         if touch:
             await self.node.store.run(self.node.store.touch, touch, now)
 

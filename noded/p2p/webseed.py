@@ -89,7 +89,7 @@ class WebSeedServer:
             item = await store.run(_cached_version, store, key)
         if item is None:
             raise web.HTTPNotFound(text="not cached here\n")
-        if self.node.cfg.origins.require_checksum and item.verification == "unverified":
+        if item.withheld(self.node.cfg.origins.require_checksum):
             raise web.HTTPNotFound(text="no published checksum to verify this copy against\n")
         try:
             path = self.layout.final_path(item.key)

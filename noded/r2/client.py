@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import IO, Any, Literal, TypeVar
 
 import boto3
 import botocore.config
@@ -72,6 +73,36 @@ def client_config(cfg: R2Config, max_pool: int) -> botocore.config.Config:
         max_pool_connections=max_pool,
         user_agent_extra="noded",
     )
+
+
+class SentCounter:
+    """A request body that reports the bytes the HTTP connection sent from it, so a part that fails
+    midway counts what went out, not its length. The connection reads a block, sends it, and comes back
+    for the next: a block counts once the next is asked for (or the end is reached). A rewind (botocore
+    retries a request from the start) drops the block in hand, whose fate is unknown. A server that
+    refuses the body after `Expect: 100-continue` makes the connection read without sending; S3 and
+    R2 answer 100 first."""
+
+    BLOCK = 256 * 1024
+
+    def __init__(self, body: bytes | bytearray | IO[bytes], on_sent: Callable[[int], None]) -> None:
+        self._f: IO[bytes] = io.BytesIO(body) if isinstance(body, bytes | bytearray) else body
+        self._on_sent = on_sent
+        self._in_hand = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self._in_hand:
+            self._on_sent(self._in_hand)
+        block = self._f.read(max(size, self.BLOCK) if size is not None and size >= 0 else -1)
+        self._in_hand = len(block)
+        return block
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._in_hand = 0
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
 
 
 Kind = Literal["outage", "conflict", "missing", "item"]
@@ -134,14 +165,17 @@ class R2Client:
             aws_secret_access_key=creds.secret_access_key,
             config=client_config(cfg, threads),
         )
-        # Count every HTTP attempt (botocore's own retries included) and the bytes it carries.
+        # Count every HTTP attempt (botocore's own retries included) and the body bytes it really sent.
         self.s3.meta.events.register("before-send.s3", self._count_request)
 
     def _count_request(self, request: Any, **_: Any) -> None:
-        n = 0
-        with contextlib.suppress(TypeError, ValueError):
-            n = int(request.headers.get("Content-Length") or 0)
-        self.traffic.add(CHANNEL, "out", n, requests=1)
+        self.traffic.add(CHANNEL, "out", 0, requests=1)
+        body = request.body
+        if body and not isinstance(body, SentCounter):
+            request.body = SentCounter(body, self._count_sent)
+
+    def _count_sent(self, n: int) -> None:
+        self.traffic.add(CHANNEL, "out", n)
 
     def object_key(self, key: str) -> str:
         return f"{self.prefix}{key}"

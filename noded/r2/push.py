@@ -287,7 +287,10 @@ class R2Pusher:
                 return
             after = batch[-1].id
             now = time.monotonic()
-            todo = [i for i in batch if not i.pushed and self._item_retry.get(i.id, 0.0) <= now]
+            strict = self.node.cfg.origins.require_checksum
+            todo = [
+                i for i in batch if not i.pushed and not i.withheld(strict) and self._item_retry.get(i.id, 0.0) <= now
+            ]
             if not todo:
                 continue
             try:
@@ -304,6 +307,8 @@ class R2Pusher:
             try:
                 fresh = await store.run(store.get_item, item.id)
                 if fresh is None or fresh.state != State.CACHED or fresh.pushed:
+                    return
+                if fresh.withheld(self.node.cfg.origins.require_checksum):
                     return
                 try:
                     await self.push_item(fresh)

@@ -80,7 +80,9 @@ def score(c: Candidate) -> float:
 
 
 def explain(c: Candidate) -> str:
-    parts = ["this node holds a verified copy"] if c.local else []
+    parts = []
+    if c.local:
+        parts.append("this node holds a verified copy" if c.match == "match" else "this node holds an unverified copy")
     st = c.status.value
     if c.status in (MirrorStatus.DOWN, MirrorStatus.DEGRADED) and c.status_reason:
         st += f" ({c.status_reason})"
