@@ -47,8 +47,8 @@ async def cors_and_count(request: web.Request, handler: Any) -> web.StreamRespon
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the process and its loop answer."""
-    return web.json_response({"status": "ok"})
+    """Liveness: the process and its loop answer (with the instance id, so tools can tell it is us)."""
+    return web.json_response({"status": "ok", "instance": request.app[NODE_KEY].instance})
 
 
 async def readyz(request: web.Request) -> web.Response:

@@ -54,12 +54,38 @@ def load_or_exit(args: argparse.Namespace, *, check_env: bool = True, check_port
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = load_or_exit(args, check_ports=not args.skip_ports)
+    from noded.core import instance
+
+    held: set[tuple[str, int]] = set()
+    if not args.skip_ports:
+        # A daemon already running on this state directory holds its ports: they are not a conflict.
+        try:
+            state_dir = load_config(_config_path(args)).paths.state_dir
+        except ConfigError as e:
+            _print_config_error(e)
+            return EX_CONFIG
+        running = instance.running(state_dir)
+        if running is not None:
+            held = set(running.listens.values())
+            ports = ", ".join(f"{k} {b}:{p}" for k, (b, p) in sorted(running.listens.items()))
+            print(
+                f"noded: noded (pid {running.pid}) is running on {state_dir} and listens on {ports}; "
+                "those ports were not test-bound (a change to them needs a restart)"
+            )
+    cfg = _load_checked(args, held)
     print(
         f"noded: configuration {_config_path(args)} is valid (node {cfg.node.name}, "
         f"budget {format_size(cfg.cache.budget)})"
     )
     return 0
+
+
+def _load_checked(args: argparse.Namespace, held: set[tuple[str, int]]) -> Config:
+    try:
+        return load_and_check(_config_path(args), check_ports=not args.skip_ports, held=held)
+    except ConfigError as e:
+        _print_config_error(e)
+        raise SystemExit(EX_CONFIG) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
