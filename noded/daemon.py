@@ -24,9 +24,10 @@ from noded.cache.accounting import Cache
 from noded.cache.watch import Watcher
 from noded.core import instance
 from noded.core.component import Component, Node, Reloadable
-from noded.core.config import Config, ConfigError, diff_sections, load_config, read_secret
+from noded.core.config import Config, ConfigError, load_config, read_secret
 from noded.core.logs import configure as configure_logging
 from noded.core.logs import get_logger
+from noded.core.reload import plan as reload_plan
 from noded.core.sdnotify import Notifier, watchdog_interval
 from noded.core.store import Store
 from noded.core.units import format_size
@@ -255,22 +256,28 @@ class Daemon:
         try:
             new = await asyncio.get_running_loop().run_in_executor(None, load_config, self.config_path)
         except ConfigError as e:
-            log.error("config.reload_rejected", problems=[str(p) for p in e.problems])
+            problems = [str(p) for p in e.problems]
+            log.error("config.reload_rejected", problems=problems)
+            self.node.reload = {**(self.node.reload or {}), "rejected": problems, "rejected_at": time.time()}
             self.notifier.ready(self.status_line())
             return
-        reloadable, restart = diff_sections(self.cfg, new)
-        # Keep the running values of sections that need a restart; apply the others.
-        applied = new.model_copy(update={name: getattr(self.cfg, name) for name in restart})
-        self.cfg = self.node.cfg = applied
-        if "log" in reloadable:
-            configure_logging(applied.log.format, applied.log.level)
+        # Keys that need a restart keep their running values, so the node does what it reports.
+        running, applied, restart = reload_plan(self.cfg, new)
+        self.cfg = self.node.cfg = running
+        if any(k.startswith("log.") for k in applied):
+            configure_logging(running.log.format, running.log.level)
+        failed: list[str] = []
         for comp in self._started:
             if isinstance(comp, Reloadable):
                 try:
-                    await comp.reload(applied)
+                    await comp.reload(running)
                 except Exception as e:
-                    log.error("component.reload_failed", component=comp.name, error=str(e))
-        log.info("config.reloaded", applied=reloadable, restart_required=restart)
+                    failed.append(comp.name)
+                    log.error("component.reload_failed", component=comp.name, error=str(e), exc_info=True)
+        self.node.reload = {"applied": applied, "restart_required": restart, "at": time.time()}
+        if failed:
+            self.node.reload["failed_components"] = failed
+        log.info("config.reloaded", applied=applied, restart_required=restart)
         self.notifier.ready(self.status_line())
 
     # -- health ------------------------------------------------------------------------------

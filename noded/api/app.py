@@ -109,6 +109,7 @@ async def build_status(node: Node) -> dict[str, Any]:
         "rates": node.traffic.rates(),
         "problems": dict(node.problems),
         "loop_lag_ms": round(node.loop_lag * 1000, 3),
+        "reload": node.reload,
         "components": comps,
         **extra,
     }

@@ -57,6 +57,8 @@ class Node:
     problems: dict[str, str] = field(default_factory=dict)
     loop_lag: float = 0.0  # seconds, most recent measurement
     instance: str = ""  # this process's random id; /healthz answers it (noded.core.instance)
+    # The last SIGHUP: keys applied, keys that need a restart, when; a rejected file's problems.
+    reload: dict[str, Any] | None = None
     _signals: dict[str, asyncio.Event] = field(default_factory=dict)
 
     def notify(self, topic: str) -> None:

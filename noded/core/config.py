@@ -773,16 +773,6 @@ def load_and_check(path: Path, *, check_ports: bool = True, held: Collection[tup
     return cfg
 
 
-# Sections a SIGHUP can change in place; anything else needs a restart.
-RELOADABLE = frozenset({"schedule", "origins", "log", "probe", "reports", "peers", "seed_targets", "traffic"})
-
-
-def diff_sections(old: Config, new: Config) -> tuple[list[str], list[str]]:
-    """(reloadable sections that changed, sections that changed but need a restart)."""
-    changed = [name for name in Config.model_fields if getattr(old, name) != getattr(new, name)]
-    return [c for c in changed if c in RELOADABLE], [c for c in changed if c not in RELOADABLE]
-
-
 def read_secret(credential: str, env: str) -> str | None:
     """A secret from $CREDENTIALS_DIRECTORY/<credential> (systemd LoadCredential=), else env var."""
     cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
