@@ -15,8 +15,9 @@ from aiohttp import web
 from noded.api.app import NODE_KEY
 from noded.api.errors import ApiError
 from noded.cache.layout import CacheLayout
+from noded.core.component import Node
 from noded.core.httpcond import Validators
-from noded.core.httpserve import serve_bytes, serve_file
+from noded.core.httpserve import OnSent, serve_bytes, serve_file
 from noded.core.model import Item, State
 from noded.origins.catalog.base import is_hex
 from noded.p2p.rss import FeedItem, render_feed
@@ -116,9 +117,21 @@ async def torrent_file(request: web.Request) -> web.StreamResponse:
     name = item.key.rsplit("/", 1)[-1]
     headers = {"Content-Disposition": f'attachment; filename="{_quote(name)}.torrent"', "Cache-Control": "no-cache"}
     try:
-        return await serve_file(request, path, content_type="application/x-bittorrent", headers=headers)
+        return await serve_file(
+            request, path, content_type="application/x-bittorrent", headers=headers, on_sent=_api_bytes(node)
+        )
     except web.HTTPNotFound:
         raise ApiError(404, f"torrent {ih} is known but its .torrent file is not built yet") from None
+
+
+def _api_bytes(node: Node) -> OnSent:
+    """Streamed answers count their body bytes on the api channel themselves (the middleware counts
+    only in-memory bodies)."""
+
+    def count(status: int, sent: int, aborted: bool) -> None:
+        node.traffic.add("api", "out", sent)
+
+    return count
 
 
 def _quote(name: str) -> str:
@@ -169,6 +182,7 @@ async def torrents_rss(request: web.Request) -> web.StreamResponse:
         validators,
         content_type="application/rss+xml; charset=utf-8",
         headers={"Cache-Control": "no-cache"},
+        on_sent=_api_bytes(node),
     )
 
 
