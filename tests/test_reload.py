@@ -7,6 +7,8 @@ import copy
 import hashlib
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import typing
@@ -20,7 +22,16 @@ from noded.core.config import Config, ConfigError, load_config, parse_config
 from noded.core.reload import changed_keys, config_keys, is_live, plan
 from noded.core.store import Store
 from noded.p2p import torrent as T
-from tests.conftest import NodedProcess, base_config, free_port, http_json, to_toml, write_config
+from tests.conftest import (
+    ROOT,
+    NodedProcess,
+    base_config,
+    free_port,
+    http_json,
+    noded_env,
+    to_toml,
+    write_config,
+)
 from tests.p2p_helpers import content, put_cached_sync
 
 # Changes that the generic rules below cannot guess (lists of structured values, patterned strings).
@@ -251,6 +262,17 @@ def test_sighup_applies_and_reports_key_by_key(tmp_path: Path) -> None:
         assert http_json(f"http://127.0.0.1:{old_port}/healthz")[0] == 200
         with pytest.raises(OSError):
             http_json(f"http://127.0.0.1:{new_port}/healthz", timeout=2)
+        # `noded status` finds the daemon where it listens (not at the file's new port) and says what waits.
+        out = subprocess.run(
+            [sys.executable, "-m", "noded", "-c", str(cfg_path), "status"],
+            capture_output=True,
+            text=True,
+            env=noded_env(),
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "waiting for a restart: api.port" in out.stdout
 
         # The same file again: nothing new applied, the port change still waiting for a restart.
         node.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]

@@ -62,12 +62,14 @@ def read(state_dir: Path) -> Instance | None:
         return None
 
 
-def _connect_host(bind: str) -> str:
+def base_url(bind: str, port: int) -> str:
+    """http://host:port of a listener; one on every address is reached on loopback."""
+    host = bind
     if bind in ("0.0.0.0", ""):  # noqa: S104 - a wildcard bind is reached on loopback
-        return "127.0.0.1"
-    if bind == "::":
-        return "::1"
-    return bind
+        host = "127.0.0.1"
+    elif bind == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def running(state_dir: Path) -> Instance | None:
@@ -75,11 +77,9 @@ def running(state_dir: Path) -> Instance | None:
     inst = read(state_dir)
     if inst is None or "api.port" not in inst.listens:
         return None
-    bind, port = inst.listens["api.port"]
-    host = _connect_host(bind)
-    host = f"[{host}]" if ":" in host else host
+    url = base_url(*inst.listens["api.port"]) + "/healthz"
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=PROBE_TIMEOUT) as r:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT) as r:  # noqa: S310 - http://, built above
             body: Any = json.loads(r.read(4096))
     except (OSError, ValueError):
         return None
