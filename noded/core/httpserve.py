@@ -107,7 +107,9 @@ async def _answer(
     try:
         cond = precondition(request.headers, v, request.method)
         ranges = None
-        if cond is None and "Range" in request.headers and if_range_allows(request.headers.get("If-Range"), v):
+        # Range is defined for GET only (RFC 9110 section 14.2): HEAD describes the whole representation.
+        ranged = request.method == "GET" and "Range" in request.headers
+        if cond is None and ranged and if_range_allows(request.headers.get("If-Range"), v):
             ranges = parse_ranges(request.headers.get("Range"), body.size)
         if cond is not None or ranges == []:
             if cond is None:
