@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from pathlib import Path
@@ -21,10 +22,12 @@ from noded.api.app import ApiServer, RouteSetup
 from noded.api.transparency import ROUTES as TRANSPARENCY_ROUTES
 from noded.cache.accounting import Cache
 from noded.cache.watch import Watcher
+from noded.core import instance
 from noded.core.component import Component, Node, Reloadable
-from noded.core.config import Config, ConfigError, diff_sections, load_config, read_secret
+from noded.core.config import Config, ConfigError, load_config, read_secret
 from noded.core.logs import configure as configure_logging
 from noded.core.logs import get_logger
+from noded.core.reload import plan as reload_plan
 from noded.core.sdnotify import Notifier, watchdog_interval
 from noded.core.store import Store
 from noded.core.units import format_size
@@ -92,7 +95,7 @@ class Daemon:
         self.cfg = cfg
         self.config_path = config_path
         self.store = Store(cfg.paths.state_dir / "noded.sqlite3")
-        self.node = Node(cfg=cfg, store=self.store)
+        self.node = Node(cfg=cfg, store=self.store, instance=instance.new_instance_id())
         self.notifier = Notifier()
         self._stop = asyncio.Event()
         self._started: list[Component] = []
@@ -174,6 +177,7 @@ class Daemon:
             log.error("daemon.start_failed", error=str(e), exc_info=True)
             await self._stop_all()
             return 1
+        await self._record_instance()
         self.node.ready = True
         self.notifier.ready(self.status_line())
         log.info("daemon.ready", node=self.cfg.node.name, components=[c.name for c in self._started])
@@ -192,6 +196,7 @@ class Daemon:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._stop_all()
+        await self._forget_instance()
         log.info("daemon.stopped")
         self.notifier.close()
         return 0
@@ -222,6 +227,26 @@ class Daemon:
                 log.error("component.stop_failed", component=comp.name, error=str(e), exc_info=True)
         self._started.clear()
 
+    async def _record_instance(self) -> None:
+        """Tell tools on this machine which ports are ours (`noded check-config` run beside us)."""
+        listens: dict[str, tuple[str, int]] = {}
+        api, web = self.node.get("api"), self.node.get("webseed")
+        if api is not None and api.port:
+            listens["api.port"] = (self.cfg.api.bind, int(api.port))
+        if web is not None and web.port:
+            listens["http_mirror.port"] = (self.cfg.http_mirror.bind, int(web.port))
+        rec = instance.Instance(self.node.instance, os.getpid(), listens)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, instance.write, self.cfg.paths.state_dir, rec)
+        except OSError as e:
+            log.warning("instance.write_failed", error=str(e))
+
+    async def _forget_instance(self) -> None:
+        with contextlib.suppress(OSError):
+            await asyncio.get_running_loop().run_in_executor(
+                None, instance.remove, self.cfg.paths.state_dir, self.node.instance
+            )
+
     # -- reload ------------------------------------------------------------------------------
     async def reload(self) -> None:
         if self.config_path is None:
@@ -231,22 +256,28 @@ class Daemon:
         try:
             new = await asyncio.get_running_loop().run_in_executor(None, load_config, self.config_path)
         except ConfigError as e:
-            log.error("config.reload_rejected", problems=[str(p) for p in e.problems])
+            problems = [str(p) for p in e.problems]
+            log.error("config.reload_rejected", problems=problems)
+            self.node.reload = {**(self.node.reload or {}), "rejected": problems, "rejected_at": time.time()}
             self.notifier.ready(self.status_line())
             return
-        reloadable, restart = diff_sections(self.cfg, new)
-        # Keep the running values of sections that need a restart; apply the others.
-        applied = new.model_copy(update={name: getattr(self.cfg, name) for name in restart})
-        self.cfg = self.node.cfg = applied
-        if "log" in reloadable:
-            configure_logging(applied.log.format, applied.log.level)
+        # Keys that need a restart keep their running values, so the node does what it reports.
+        running, applied, restart = reload_plan(self.cfg, new)
+        self.cfg = self.node.cfg = running
+        if any(k.startswith("log.") for k in applied):
+            configure_logging(running.log.format, running.log.level)
+        failed: list[str] = []
         for comp in self._started:
             if isinstance(comp, Reloadable):
                 try:
-                    await comp.reload(applied)
+                    await comp.reload(running)
                 except Exception as e:
-                    log.error("component.reload_failed", component=comp.name, error=str(e))
-        log.info("config.reloaded", applied=reloadable, restart_required=restart)
+                    failed.append(comp.name)
+                    log.error("component.reload_failed", component=comp.name, error=str(e), exc_info=True)
+        self.node.reload = {"applied": applied, "restart_required": restart, "at": time.time()}
+        if failed:
+            self.node.reload["failed_components"] = failed
+        log.info("config.reloaded", applied=applied, restart_required=restart)
         self.notifier.ready(self.status_line())
 
     # -- health ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from noded.core.config import EX_CONFIG, ConfigError, diff_sections, parse_config, parse_days, parse_hours
+from noded.core.config import EX_CONFIG, ConfigError, parse_config, parse_days, parse_hours
 from tests.conftest import ROOT, base_config, noded_env, to_toml
 
 
@@ -233,16 +233,18 @@ def test_timetable_parsing() -> None:
     assert parse_hours("09-17") == frozenset(range(9, 17))
 
 
-def test_reload_diff_separates_reloadable_sections(tmp_path: Path) -> None:
+def test_reload_plan_separates_live_keys(tmp_path: Path) -> None:
+    from noded.core.reload import plan
     from tests.conftest import deep_merge
 
     base = base_config(tmp_path)
     a = parse_config(to_toml(base), tmp_path / "c.toml")
-    changed = deep_merge(base, {"log": {"level": "warning"}, "api": {"port": 1}})
+    changed = deep_merge(base, {"log": {"level": "warning"}, "api": {"port": 1, "cors_origins": ["https://x.org"]}})
     b = parse_config(to_toml(changed), tmp_path / "c.toml")
-    reloadable, restart = diff_sections(a, b)
-    assert reloadable == ["log"]
-    assert restart == ["api"]
+    running, applied, restart = plan(a, b)
+    assert applied == ["api.cors_origins", "log.level"]
+    assert restart == ["api.port"]
+    assert running.api.port == a.api.port and running.api.cors_origins == ["https://x.org"]
 
 
 def test_run_time_broken_values_are_refused_at_their_line(tmp_path: Path) -> None:

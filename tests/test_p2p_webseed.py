@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 from xml.etree import ElementTree as ET
@@ -134,9 +135,18 @@ async def test_inventory_torrent_and_rss_routes(tmp_path: Path, aiohttp_client) 
         for bad in ({"limit": "0"}, {"limit": "x"}, {"after": "-1"}, {"state": "nope"}):
             r = await client.get("/v1/inventory", params=bad)
             assert r.status == 400 and "error" in await r.json()
+        before = node.traffic.totals_by_channel()["api"]["out"]["bytes"]
         r = await client.get(f"/v1/torrents/{ih}.torrent")
         assert r.status == 200 and r.content_type == "application/x-bittorrent"
-        assert T.parse_torrent(await r.read()).infohash == ih
+        body = await r.read()
+        assert T.parse_torrent(body).infohash == ih
+        # A streamed answer is counted on the api channel like any other (once the handler has finished).
+        for _ in range(100):
+            counted = node.traffic.totals_by_channel()["api"]["out"]["bytes"] - before
+            if counted:
+                break
+            await asyncio.sleep(0.05)
+        assert counted == len(body)
         assert (await client.get(f"/v1/torrents/{'0' * 40}.torrent")).status == 404
         assert (await client.get("/v1/torrents/zz.torrent")).status == 400
         r = await client.get("/v1/torrents.rss")
@@ -146,6 +156,7 @@ async def test_inventory_torrent_and_rss_routes(tmp_path: Path, aiohttp_client) 
         assert len(enclosures) == 1  # only torrents that are seeding
         assert enclosures[0]["url"].endswith(f"/v1/torrents/{ih}.torrent")
         assert enclosures[0]["type"] == "application/x-bittorrent"
+        assert enclosures[0]["length"] == str(len(body))  # the .torrent's size
     finally:
         await node.store.close()
 

@@ -41,15 +41,15 @@ async def cors_and_count(request: web.Request, handler: Any) -> web.StreamRespon
             resp.headers["Vary"] = "Origin"
         resp.headers["Access-Control-Allow-Methods"] = "GET, HEAD, OPTIONS"
     node.traffic.add("api", "in", request.content_length or 0, requests=1)
-    # A streamed download (noded/api/counted.py) counts the bytes that went out itself.
+    # A streamed download (noded/core/httpserve.py) counts the bytes that went out itself.
     if isinstance(resp, web.Response) and isinstance(resp.body, bytes) and request.method != "HEAD":
         node.traffic.add("api", "out", len(resp.body))
     return resp
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the process and its loop answer."""
-    return web.json_response({"status": "ok"})
+    """Liveness: the process and its loop answer (with the instance id, so tools can tell it is us)."""
+    return web.json_response({"status": "ok", "instance": request.app[NODE_KEY].instance})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -110,6 +110,7 @@ async def build_status(node: Node) -> dict[str, Any]:
         "rates": node.traffic.rates(),
         "problems": dict(node.problems),
         "loop_lag_ms": round(node.loop_lag * 1000, 3),
+        "reload": node.reload,
         "components": comps,
         **extra,
     }

@@ -6,22 +6,38 @@ A .torrent counts on the "api" channel the bytes the connection took, also when 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from noded.api.app import NODE_KEY
-from noded.api.counted import CountedBody
 from noded.api.errors import ApiError
 from noded.cache.layout import CacheLayout
+from noded.core.component import Node
+from noded.core.httpcond import Validators
+from noded.core.httpserve import OnSent, serve_bytes, serve_file
 from noded.core.model import Item, State
 from noded.origins.catalog.base import is_hex
 from noded.p2p.rss import FeedItem, render_feed
 
 INVENTORY_MAX_LIMIT = 5000
 INVENTORY_DEFAULT_LIMIT = 1000
+
+
+class FeedSeen:
+    """The feed's last digest and when this process first served it: Last-Modified moves when, and only
+    when, the bytes change."""
+
+    digest = ""
+    since = 0
+
+
+FEED_SEEN_KEY = web.AppKey("torrents_feed_seen", FeedSeen)
 
 
 def inventory_entry(i: Item) -> dict[str, Any]:
@@ -97,24 +113,28 @@ async def torrent_file(request: web.Request) -> web.StreamResponse:
         raise ApiError(404, f"no torrent {ih} on this node")
     paths = node.cfg.paths
 
-    def read() -> bytes:  # CacheLayout resolves its directories on disk: off the loop too
-        return CacheLayout(paths.cache_dir, paths.state_dir).torrent_path(ih).read_bytes()
+    def locate() -> Path:  # CacheLayout resolves its directories on disk: off the loop
+        return CacheLayout(paths.cache_dir, paths.state_dir).torrent_path(ih)
 
-    try:
-        data = await asyncio.get_running_loop().run_in_executor(None, read)
-    except FileNotFoundError:
-        raise ApiError(404, f"torrent {ih} is known but its .torrent file is not built yet") from None
+    path = await asyncio.get_running_loop().run_in_executor(None, locate)
     name = item.key.rsplit("/", 1)[-1]
+    headers = {"Content-Disposition": f'attachment; filename="{_quote(name)}.torrent"', "Cache-Control": "no-cache"}
+    try:
+        return await serve_file(
+            request, path, content_type="application/x-bittorrent", headers=headers, on_sent=_api_bytes(node)
+        )
+    except web.HTTPNotFound:
+        raise ApiError(404, f"torrent {ih} is known but its .torrent file is not built yet") from None
 
-    def count(sent: int, aborted: bool) -> None:
+
+def _api_bytes(node: Node) -> OnSent:
+    """Streamed answers count their body bytes on the api channel themselves (the middleware counts
+    only in-memory bodies)."""
+
+    def count(status: int, sent: int, aborted: bool) -> None:
         node.traffic.add("api", "out", sent, errors=int(aborted))
 
-    return CountedBody(
-        data,
-        count,
-        content_type="application/x-bittorrent",
-        headers={"Content-Disposition": f'attachment; filename="{_quote(name)}.torrent"'},
-    )
+    return count
 
 
 def _quote(name: str) -> str:
@@ -122,26 +142,55 @@ def _quote(name: str) -> str:
 
 
 async def torrents_rss(request: web.Request) -> web.StreamResponse:
+    """The RSS feed, with an entity tag of its bytes and, as Last-Modified, when this process first
+    served those bytes (never earlier than any dataset in it), so both kinds of conditional GET work."""
     node = request.app[NODE_KEY]
     base = f"{request.scheme}://{request.host}"
-    feed: list[FeedItem] = []
+    rows: list[Item] = []
     after = 0
     while True:
         page = await node.store.run(node.store.items, states=[State.CACHED], after_id=after, limit=1000)
         if not page:
             break
         after = page[-1].id
-        feed += [
-            FeedItem(i.key, i.infohash, i.size or 0, i.updated_at, f"{base}/v1/torrents/{i.infohash}.torrent")
-            for i in page
-            if i.seeding and i.infohash
-        ]
+        rows += [i for i in page if i.seeding and i.infohash]
+    paths = node.cfg.paths
+
+    def torrent_sizes() -> dict[str, int]:
+        layout = CacheLayout(paths.cache_dir, paths.state_dir)
+        out: dict[str, int] = {}
+        for i in rows:
+            assert i.infohash is not None
+            with contextlib.suppress(OSError):
+                out[i.infohash] = layout.torrent_path(i.infohash).stat().st_size
+        return out
+
+    sizes = await asyncio.get_running_loop().run_in_executor(None, torrent_sizes)
+    # An enclosure's length is the size of the .torrent it links to; one not built yet is left out.
+    feed = [
+        FeedItem(i.key, i.infohash, sizes[i.infohash], i.updated_at, f"{base}/v1/torrents/{i.infohash}.torrent")
+        for i in rows
+        if i.infohash in sizes
+    ]
     feed.sort(key=lambda f: f.updated, reverse=True)
     body = render_feed(node.cfg.node.name, base + "/v1/torrents.rss", feed)
-    return web.Response(body=body, content_type="application/rss+xml", charset="utf-8")
+    digest = hashlib.sha256(body).hexdigest()[:32]
+    seen = request.app[FEED_SEEN_KEY]
+    if seen.digest != digest:
+        seen.digest, seen.since = digest, int(time.time())
+    validators = Validators(f'"{digest}"', seen.since)
+    return await serve_bytes(
+        request,
+        body,
+        validators,
+        content_type="application/rss+xml; charset=utf-8",
+        headers={"Cache-Control": "no-cache"},
+        on_sent=_api_bytes(node),
+    )
 
 
 def setup(app: web.Application) -> None:
+    app[FEED_SEEN_KEY] = FeedSeen()
     app.router.add_get("/v1/inventory", inventory)
     app.router.add_get("/v1/inventory/pieces", inventory_pieces)
     app.router.add_get("/v1/torrents.rss", torrents_rss)

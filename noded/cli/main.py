@@ -54,12 +54,38 @@ def load_or_exit(args: argparse.Namespace, *, check_env: bool = True, check_port
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = load_or_exit(args, check_ports=not args.skip_ports)
+    from noded.core import instance
+
+    held: set[tuple[str, int]] = set()
+    if not args.skip_ports:
+        # A daemon already running on this state directory holds its ports: they are not a conflict.
+        try:
+            state_dir = load_config(_config_path(args)).paths.state_dir
+        except ConfigError as e:
+            _print_config_error(e)
+            return EX_CONFIG
+        running = instance.running(state_dir)
+        if running is not None:
+            held = set(running.listens.values())
+            ports = ", ".join(f"{k} {b}:{p}" for k, (b, p) in sorted(running.listens.items()))
+            print(
+                f"noded: noded (pid {running.pid}) is running on {state_dir} and listens on {ports}; "
+                "those ports were not test-bound (a change to them needs a restart)"
+            )
+    cfg = _load_checked(args, held)
     print(
         f"noded: configuration {_config_path(args)} is valid (node {cfg.node.name}, "
         f"budget {format_size(cfg.cache.budget)})"
     )
     return 0
+
+
+def _load_checked(args: argparse.Namespace, held: set[tuple[str, int]]) -> Config:
+    try:
+        return load_and_check(_config_path(args), check_ports=not args.skip_ports, held=held)
+    except ConfigError as e:
+        _print_config_error(e)
+        raise SystemExit(EX_CONFIG) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -83,13 +109,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def api_base(args: argparse.Namespace) -> str:
     if getattr(args, "url", None):
         return str(args.url).rstrip("/")
+    from noded.core import instance
+
     cfg = load_or_exit(args, check_env=False)
-    host = cfg.api.bind
-    if host in ("0.0.0.0", "::"):  # noqa: S104 - a listener on all addresses is reached via loopback
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{cfg.api.port}"
+    # The daemon running on this state directory, where it listens now: the file may name a new port
+    # that waits for a restart.
+    running = instance.running(cfg.paths.state_dir)
+    if running is not None:
+        return instance.base_url(*running.listens["api.port"])
+    return instance.base_url(cfg.api.bind, cfg.api.port)
 
 
 def api_call(args: argparse.Namespace, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
@@ -130,6 +158,14 @@ def render_status(st: dict[str, Any]) -> str:
         f"backlog   {st['push_backlog']['items']} items / {format_size(st['push_backlog']['bytes'])} not in R2",
         "items     " + ", ".join(f"{k} {v}" for k, v in st["items"].items()),
     ]
+    rel = st.get("reload")
+    if rel and "at" in rel:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(rel["at"]))
+        lines.append(f"reload    {when} UTC: applied {', '.join(rel['applied']) or 'nothing'}")
+        if rel["restart_required"]:
+            lines.append(f"          waiting for a restart: {', '.join(rel['restart_required'])}")
+    if rel and rel.get("rejected"):
+        lines.append(f"reload    last file rejected: {'; '.join(rel['rejected'])[:300]}")
     comps = [("component", "state", "detail")]
     for name, s in st["components"].items():
         detail = ", ".join(f"{k}={v}" for k, v in s.items() if k != "state" and not isinstance(v, dict | list))

@@ -56,6 +56,9 @@ class Node:
     # Why fetches are waiting, why R2 is failing, ...: one short reason per subsystem for /v1/status.
     problems: dict[str, str] = field(default_factory=dict)
     loop_lag: float = 0.0  # seconds, most recent measurement
+    instance: str = ""  # this process's random id; /healthz answers it (noded.core.instance)
+    # The last SIGHUP: keys applied, keys that need a restart, when; a rejected file's problems.
+    reload: dict[str, Any] | None = None
     _signals: dict[str, asyncio.Event] = field(default_factory=dict)
 
     def notify(self, topic: str) -> None:

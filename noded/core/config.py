@@ -15,7 +15,7 @@ import re
 import shutil
 import socket
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -730,8 +730,12 @@ def _check_quota(cfg: Config) -> Iterable[Problem]:
         )
 
 
-def check_environment(cfg: Config, *, check_ports: bool = True) -> list[Problem]:
-    """Checks against this machine: directories, filesystem capacity, listening ports."""
+def check_environment(
+    cfg: Config, *, check_ports: bool = True, held: Collection[tuple[str, int]] = ()
+) -> list[Problem]:
+    """Checks against this machine: directories, filesystem capacity, listening ports. `held` are the
+    (bind, port) pairs the daemon running on this configuration's state directory listens on: in use,
+    but by the process this configuration is for."""
     problems: list[Problem] = []
     problems += _check_dir("paths.cache_dir", cfg.paths.cache_dir)
     problems += _check_dir("paths.state_dir", cfg.paths.state_dir)
@@ -751,31 +755,22 @@ def check_environment(cfg: Config, *, check_ports: bool = True) -> list[Problem]
         if not f.is_file():
             problems.append(Problem("origins.torrents.files", f"torrent file {f} does not exist"))
     if check_ports:
-        problems += _check_port("api.port", cfg.api.bind, cfg.api.port)
-        if cfg.http_mirror.enabled:
+        if (cfg.api.bind, cfg.api.port) not in held:
+            problems += _check_port("api.port", cfg.api.bind, cfg.api.port)
+        if cfg.http_mirror.enabled and (cfg.http_mirror.bind, cfg.http_mirror.port) not in held:
             problems += _check_port("http_mirror.port", cfg.http_mirror.bind, cfg.http_mirror.port)
             if (cfg.http_mirror.bind, cfg.http_mirror.port) == (cfg.api.bind, cfg.api.port):
                 problems.append(Problem("http_mirror.port", "must differ from api.port"))
     return problems
 
 
-def load_and_check(path: Path, *, check_ports: bool = True) -> Config:
+def load_and_check(path: Path, *, check_ports: bool = True, held: Collection[tuple[str, int]] = ()) -> Config:
     cfg = load_config(path)
-    problems = check_environment(cfg, check_ports=check_ports)
+    problems = check_environment(cfg, check_ports=check_ports, held=held)
     if problems:
         lines = _line_index(path.read_text(encoding="utf-8"))
         raise ConfigError([Problem(p.key, p.message, p.line or lines.get(p.key)) for p in problems], path)
     return cfg
-
-
-# Sections a SIGHUP can change in place; anything else needs a restart.
-RELOADABLE = frozenset({"schedule", "origins", "log", "probe", "reports", "peers", "seed_targets", "traffic"})
-
-
-def diff_sections(old: Config, new: Config) -> tuple[list[str], list[str]]:
-    """(reloadable sections that changed, sections that changed but need a restart)."""
-    changed = [name for name in Config.model_fields if getattr(old, name) != getattr(new, name)]
-    return [c for c in changed if c in RELOADABLE], [c for c in changed if c not in RELOADABLE]
 
 
 def read_secret(credential: str, env: str) -> str | None:

@@ -656,6 +656,10 @@ class Store:
             for k, u in self.conn.execute("SELECT key, url FROM locations WHERE origin=?", (origin,))
             if (k, u) not in listed
         ]
+        return self.forget_locations(origin, gone)
+
+    def forget_locations(self, origin: str, gone: Sequence[tuple[str, str]]) -> list[str]:
+        """Forget these (key, url) locations of `origin`. Returns their keys."""
         with self.tx() as c:
             for key, url in gone:
                 c.execute("DELETE FROM locations WHERE key=? AND origin=? AND url=?", (key, origin, url))

@@ -27,7 +27,7 @@ from noded.core.logs import get_logger
 from noded.core.model import PIECE_LENGTH, Item, State
 from noded.origins.schedule import Schedule
 from noded.p2p import torrent as T
-from noded.p2p.importer import import_configured
+from noded.p2p.importer import configured_sources, import_configured, withdraw
 from noded.p2p.ledger import SETTLE_AFTER, Charge, Directory, Ledger, PeerReading, TorrentReading, node_fingerprint
 from noded.p2p.resume import SeedPlan, load_plan, remove_files, seed_params
 from noded.p2p.session import TorrentSession
@@ -72,6 +72,9 @@ class P2PEngine:
         self.session.subscribe("peer_connect_alert", self._on_connect)
         self.restored = 0
         self.imported = 0
+        # [origins.torrents] inputs imported (path or magnet -> (key, location url)): what a reload withdraws.
+        self._sources: dict[str, tuple[str, str]] = {}
+        self._offer_now = asyncio.Event()  # a reload wakes the seed-target loop
         self.restore_seconds: float | None = None
         self.seed_errors = 0
         self._started = False
@@ -86,7 +89,7 @@ class P2PEngine:
         await self.session.start()
         if self.schedule is not None:
             self.schedule.on_change(self._apply_rates)
-        self.imported, _ = await import_configured(self.node, self.layout)
+        self.imported, _ = await import_configured(self.node, self.layout, self._sources)
         t0 = time.monotonic()
         await self._restore()
         self.restore_seconds = round(time.monotonic() - t0, 3)
@@ -154,6 +157,22 @@ class P2PEngine:
     async def reload(self, cfg: Any) -> None:
         self.ledger.directory = await asyncio.get_running_loop().run_in_executor(None, self._resolve_directory)
         self.node.notify("cached")  # a scan applies a changed origins.require_checksum at once
+        self._offer_now.set()  # new seed targets hear from us now, and a new interval starts now
+        await self.reimport()
+
+    async def reimport(self) -> None:
+        """[origins.torrents] as configured now: new inputs imported (a changed file re-read), inputs no
+        longer configured withdrawn. An input that fails now is reported and keeps what it had."""
+        configured = configured_sources(self.node)
+        fresh: dict[str, tuple[str, str]] = {}
+        self.imported, _ = await import_configured(self.node, self.layout, fresh)
+        kept = {s: loc for s, loc in self._sources.items() if s in configured}
+        now = {**kept, **fresh}
+        still = set(now.values())
+        await withdraw(
+            self.node, sorted({loc for s, loc in self._sources.items() if s not in now and loc not in still})
+        )
+        self._sources = now
 
     # -- restore at start ------------------------------------------------------------------
     async def _restore(self) -> None:
@@ -427,8 +446,10 @@ class P2PEngine:
 
     async def _targets_loop(self) -> None:
         while True:
+            self._offer_now.clear()
             self.offer_to_targets()
-            await asyncio.sleep(self.node.cfg.bittorrent.seed_target_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._offer_now.wait(), self.node.cfg.bittorrent.seed_target_interval)
 
     def offer_to_targets(self) -> int:
         """connect_peer every seeded torrent to every seed target (libtorrent skips live connections)."""

@@ -12,7 +12,7 @@ from xml.etree import ElementTree as ET
 class FeedItem:
     title: str
     infohash: str
-    size: int
+    torrent_size: int  # bytes of the .torrent file the enclosure links to
     updated: float
     torrent_url: str
 
@@ -29,6 +29,6 @@ def render_feed(node_name: str, link: str, items: Iterable[FeedItem]) -> bytes:
         ET.SubElement(e, "guid", isPermaLink="false").text = it.infohash
         ET.SubElement(e, "link").text = it.torrent_url
         ET.SubElement(e, "pubDate").text = formatdate(it.updated, usegmt=True)
-        ET.SubElement(e, "enclosure", url=it.torrent_url, length=str(it.size), type="application/x-bittorrent")
+        ET.SubElement(e, "enclosure", url=it.torrent_url, length=str(it.torrent_size), type="application/x-bittorrent")
     body: bytes = ET.tostring(rss, encoding="unicode").encode()
     return b'<?xml version="1.0" encoding="UTF-8"?>\n' + body

@@ -1,6 +1,7 @@
 """The node as a BEP 19 web seed: cached items served read-only over HTTP on their own listener.
 
-GET and HEAD, Range, ETag/Last-Modified and sendfile all come from aiohttp's FileResponse. Only rows
+GET and HEAD with validators, conditional requests, single and multiple byte ranges and sendfile
+(`noded.core.httpserve`). Only rows
 in state CACHED are served, from their final path (never the partial or quarantine areas, which
 `final_path` refuses). Bytes sent count on the "webseed" traffic channel, and a request counts as an
 access for LRU (at most one store write per item per minute).
@@ -9,17 +10,14 @@ access for LRU (at most one store write per item per minute).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
 
 from noded.cache.layout import CacheLayout, UnsafePath
 from noded.core.component import Node
+from noded.core.httpserve import serve_file
 from noded.core.logs import get_logger
 from noded.core.model import State
 
@@ -98,50 +96,16 @@ class WebSeedServer:
         loop = asyncio.get_running_loop()
         if not await loop.run_in_executor(None, path.is_file):
             raise web.HTTPNotFound(text="not cached here\n")
-        resp = _CountingFileResponse(path, self._count, chunk_size=1024 * 1024)
-        resp.headers["Cache-Control"] = "public, max-age=3600"
         self.served += 1
         now = time.time()
         if now - self._touched.get(item.id, 0) >= TOUCH_MIN_INTERVAL:
             self._touched[item.id] = now
             await store.run(store.touch, [item.id], now)
-        return resp
+        return await serve_file(request, path, headers={"Cache-Control": "public, max-age=3600"}, on_sent=self._count)
 
-    def _count(self, request: web.BaseRequest, resp: _CountingFileResponse, aborted: bool) -> None:
-        errors = int(resp.status >= 400 or aborted)
-        self.node.traffic.add("webseed", "out", resp.body_sent, requests=1, errors=errors)
-
-
-class _CountingFileResponse(web.FileResponse):
-    """FileResponse (Range, ETag, sendfile) that reports the body bytes it actually handed to the socket,
-    also when the client went away mid-body."""
-
-    def __init__(
-        self, path: Path, on_sent: Callable[[web.BaseRequest, _CountingFileResponse, bool], None], chunk_size: int
-    ) -> None:
-        super().__init__(path, chunk_size=chunk_size)
-        self._on_sent = on_sent
-        self.body_sent = 0
-
-    async def _sendfile(
-        self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int
-    ) -> AbstractStreamWriter:
-        try:
-            return await super()._sendfile(request, fobj, offset, count)
-        finally:
-            # asyncio's sendfile leaves the file offset just past what the kernel took, even when it
-            # fails midway; the chunked fallback leaves it past what it read (at most one chunk more).
-            with contextlib.suppress(OSError, ValueError):
-                self.body_sent = max(0, min(count, fobj.tell() - offset))
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        aborted = True
-        try:
-            writer = await super().prepare(request)
-            aborted = False
-            return writer
-        finally:
-            self._on_sent(request, self, aborted)
+    def _count(self, status: int, sent: int, aborted: bool) -> None:
+        errors = int(status >= 400 or aborted)
+        self.node.traffic.add("webseed", "out", sent, requests=1, errors=errors)
 
 
 def _cached_version(store: Any, key: str) -> Any:

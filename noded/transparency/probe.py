@@ -225,6 +225,11 @@ class Prober:
     async def reload(self, cfg: Config) -> None:
         self.cfg = cfg
         self.targets = targets_from_config(cfg)
+        if cfg.probe.enabled and self._task is None and self._session is not None:
+            self._task = asyncio.create_task(self._loop(), name="probe")
+        elif not cfg.probe.enabled and self._task is not None:
+            await cancel_task(self._task)
+            self._task = None
 
     def status(self) -> dict[str, Any]:
         counts = {s.value: 0 for s in MirrorStatus}
