@@ -71,6 +71,8 @@ async def _supervisor(fn: Callable[[], Awaitable[None]], health: LoopHealth, nod
             finally:
                 if not inner.done():
                     await cancel_task(inner)
+            if inner.cancelled():  # cancelled from elsewhere: the loop was meant to end
+                return
             exc = inner.exception()
             health.crashes += 1
             health.last_crash = time.time()

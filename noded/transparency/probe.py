@@ -23,7 +23,7 @@ from urllib.parse import quote
 import aiohttp
 
 from noded.cache.layout import CacheLayout, UnsafePath
-from noded.core.component import Node, cancel_task
+from noded.core.component import Node, cancel_task, supervise
 from noded.core.config import Config
 from noded.core.logs import get_logger
 from noded.core.store import Store
@@ -213,7 +213,7 @@ class Prober:
         )
         if not self.cfg.probe.enabled:
             return  # probe_all() still works on demand (tests, a future "probe now" endpoint)
-        self._task = asyncio.create_task(self._loop(), name="probe")
+        self._task = supervise(self._loop, "probe", self.node, self.name)
 
     async def stop(self) -> None:
         await cancel_task(self._task)
