@@ -9,14 +9,24 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import libtorrent as lt
 import pytest
 from aiohttp import web
 
+from noded.api.app import build_status
+from noded.core import component
+from noded.core.model import CatalogEntry
+from noded.origins.sources import FetchError
+from noded.p2p import torrent as T
+from noded.p2p.sync import PeerSync
 from tests.conftest import NodedProcess, free_port, http_json
+from tests.p2p_helpers import make_config, sync_node
 
 TOKEN = "chaos-token-0123456789"
 
@@ -277,3 +287,113 @@ async def test_hostile_peers_are_a_problem_of_their_own(noded_factory: Any) -> N
     finally:
         for p in peers.values():
             await p.stop()
+
+
+async def test_crashed_loop_is_shown_then_restarted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault inside the peer-sync loop (here injected in adoption) is counted in status, the sync
+    component shows "restarting" (never "running") while the loop waits out its backoff, and the loop
+    then resumes and does its work."""
+    monkeypatch.setattr(component, "BACKOFF_MIN", 2.0)
+    real_adopt = PeerSync._adopt
+    faults = 0
+
+    async def adopt_failing_once(self: PeerSync, peer: Any, items: Any) -> None:
+        nonlocal faults
+        if faults == 0:
+            faults += 1
+            raise RuntimeError("fault injected in adoption")
+        await real_adopt(self, peer, items)
+
+    monkeypatch.setattr(PeerSync, "_adopt", adopt_failing_once)
+    peer = await FakePeer("good", [_inv_item("x/a.bin", 10, 1)]).start()
+    cfg = make_config(
+        tmp_path / "b",
+        name="amsterdam",
+        peers=[{"name": "toronto", "api_url": peer.api, "bittorrent": f"127.0.0.1:{free_port()}"}],
+        bittorrent={"peer_poll_interval": 0.2},
+    )
+    try:
+        async with sync_node(cfg) as b:
+            node = b.node
+            node.components["sync"] = b.sync
+            seen: set[str] = set()
+            deadline = time.monotonic() + 30
+            restarting: dict[str, Any] = {}
+            while time.monotonic() < deadline:
+                st = await build_status(node)
+                state = st["components"]["sync"]["state"]
+                seen.add(state)
+                if state == "restarting":
+                    restarting = st
+                    break
+                await asyncio.sleep(0.05)
+            assert restarting, seen
+            assert restarting["loops"]["peer-poll:toronto"]["crashes"] == 1
+            assert "fault injected in adoption" in restarting["problems"]["loop peer-poll:toronto"]
+            assert "running" not in {restarting["components"]["sync"]["state"]}
+
+            # After the backoff the loop runs again, and adopts what the first round could not.
+            while time.monotonic() < deadline + 30:
+                st = await build_status(node)
+                if await node.store.run(node.store.get_current, "x/a.bin") is not None:
+                    break
+                await asyncio.sleep(0.1)
+            assert await node.store.run(node.store.get_current, "x/a.bin") is not None, st
+            assert st["components"]["sync"]["state"] == "running"
+            assert st["loops"]["peer-poll:toronto"]["state"] == "running"
+    finally:
+        await peer.stop()
+
+
+async def test_large_torrent_from_peer_is_read_whole(tmp_path: Path) -> None:
+    """A torrent for a 200 GB item with 3,000 web seeds (well over what a socket buffers) arrives in two
+    parts: it is read whole; one over the torrent cap is refused with a clear reason."""
+    size = 200 * 1000**3
+    piece = 16 * 1024 * 1024
+    info = T.single_file_info(
+        "big.bin", size, None, os.urandom(20 * T.num_pieces(size, piece)), piece_length=piece, source=None
+    )
+    data = T.encode_torrent(info, web_seeds=[f"http://127.0.0.1:9/seed{i}/big.bin" for i in range(3000)])
+    ih = T.infohash_of(info)
+    assert len(data) > 300_000
+    peer = FakePeer("good", [{"key": "big.bin", "state": "cached", "infohash": ih, "size": size, "md5": None}])
+    peer.torrent = data
+    await peer.start()
+    cfg = make_config(
+        tmp_path / "b",
+        name="amsterdam",
+        peers=[{"name": "toronto", "api_url": peer.api, "bittorrent": f"127.0.0.1:{free_port()}"}],
+        bittorrent={"mirror_peers": False},
+    )
+    try:
+        async with sync_node(cfg) as b:
+            await b.sync.poll_all()
+            store = b.node.store
+            item, _ = await store.run(store.upsert_entry, CatalogEntry("sourcecoop", "big.bin", (), size, None))
+            meta = await b.sync.source._torrent(item, b.sync.holders(item))
+            assert meta.infohash == ih and meta.total_size == size and len(meta.web_seeds) == 3000
+
+            peer.torrent = b"d4:info" + b"x" * (T.MAX_TORRENT_BYTES + 10)
+            with pytest.raises(FetchError, match="too large"):
+                await b.sync.source._torrent(item, b.sync.holders(item))
+    finally:
+        await peer.stop()
+
+
+def test_torrent_with_duplicate_info_keys_is_refused() -> None:
+    """noded (a Python dict: the last) and libtorrent (the first) would read different names."""
+    pieces = os.urandom(20)
+    info = b"d6:lengthi5e4:name5:a.bin4:name5:b.bin12:piece lengthi16384e6:pieces20:" + pieces + b"e"
+    data = b"d4:info" + info + b"e"
+    assert lt.torrent_info(data).name() == "a.bin"
+    assert lt.bdecode(data)[b"info"][b"name"] == b"b.bin"
+    with pytest.raises(T.TorrentError, match="twice"):
+        T.parse_torrent(data)
+    # The same key in two different dictionaries (two files' "length") is fine; twice in one file's is not.
+    ok = T.encode_torrent(
+        T.multi_file_info("d", [T.FileSpec(("a",), 3), T.FileSpec(("b",), 4)], os.urandom(20), source=None)
+    )
+    assert T.parse_torrent(ok).total_size == 7
+    bad = ok.replace(b"d6:lengthi3e", b"d6:lengthi3e6:lengthi9e", 1)
+    with pytest.raises(T.TorrentError, match="length"):
+        T.parse_torrent(bad)
