@@ -10,6 +10,7 @@ as UTF-8, so they fail later, far from the input). Pure: no I/O.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -41,6 +42,7 @@ class JsonLimits:
 # A JSON string, unrolled so a long string is one linear scan, not one alternation per character.
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]", re.ASCII)
 
 
@@ -50,14 +52,7 @@ def _depth(text: str) -> int:
     if text.count("[") + text.count("{") <= 1:
         return 1
     brackets = _NOT_BRACKET.sub("", _STRING.sub('""', text))
-    depth = deepest = 0
-    for ch in brackets:
-        if ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
+    return max(itertools.accumulate(map(_STEP.__getitem__, brackets)), default=0)
 
 
 def _has_lone_surrogate(value: Any) -> bool:
