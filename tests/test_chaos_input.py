@@ -88,6 +88,18 @@ def test_hostile_request_bodies_get_4xx_and_no_traceback(noded_factory: Any) -> 
         assert resp.status in (401, 403), (value, resp.status, raw)
         assert json.loads(raw)["error"]["status"] == resp.status
 
+    # Other headers that are not UTF-8, on the read endpoints: never a 500.
+    for path in ("/v1/inventory", "/v1/status", "/v1/reports", "/v1/items"):
+        for header in ("If-None-Match", "Origin", "Range", "Accept", "Content-Type"):
+            conn = http.client.HTTPConnection(node.api.removeprefix("http://"), timeout=10)
+            conn.putrequest("GET", path)
+            conn.putheader(header, b"\xff\xfe \xed\xa0\x80")
+            conn.endheaders()
+            resp = conn.getresponse()
+            resp.read()
+            conn.close()
+            assert resp.status < 500, (path, header, resp.status)
+
     # Nothing was stored from the refused bodies; a good report still goes through.
     status, body = http_json(node.api + "/v1/reports")
     assert status == 200 and body["reports"] == [], body
