@@ -149,6 +149,7 @@ class FakePeer:
         self.open = 0  # inventory requests being answered right now
         self.sent_max = 0  # most bytes written in one answer
         self.torrent: bytes = b""
+        self.torrent_pause = 0.5  # seconds between the torrent's first 64 KiB and the rest
         self.port = free_port()
         self._runner: web.AppRunner | None = None
 
@@ -208,7 +209,7 @@ class FakePeer:
         await resp.prepare(request)
         # The first 64 KiB, a pause, then the rest: a reader that takes what is buffered gets a cut file.
         await resp.write(self.torrent[:65536])
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(self.torrent_pause)
         await resp.write(self.torrent[65536:])
         return resp
 
@@ -359,7 +360,7 @@ async def test_crashed_loop_is_shown_then_restarted(tmp_path: Path, monkeypatch:
 
 async def test_large_torrent_from_peer_is_read_whole(tmp_path: Path) -> None:
     """A torrent for a 200 GB item with 3,000 web seeds (well over what a socket buffers) arrives in two
-    parts: it is read whole; one over the torrent cap is refused with a clear reason."""
+    parts: it is read whole; one that trickles, or is over the torrent cap, is refused with a clear reason."""
     size = 200 * 1000**3
     piece = 16 * 1024 * 1024
     info = T.single_file_info(
@@ -375,7 +376,7 @@ async def test_large_torrent_from_peer_is_read_whole(tmp_path: Path) -> None:
         tmp_path / "b",
         name="amsterdam",
         peers=[{"name": "toronto", "api_url": peer.api, "bittorrent": f"127.0.0.1:{free_port()}"}],
-        bittorrent={"mirror_peers": False},
+        bittorrent={"mirror_peers": False, "peer_poll_timeout": 3.0},
     )
     try:
         async with sync_node(cfg) as b:
@@ -385,6 +386,12 @@ async def test_large_torrent_from_peer_is_read_whole(tmp_path: Path) -> None:
             meta = await b.sync.source._torrent(item, b.sync.holders(item))
             assert meta.infohash == ih and meta.total_size == size and len(meta.web_seeds) == 3000
 
+            # A peer that sends the rest 20 s later holds the pull up only until the deadline.
+            peer.torrent_pause = 20
+            with pytest.raises(FetchError, match="not received within 3s"):
+                await b.sync.source._torrent(item, b.sync.holders(item))
+
+            peer.torrent_pause = 0
             peer.torrent = b"d4:info" + b"x" * (T.MAX_TORRENT_BYTES + 10)
             with pytest.raises(FetchError, match="too large"):
                 await b.sync.source._torrent(item, b.sync.holders(item))

@@ -492,16 +492,21 @@ class PeerSource:
                 data = await loop.run_in_executor(None, path.read_bytes)
                 return T.parse_torrent(data, max_total=max_total)
         errors = []
+        deadline = self.sync.node.cfg.bittorrent.peer_poll_timeout
         for peer, pi in holders:
             url = f"{peer.api_url}/v1/torrents/{pi.infohash}.torrent"
             try:
-                async with self.sync.http.get(url) as r:
+                # The same total deadline as a poll: a peer trickling its torrent holds up this pull only so long.
+                async with asyncio.timeout(deadline), self.sync.http.get(url) as r:
                     if r.status != 200:
                         raise FetchError(f"HTTP {r.status}")
                     # Whole, up to the cap: a read() would stop at what happens to be buffered.
                     data = await read_capped(r.content, T.MAX_TORRENT_BYTES, r.content_length, "torrent")
                 meta = T.parse_torrent(data, max_total=max_total)
-            except (aiohttp.ClientError, TimeoutError, FetchError, T.TorrentError, BodyTooLarge) as e:
+            except TimeoutError:
+                errors.append(f"{peer.name}: torrent not received within {deadline:.0f}s")
+                continue
+            except (aiohttp.ClientError, FetchError, T.TorrentError, BodyTooLarge) as e:
                 errors.append(f"{peer.name}: {e}")
                 continue
             if meta.infohash != pi.infohash:
