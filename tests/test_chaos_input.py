@@ -108,6 +108,17 @@ def test_hostile_request_bodies_get_4xx_and_no_traceback(noded_factory: Any) -> 
     _no_traceback(node)
     assert node.proc is not None and node.proc.poll() is None
 
+    # Every background loop of the daemon runs supervised, and none had to restart.
+    _, st = http_json(node.api + "/v1/status")
+    loops = st["loops"]
+    expected = {
+        "cache", "watch-events", "watch-tick", "traffic-flush", "loop-lag", "reverify", "schedule",
+        "catalog-refresh", "pull-loop", "p2p-updates", "p2p-seed", "p2p-resume", "p2p-targets",
+        "lag-monitor", "status-loop",
+    }  # fmt: skip
+    assert expected <= set(loops), sorted(loops)
+    assert all(h["state"] == "running" and h["crashes"] == 0 for h in loops.values()), loops
+
 
 def _post_from(node: NodedProcess, source: str, report: dict[str, Any]) -> int:
     host, port = node.api.removeprefix("http://").split(":")
