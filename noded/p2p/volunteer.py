@@ -38,7 +38,6 @@ from noded.p2p.settings import ALERT_MASK
 log = get_logger("noded.p2p.volunteer")
 
 
-
 @dataclass(frozen=True, slots=True)
 class Meta:
     infohash: str
