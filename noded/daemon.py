@@ -23,7 +23,7 @@ from noded.api.transparency import ROUTES as TRANSPARENCY_ROUTES
 from noded.cache.accounting import Cache
 from noded.cache.watch import Watcher
 from noded.core import instance
-from noded.core.component import Component, Node, Reloadable
+from noded.core.component import Component, Node, Reloadable, supervise
 from noded.core.config import Config, ConfigError, load_config, read_secret
 from noded.core.logs import configure as configure_logging
 from noded.core.logs import get_logger
@@ -120,7 +120,7 @@ class Daemon:
         self.routes.append(item_routes.setup)
         # Origins: bandwidth timetable, catalog refresh and the pull pipeline. The peer's source goes
         # first (below); R2 as an origin is an extension whose source goes last.
-        self.schedule = Schedule(self.cfg.schedule)
+        self.schedule = Schedule(self.cfg.schedule, self.node)
         self.origins = Origins(self.node, down=self.schedule.down)
         self.origins.extensions.append(R2Origin(self.cfg, self.node.traffic))
         comps += [self.schedule, self.origins]
@@ -182,12 +182,12 @@ class Daemon:
         self.notifier.ready(self.status_line())
         log.info("daemon.ready", node=self.cfg.node.name, components=[c.name for c in self._started])
         self._tasks = [
-            asyncio.create_task(self._lag_monitor(), name="lag-monitor"),
-            asyncio.create_task(self._status_loop(), name="status-loop"),
+            supervise(self._lag_monitor, "lag-monitor", self.node, "daemon"),
+            supervise(self._status_loop, "status-loop", self.node, "daemon"),
         ]
         wd = watchdog_interval()
         if wd:
-            self._tasks.append(asyncio.create_task(self._watchdog_loop(wd), name="watchdog"))
+            self._tasks.append(supervise(lambda: self._watchdog_loop(wd), "watchdog", self.node, "daemon"))
         await self._stop.wait()
         self.node.stopping = True
         self.notifier.stopping()

@@ -240,3 +240,28 @@ async def test_source_cooperative_owns_only_its_own_prefixes_on_a_shared_base_ur
     assert sc.owns("https://h.example/dataforcanada/prod/a.parquet")
     assert not sc.owns("https://h.example/api/records/1/files/a/content")  # Zenodo on the same base URL
     assert not sc.owns("https://h.example/download/item/a.bin")
+
+
+async def test_hostile_json_documents_fail_their_origin_only(aiohttp_server: Any, make_origins: OriginsFactory) -> None:
+    """JSON nested 100,000 deep, a 10,000-digit number, a lone surrogate: the bounded reader refuses
+    each as that origin's error; nothing known is lost."""
+    ia = ArchiveServer()
+    server = await aiohttp_server(ia.app())
+    ia.items["item"] = ia_metadata("item", [{"name": "keep.bin", "source": "original", "size": "1"}])
+    o = await make_origins(
+        ia={"enabled": True, "base_url": str(server.make_url("")).rstrip("/"), "identifiers": ["item"]}
+    )
+    await o.refresh_all()
+    assert known(o) == {"keep.bin"}
+    bodies = {
+        "nested": b'{"files": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "number": b'{"files": [{"name": "x", "source": "original", "size": ' + b"9" * 10_000 + b"}]}",
+        "surrogate": b'{"files": [{"name": "x\\udc80", "source": "original"}]}',
+    }
+    for words, raw in bodies.items():
+        ia.raw["item"] = raw
+        with capture_logs() as logs:
+            await o.refresh_all()
+        reason = next(e["reason"] for e in logs if e["event"] == "catalog.refresh_failed")
+        assert words in reason, (words, reason)
+        assert known(o) == {"keep.bin"}

@@ -112,6 +112,18 @@ BAD_CASES: list[tuple[str, Any, str, str]] = [
         "no spaces",
     ),
     (
+        "reports-total-below-per-client",
+        {"reports": {"per_client_per_hour": 20, "per_hour_total": 10}},
+        "reports",
+        "below per_client_per_hour",
+    ),
+    (
+        "peer-poll-timeout-zero",
+        {"bittorrent": {"peer_poll_timeout": 0}},
+        "bittorrent.peer_poll_timeout",
+        "greater than",
+    ),
+    (
         "sourcecoop-prefix-without-account",
         {"origins": {"sourcecoop": {"enabled": True, "prefixes": ["ca-orthoimagery-labs/"]}}},
         "origins.sourcecoop.prefixes",

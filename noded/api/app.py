@@ -58,7 +58,9 @@ async def readyz(request: web.Request) -> web.Response:
     body = {
         "ready": ok,
         "node": node.cfg.node.name,
-        "components": {n: c.status().get("state", "unknown") for n, c in node.components.items()},
+        "components": {
+            n: node.component_state(n, c.status().get("state", "unknown")) for n, c in node.components.items()
+        },
     }
     return web.json_response(body, status=200 if ok else 503)
 
@@ -74,7 +76,9 @@ async def build_status(node: Node) -> dict[str, Any]:
     comps: dict[str, Any] = {}
     for name, c in node.components.items():
         try:
-            comps[name] = c.status()
+            st = dict(c.status())
+            st["state"] = node.component_state(name, st.get("state", "unknown"))
+            comps[name] = st
         except Exception as e:  # a broken status() must not break /v1/status
             comps[name] = {"state": "error", "error": str(e)}
     cache = comps.get("cache", {})
@@ -112,6 +116,11 @@ async def build_status(node: Node) -> dict[str, Any]:
         "loop_lag_ms": round(node.loop_lag * 1000, 3),
         "reload": node.reload,
         "components": comps,
+        # Every supervised background loop: crashes since start, and whether it is waiting to restart.
+        "loops": {
+            n: {"component": h.component, "state": h.state, "crashes": h.crashes, "last_error": h.last_error}
+            for n, h in sorted(node.loops.items())
+        },
         **extra,
     }
 

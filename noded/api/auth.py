@@ -22,5 +22,7 @@ def require_token(request: web.Request) -> None:
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not given:
         raise ApiError(401, "missing bearer token", hint="send Authorization: Bearer <token>")
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+    # aiohttp keeps undecodable header bytes as surrogates; encoded back the same way they compare as
+    # the bytes the client sent (and never match a token), instead of failing to encode.
+    if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode()):
         raise ApiError(403, "invalid token")

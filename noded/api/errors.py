@@ -8,6 +8,8 @@ from typing import Any
 
 from aiohttp import web
 
+from noded.core import jsonread
+from noded.core.httpread import BodyTooLarge, parse_json, read_capped
 from noded.core.logs import get_logger
 
 log = get_logger("noded.api")
@@ -47,17 +49,28 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(e.status, e.reason)
     except json.JSONDecodeError as e:
         return json_error(400, f"malformed JSON: {e.msg} at position {e.pos}")
+    except jsonread.JsonInputError as e:
+        return json_error(413 if e.too_large else 400, str(e))
     except Exception:
         log.exception("api.unhandled", path=request.path, method=request.method)
         return json_error(500, "internal error; see the node's log")
 
 
+# Request bodies are small documents (reports, overrides): shallow, with ordinary numbers.
+API_DEPTH = 32
+
+
 async def read_json(request: web.Request) -> Any:
-    """The request body as JSON, with a 400/415 that says what is wrong."""
+    """The request body as JSON through the bounded reader: 413 over the body cap, 400 for anything the
+    reader refuses (malformed, too deep, huge numbers, not UTF-8, lone surrogates), 415 for another type."""
     if request.content_type not in ("application/json", ""):
         raise ApiError(415, f"expected Content-Type application/json, got {request.content_type}")
-    raw = await request.read()
+    limits = jsonread.JsonLimits(max_bytes=request.app._client_max_size, max_depth=API_DEPTH)
     try:
-        return json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"malformed JSON: {e}") from None
+        raw = await read_capped(request.content, limits.max_bytes, request.content_length, "request body")
+        # An empty body is no document: handlers answer what they expected instead.
+        return await parse_json(raw, limits, "request body") if raw else None
+    except BodyTooLarge as e:
+        raise ApiError(413, str(e)) from None
+    except jsonread.JsonInputError as e:
+        raise ApiError(413 if e.too_large else 400, str(e)) from None

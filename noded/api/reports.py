@@ -46,7 +46,13 @@ async def post_report(request: web.Request) -> web.Response:
     rc = node.cfg.reports
     try:
         rid, verify_item = await store.run(
-            insert_report, store, rep, client, per_hour=rc.per_client_per_hour, max_open=rc.max_open
+            insert_report,
+            store,
+            rep,
+            client,
+            per_hour=rc.per_client_per_hour,
+            max_open=rc.max_open,
+            per_hour_total=rc.per_hour_total,
         )
     except RateLimited as e:
         raise ApiError(429, str(e), retry_after=e.retry_after) from None

@@ -28,7 +28,7 @@ from noded.cache import db as cachedb
 from noded.cache import eviction
 from noded.cache.layout import INTERNAL, CacheLayout, UnsafePath, disk_bytes
 from noded.cache.verify import Verifier, mismatch
-from noded.core.component import Node, cancel_task
+from noded.core.component import Node, cancel_task, supervise
 from noded.core.hashing import hash_file
 from noded.core.logs import get_logger
 from noded.core.model import Item, State
@@ -156,7 +156,7 @@ class Cache:
         await loop.run_in_executor(None, self.layout.ensure)
         await self.reconcile()
         await self.evict_if_needed()  # a restart with a smaller budget takes effect at once
-        self._task = asyncio.create_task(self._run(), name="cache")
+        self._task = supervise(self._run, "cache", self.node, self.name)
 
     async def stop(self) -> None:
         await cancel_task(self._task)

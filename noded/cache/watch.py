@@ -50,7 +50,7 @@ from watchdog.observers import Observer
 from noded.cache import db as cachedb
 from noded.cache.accounting import Cache, CacheFull, _unlink
 from noded.cache.layout import UnsafePath, disk_bytes, fsync_dir, publish
-from noded.core.component import Node
+from noded.core.component import Node, supervise
 from noded.core.hashing import hash_file
 from noded.core.logs import get_logger
 from noded.core.model import CatalogEntry, HashResult, State
@@ -160,8 +160,8 @@ class Watcher:
             for p in await loop.run_in_executor(None, self._existing_inbox_files):
                 self._note_inbox(p, closed=False)
         self._tasks += [
-            asyncio.create_task(self._consume(), name="watch-events"),
-            asyncio.create_task(self._tick(), name="watch-tick"),
+            supervise(self._consume, "watch-events", self.node, self.name),
+            supervise(self._tick, "watch-tick", self.node, self.name),
         ]
 
     def _start_polling(self, why: str) -> None:
@@ -171,7 +171,7 @@ class Watcher:
         )
         self.node.problems["watch"] = self.polling
         log.warning("watch.polling", reason=self.polling)
-        self._tasks.append(asyncio.create_task(self._poll(), name="watch-poll"))
+        self._tasks.append(supervise(self._poll, "watch-poll", self.node, self.name))
 
     async def _emitters_alive(self) -> None:
         """An emitter thread ends when a watch for a new directory cannot be added (the limit reached

@@ -402,6 +402,9 @@ class BitTorrentConfig(_Section):
     mirror_peers: bool = True
     # How often each peer's /v1/inventory is polled.
     peer_poll_interval: Seconds = 30.0
+    # One poll of one peer (every inventory page) must end within this, or the peer counts as failing;
+    # each peer is polled on its own, so a slow one delays nobody else.
+    peer_poll_timeout: Seconds = 60.0
     # A peer download that makes no progress for this long is abandoned (the origins are tried next).
     peer_stall_timeout: Seconds = 60.0
     # How often every seeded torrent is offered to the seed targets (connect_peer).
@@ -530,7 +533,17 @@ class ProbeConfig(_Section):
 
 class ReportsConfig(_Section):
     per_client_per_hour: int = Field(10, ge=1, le=10_000)
+    # All clients together: many addresses cannot flood the moderation queue either.
+    per_hour_total: int = Field(500, ge=1, le=1_000_000)
     max_open: int = Field(10_000, ge=1)
+
+    @model_validator(mode="after")
+    def _totals(self) -> ReportsConfig:
+        if self.per_hour_total < self.per_client_per_hour:
+            raise ValueError(
+                f"per_hour_total ({self.per_hour_total}) is below per_client_per_hour ({self.per_client_per_hour})"
+            )
+        return self
 
 
 class TrafficConfig(_Section):

@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from noded.cache.layout import CacheLayout, UnsafePath, disk_bytes, publish
-from noded.core.component import Node
+from noded.core.component import Node, supervise
 from noded.core.config import Config
 from noded.core.hashing import hash_file
 from noded.core.logs import get_logger
@@ -274,8 +274,8 @@ class Origins:
         self._started_at = time.time()
         await self.open()
         self._tasks = [
-            asyncio.create_task(self._refresh_loop(), name="catalog-refresh"),
-            asyncio.create_task(self._pull_loop(), name="pull-loop"),
+            supervise(self._refresh_loop, "catalog-refresh", self.node, self.name),
+            supervise(self._pull_loop, "pull-loop", self.node, self.name),
         ]
 
     def _configure(self, cfg: Config) -> None:

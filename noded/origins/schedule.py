@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from noded.core.component import cancel_task
+from noded.core.component import Node, cancel_task, supervise
 from noded.core.config import Config, ScheduleConfig
 from noded.core.logs import get_logger
 from noded.transparency.offpeak import limits_in_force
@@ -74,8 +74,9 @@ class Schedule:
 
     name = "schedule"
 
-    def __init__(self, cfg: ScheduleConfig) -> None:
+    def __init__(self, cfg: ScheduleConfig, node: Node | None = None) -> None:
         self.cfg = cfg
+        self.node = node  # where a crash of its loop is shown; None in tests of the buckets alone
         self.down = TokenBucket()
         self.up = TokenBucket()
         self._task: asyncio.Task[None] | None = None
@@ -121,7 +122,7 @@ class Schedule:
                     log.warning("schedule.listener_failed", error=str(e))
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="schedule")
+        self._task = supervise(self._run, "schedule", self.node, self.name)
 
     async def _run(self) -> None:
         while True:

@@ -22,7 +22,7 @@ from typing import Any
 import libtorrent as lt
 
 from noded.cache.layout import CacheLayout, UnsafePath, atomic_write
-from noded.core.component import Node
+from noded.core.component import Node, supervise
 from noded.core.logs import get_logger
 from noded.core.model import PIECE_LENGTH, Item, State
 from noded.origins.schedule import Schedule
@@ -95,10 +95,10 @@ class P2PEngine:
         self.restore_seconds = round(time.monotonic() - t0, 3)
         self._started = True
         self._tasks = [
-            asyncio.create_task(self._updates_loop(), name="p2p-updates"),
-            asyncio.create_task(self._seed_loop(), name="p2p-seed"),
-            asyncio.create_task(self._resume_loop(), name="p2p-resume"),
-            asyncio.create_task(self._targets_loop(), name="p2p-targets"),
+            supervise(self._updates_loop, "p2p-updates", self.node, self.name),
+            supervise(self._seed_loop, "p2p-seed", self.node, self.name),
+            supervise(self._resume_loop, "p2p-resume", self.node, self.name),
+            supervise(self._targets_loop, "p2p-targets", self.node, self.name),
         ]
         log.info(
             "p2p.started",

@@ -26,7 +26,9 @@ import aiohttp
 import libtorrent as lt
 
 from noded.cache.layout import CacheLayout, atomic_write
-from noded.core.component import Node
+from noded.core import jsonread
+from noded.core.component import Node, cancel_task, supervise
+from noded.core.httpread import BodyTooLarge, read_capped, response_json
 from noded.core.logs import get_logger
 from noded.core.model import CatalogEntry, HashResult, Item
 from noded.origins.catalog.base import is_hex
@@ -40,6 +42,9 @@ from noded.p2p.session import PieceFollower
 log = get_logger("noded.p2p.sync")
 
 PAGE_LIMIT = 1000
+# A page of PAGE_LIMIT items with 1 KiB keys is about 1.3 MB; the pieces list of a volunteer can be longer.
+PAGE_JSON = jsonread.JsonLimits(max_bytes=8 * 1024 * 1024, max_depth=16)
+PIECES_JSON = jsonread.JsonLimits(max_bytes=32 * 1024 * 1024, max_depth=16)
 RECONNECT_INTERVAL = 5.0
 HASH_CHUNK = 4 * 1024 * 1024
 
@@ -62,7 +67,8 @@ class PeerView:
     last_ok: float | None = None
     error: str | None = None
     items: dict[str, PeerItem] = field(default_factory=dict)
-    pages: dict[int, tuple[str, dict[str, Any]]] = field(default_factory=dict)  # cursor -> (etag, body)
+    # cursor -> (etag, the page's valid items, next cursor): an unchanged page is not parsed again.
+    pages: dict[int, tuple[str, list[PeerItem], int | None]] = field(default_factory=dict)
     adopted: set[str] = field(default_factory=set)  # peer keys already considered (adoption is once per key)
     down_since: float | None = None  # first failed poll of the current outage
     partial: dict[str, tuple[str, frozenset[int]]] = field(default_factory=dict)  # key -> (infohash, pieces held)
@@ -149,8 +155,9 @@ class PeerSync:
         self.layout = layout or CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir)
         self.peers: dict[str, PeerView] = {}
         self._http: aiohttp.ClientSession | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # one polling loop per peer
+        self._wakes: dict[str, asyncio.Event] = {}
+        self._started = False
         self._set_peers()
         self.source = PeerSource(self)
 
@@ -166,25 +173,41 @@ class PeerSync:
         f = self.node.cfg.fetch
         timeout = aiohttp.ClientTimeout(total=None, connect=f.connect_timeout, sock_read=f.read_timeout)
         self._http = aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": f.user_agent})
-        self._task = asyncio.create_task(self._poll_loop(), name="peer-poll")
+        self._started = True
+        self._start_loops()
+
+    def _start_loops(self) -> None:
+        """One supervised loop per configured peer; loops of peers no longer configured end."""
+        for name in list(self._tasks):
+            if name not in self.peers:
+                self._tasks.pop(name).cancel()
+                self._wakes.pop(name, None)
+        for name in self.peers:
+            if name not in self._tasks:
+                self._wakes[name] = asyncio.Event()
+                self._tasks[name] = supervise(
+                    functools.partial(self._poll_loop, name), f"peer-poll:{name}", self.node, self.name
+                )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        self._started = False
+        for t in list(self._tasks.values()):
+            await cancel_task(t)
+        self._tasks.clear()
         if self._http is not None:
             await self._http.close()
             self._http = None
 
     async def reload(self, cfg: Any) -> None:
         self._set_peers()
-        self._wake.set()
+        if self._started:
+            self._start_loops()
+        for ev in self._wakes.values():
+            ev.set()
 
     def status(self) -> dict[str, Any]:
         return {
-            "state": "running" if self._task else "stopped",
+            "state": "running" if self._started else "stopped",
             "peers_up": sum(1 for p in self.peers.values() if p.up),
             "peers": {
                 n: {"up": p.up, "items": len(p.items), "last_ok": p.last_ok, "error": p.error}
@@ -198,69 +221,98 @@ class PeerSync:
             raise RuntimeError("sync is not started")
         return self._http
 
-    async def _poll_loop(self) -> None:
+    async def _poll_loop(self, name: str) -> None:
+        wake = self._wakes[name]
         while True:
-            await self.poll_all()
-            self._wake.clear()
+            peer = self.peers.get(name)
+            if peer is None:
+                return
+            await self.poll(peer)
+            self._show_down()
+            wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.node.cfg.bittorrent.peer_poll_interval)
+                await asyncio.wait_for(wake.wait(), self.node.cfg.bittorrent.peer_poll_interval)
 
     async def poll_all(self) -> None:
+        """Poll every peer once, together (each within its own deadline)."""
         await asyncio.gather(*(self.poll(p) for p in list(self.peers.values())))
-        down = sorted(n for n, p in self.peers.items() if not p.up)
+        self._show_down()
+
+    def _show_down(self) -> None:
+        down = sorted(n for n, p in self.peers.items() if not p.up and p.error is not None)
         if down:
-            self.node.problems["peers"] = f"peer(s) down: {', '.join(down)}"
+            self.node.problems["peers"] = "peer(s) down: " + "; ".join(
+                f"{n} ({(self.peers[n].error or '')[:200]})" for n in down
+            )
         else:
             self.node.problems.pop("peers", None)
 
     async def poll(self, peer: PeerView) -> None:
-        """Read the peer's whole inventory (page by page, reusing unchanged pages via ETag)."""
+        """Read the peer's whole inventory (page by page, reusing unchanged pages via ETag), within
+        `peer_poll_timeout` for all pages together: a peer that answers a byte at a time fails the poll."""
         items: dict[str, PeerItem] = {}
-        cursor = 0
         limit = self.node.cfg.origins.max_items_per_origin
+        deadline = self.node.cfg.bittorrent.peer_poll_timeout
         try:
-            for _ in range(10_000):
-                url = f"{peer.api_url}/v1/inventory"
-                params = {"state": "cached", "limit": str(PAGE_LIMIT), "after": str(cursor)}
-                headers = {}
-                cached = peer.pages.get(cursor)
-                if cached:
-                    headers["If-None-Match"] = cached[0]
-                async with self.http.get(url, params=params, headers=headers) as r:
-                    self.node.traffic.add(f"peer:{peer.name}", "in", r.content_length or 0, requests=1)
-                    if r.status == 304 and cached:
-                        body = cached[1]
-                    elif r.status == 200:
-                        body = await r.json(content_type=None)
-                        if r.headers.get("ETag"):
-                            peer.pages[cursor] = (r.headers["ETag"], body)
-                    else:
-                        raise InventoryError(f"HTTP {r.status} from {url}")
-                page, nxt = parse_inventory_page(body, PAGE_LIMIT * 5)
-                for p in page:
-                    items[p.key] = p
-                if len(items) > limit:
-                    raise InventoryError(f"inventory larger than {limit} items")
-                if nxt is None:
-                    break
-                if nxt <= cursor:
-                    raise InventoryError("inventory cursor does not advance")
-                cursor = nxt
-        except (aiohttp.ClientError, TimeoutError, InventoryError, ValueError) as e:
-            if peer.up:
-                log.warning("sync.peer_down", peer=peer.name, error=str(e) or type(e).__name__)
-            peer.up, peer.error, peer.items = False, str(e) or type(e).__name__, {}
-            if peer.down_since is None:
-                peer.down_since = time.time()
-            self.node.traffic.add(f"peer:{peer.name}", "in", errors=1)
+            async with asyncio.timeout(deadline):
+                await self._read_inventory(peer, items, limit)
+        except TimeoutError:
+            self._failed(peer, f"poll did not finish within {deadline:.0f}s")
             return
-        peer.partial = await self._poll_pieces(peer)
+        except (aiohttp.ClientError, InventoryError, ValueError) as e:
+            # ValueError covers what the bounded JSON reader refuses (JsonInputError, BodyTooLarge).
+            self._failed(peer, str(e) or type(e).__name__)
+            return
+        try:
+            async with asyncio.timeout(deadline):
+                peer.partial = await self._poll_pieces(peer)
+        except TimeoutError:
+            peer.partial = {}
         if not peer.up:
             log.info("sync.peer_up", peer=peer.name, items=len(items))
         peer.up, peer.error, peer.items, peer.last_ok = True, None, items, time.time()
         peer.down_since = None
         if self.node.cfg.bittorrent.mirror_peers and items:
             await self._adopt(peer, items)
+
+    def _failed(self, peer: PeerView, error: str) -> None:
+        if peer.up or peer.error is None:
+            log.warning("sync.peer_down", peer=peer.name, error=error)
+        peer.up, peer.error, peer.items = False, error, {}
+        if peer.down_since is None:
+            peer.down_since = time.time()
+        self.node.traffic.add(f"peer:{peer.name}", "in", errors=1)
+
+    async def _read_inventory(self, peer: PeerView, items: dict[str, PeerItem], limit: int) -> None:
+        cursor = 0
+        for _ in range(10_000):
+            url = f"{peer.api_url}/v1/inventory"
+            params = {"state": "cached", "limit": str(PAGE_LIMIT), "after": str(cursor)}
+            headers = {}
+            cached = peer.pages.get(cursor)
+            if cached:
+                headers["If-None-Match"] = cached[0]
+            async with self.http.get(url, params=params, headers=headers) as r:
+                self.node.traffic.add(f"peer:{peer.name}", "in", r.content_length or 0, requests=1)
+                if r.status == 304 and cached:
+                    _, page, nxt = cached
+                elif r.status == 200:
+                    body = await response_json(r, PAGE_JSON, f"inventory page from {peer.name}")
+                    page, nxt = parse_inventory_page(body, PAGE_LIMIT * 5)
+                    if r.headers.get("ETag"):
+                        peer.pages[cursor] = (r.headers["ETag"], page, nxt)
+                else:
+                    raise InventoryError(f"HTTP {r.status} from {url}")
+            for p in page:
+                items[p.key] = p
+            if len(items) > limit:
+                raise InventoryError(f"inventory larger than {limit} items")
+            if nxt is None:
+                return
+            if nxt <= cursor:
+                raise InventoryError("inventory cursor does not advance")
+            cursor = nxt
+        raise InventoryError("inventory has more than 10000 pages")
 
     async def _poll_pieces(self, peer: PeerView) -> dict[str, tuple[str, frozenset[int]]]:
         """The peer's partial holdings (volunteers); a peer without them (404, bad body) holds none."""
@@ -270,7 +322,7 @@ class PeerSync:
                 self.node.traffic.add(f"peer:{peer.name}", "in", r.content_length or 0, requests=1)
                 if r.status != 200:
                     return {}
-                return parse_pieces_page(await r.json(content_type=None))
+                return parse_pieces_page(await response_json(r, PIECES_JSON, f"piece inventory from {peer.name}"))
         except (aiohttp.ClientError, TimeoutError, InventoryError, ValueError) as e:
             log.debug("sync.pieces_unavailable", peer=peer.name, error=str(e) or type(e).__name__)
             return {}
@@ -280,12 +332,19 @@ class PeerSync:
 
         Only keys never seen here are adopted, so an item this node evicted (or that failed here) is not
         pulled again just because the peer still holds it. Keys are untrusted and normalised like any
-        origin listing; the new rows' source of bytes is the peer (the pipeline tries it first).
+        origin listing, and bounded like one: the inventory by `max_items_per_origin` (when it is read), each
+        item by `max_item_size`. The new rows' source of bytes is the peer (the pipeline tries it first).
         """
         store = self.node.store
+        max_size = self.node.cfg.origins.max_item_size
         entries: list[CatalogEntry] = []
+        too_big = 0
         for p in items.values():
             if p.key in peer.adopted:
+                continue
+            if p.size is not None and p.size > max_size:
+                too_big += 1
+                peer.adopted.add(p.key)
                 continue
             try:
                 key = normalise_key(p.key)
@@ -314,6 +373,8 @@ class PeerSync:
                         new += 1
             return new
 
+        if too_big:
+            log.warning("sync.peer_items_too_large", peer=peer.name, items=too_big, max_item_size=max_size)
         if not entries:
             return
         new = await store.run(adopt_batch)
@@ -431,15 +492,21 @@ class PeerSource:
                 data = await loop.run_in_executor(None, path.read_bytes)
                 return T.parse_torrent(data, max_total=max_total)
         errors = []
+        deadline = self.sync.node.cfg.bittorrent.peer_poll_timeout
         for peer, pi in holders:
             url = f"{peer.api_url}/v1/torrents/{pi.infohash}.torrent"
             try:
-                async with self.sync.http.get(url) as r:
+                # The same total deadline as a poll: a peer trickling its torrent holds up this pull only so long.
+                async with asyncio.timeout(deadline), self.sync.http.get(url) as r:
                     if r.status != 200:
                         raise FetchError(f"HTTP {r.status}")
-                    data = await r.content.read(T.MAX_TORRENT_BYTES + 1)
+                    # Whole, up to the cap: a read() would stop at what happens to be buffered.
+                    data = await read_capped(r.content, T.MAX_TORRENT_BYTES, r.content_length, "torrent")
                 meta = T.parse_torrent(data, max_total=max_total)
-            except (aiohttp.ClientError, TimeoutError, FetchError, T.TorrentError) as e:
+            except TimeoutError:
+                errors.append(f"{peer.name}: torrent not received within {deadline:.0f}s")
+                continue
+            except (aiohttp.ClientError, FetchError, T.TorrentError, BodyTooLarge) as e:
                 errors.append(f"{peer.name}: {e}")
                 continue
             if meta.infohash != pi.infohash:

@@ -336,6 +336,11 @@ def parse_torrent(data: bytes, *, max_total: int = DEFAULT_MAX_TOTAL) -> Torrent
         ti = lt.torrent_info(bytes(data), limits)
     except RuntimeError as e:
         raise TorrentError(f"libtorrent rejects the torrent: {e}") from None
+    # A Python dict keeps the last of duplicate keys, libtorrent the first: the two would read different
+    # names, sizes or hashes from one file, so a torrent with any is refused.
+    dup = duplicate_key(bytes(ti.info_section()))
+    if dup is not None:
+        raise TorrentError(f"info dictionary has the key {dup[:60]!r} twice")
     source = info.get(b"source")
     trackers = _url_list(decoded.get(b"announce"))
     tiers = decoded.get(b"announce-list")
@@ -355,6 +360,42 @@ def parse_torrent(data: bytes, *, max_total: int = DEFAULT_MAX_TOTAL) -> Torrent
         pieces=pieces,
         data=bytes(data),
     )
+
+
+def duplicate_key(data: bytes) -> bytes | None:
+    """The first key found twice in one dictionary of bencoded `data` (already well-formed: libtorrent
+    parsed it), or None. Iterative, so deep nesting costs no recursion."""
+    # One frame per open container: (keys seen, or None for a list; whether a dict's next token is a key).
+    stack: list[tuple[set[bytes] | None, list[bool]]] = []
+
+    def value_done() -> None:
+        if stack and stack[-1][0] is not None:
+            stack[-1][1][0] = not stack[-1][1][0]
+
+    i, n = 0, len(data)
+    while i < n:
+        c = data[i : i + 1]
+        if c == b"e":
+            stack.pop()
+            i += 1
+            value_done()
+        elif c in (b"d", b"l"):
+            stack.append((set() if c == b"d" else None, [True]))
+            i += 1
+        elif c == b"i":
+            i = data.index(b"e", i) + 1
+            value_done()
+        else:
+            colon = data.index(b":", i)
+            token = data[colon + 1 : colon + 1 + int(data[i:colon])]
+            i = colon + 1 + len(token)
+            if stack and stack[-1][0] is not None and stack[-1][1][0]:
+                keys = stack[-1][0]
+                if token in keys:
+                    return token
+                keys.add(token)
+            value_done()
+    return None
 
 
 def _md5(v: Any) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 import libtorrent as lt
 
 from noded.cache.layout import CacheLayout
-from noded.core.component import Node
+from noded.core.component import Node, supervise
 from noded.core.logs import get_logger
 from noded.core.model import Item, State
 from noded.core.store import Store
@@ -36,8 +36,6 @@ from noded.p2p.replicas import ItemReplicas, count, durable_locations, summary
 from noded.p2p.settings import ALERT_MASK
 
 log = get_logger("noded.p2p.volunteer")
-
-RESTART_BACKOFF_MAX = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +98,6 @@ class Volunteer:
         self.last_selection: Selection | None = None
         self.acquired_bytes = 0
         self.released_bytes = 0
-        self.crashes = 0
-        self.last_error: str | None = None
         self.missing_pieces = 0  # pieces chosen but not yet verified here, as of the last round
         self.origin_items: set[str] = set()  # keys whose web seeds are on (no copy anywhere else)
         v = cfg.volunteer
@@ -123,7 +119,7 @@ class Volunteer:
         if up:
             self.engine.upload_cap = up
             self.engine.session.apply_settings({"upload_rate_limit": up})
-        self._task = asyncio.create_task(self._supervised(), name="volunteer")
+        self._task = supervise(self._loop, "volunteer", self.node, self.name)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -135,26 +131,10 @@ class Volunteer:
     def wake(self) -> None:
         self._wake.set()
 
-    async def _supervised(self) -> None:
-        backoff = 1.0
-        while True:
-            try:
-                await self._loop()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # logged, shown in status, restarted with backoff
-                self.crashes += 1
-                self.last_error = f"{type(e).__name__}: {e}"
-                self.node.problems["volunteer"] = f"decision loop crashed ({self.last_error}); restarting"
-                log.error("volunteer.crashed", error=self.last_error, exc_info=True)
-                await asyncio.sleep(backoff)
-                backoff = min(RESTART_BACKOFF_MAX, backoff * 2)
-
     async def _loop(self) -> None:
         interval = self.node.cfg.volunteer.interval
         while True:
             await self.run_round()
-            self.node.problems.pop("volunteer", None)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
@@ -322,6 +302,7 @@ class Volunteer:
     def status(self) -> dict[str, Any]:
         sel = self.last_selection
         k = self.node.cfg.volunteer.copies_target
+        health = self.node.loops.get("volunteer")
         return {
             "state": "running" if self._task is not None and not self._task.done() else "stopped",
             "budget": self.budget,
@@ -341,7 +322,7 @@ class Volunteer:
             + sum(ts.downloaded for ih, ts in self.engine.session.states.items() if ih in self.holder.holdings),
             "uploaded_bytes": self.holder.retired_up
             + sum(ts.uploaded for ih, ts in self.engine.session.states.items() if ih in self.holder.holdings),
-            "crashes": self.crashes,
-            "last_error": self.last_error,
+            "crashes": health.crashes if health else 0,
+            "last_error": health.last_error if health else None,
             "replicas": summary(self._replicas.values(), k),
         }

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from noded.cache.layout import CacheLayout, UnsafePath
-from noded.core.component import Node, cancel_task
+from noded.core.component import Node, cancel_task, supervise
 from noded.core.logs import get_logger
 from noded.core.model import Item, State
 from noded.core.store import Store
@@ -200,7 +200,7 @@ class R2Pusher:
         # Parts grow with the file (about 500 MiB at 4.9 TiB): cap the bytes held in memory too.
         self._buffers = ByteBudget(self.cfg.max_buffer_bytes)
         self._state = "starting"
-        self._task = asyncio.create_task(self._run(), name="r2-pusher")
+        self._task = supervise(self._run, "r2-pusher", self.node, self.name)
 
     async def stop(self) -> None:
         await cancel_task(self._task)

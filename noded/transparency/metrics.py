@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from noded import __version__
-from noded.core.component import Node, cancel_task
+from noded.core.component import Node, cancel_task, supervise
 from noded.core.logs import get_logger
 from noded.transparency.mirror_state import MirrorStatus
 from noded.transparency.reports import open_counts
@@ -200,7 +200,7 @@ class Metrics:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._sample_lag(), name="loop-lag")
+        self._task = supervise(self._sample_lag, "loop-lag", self.node, self.name)
 
     async def stop(self) -> None:
         await cancel_task(self._task)

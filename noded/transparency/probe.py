@@ -23,8 +23,10 @@ from urllib.parse import quote
 import aiohttp
 
 from noded.cache.layout import CacheLayout, UnsafePath
-from noded.core.component import Node, cancel_task
+from noded.core import jsonread
+from noded.core.component import Node, cancel_task, supervise
 from noded.core.config import Config
+from noded.core.httpread import read_capped
 from noded.core.logs import get_logger
 from noded.core.store import Store
 from noded.transparency.mirror_state import MirrorState, MirrorStatus, Outcome, advance
@@ -32,6 +34,7 @@ from noded.transparency.mirror_state import MirrorState, MirrorStatus, Outcome, 
 log = get_logger("noded.probe")
 
 RANGE_BYTES = 4096  # enough to tell wrong content from right, small enough to probe every minute
+READYZ_JSON = jsonread.JsonLimits(max_bytes=64 * 1024, max_depth=8)
 PROBE_RETENTION = 8 * 86400  # uptime looks back 7 days
 Kind = Literal["origin", "r2", "peer", "seed"]
 
@@ -213,7 +216,7 @@ class Prober:
         )
         if not self.cfg.probe.enabled:
             return  # probe_all() still works on demand (tests, a future "probe now" endpoint)
-        self._task = asyncio.create_task(self._loop(), name="probe")
+        self._task = supervise(self._loop, "probe", self.node, self.name)
 
     async def stop(self) -> None:
         await cancel_task(self._task)
@@ -371,13 +374,13 @@ class Prober:
         assert t.url is not None
         t0 = time.monotonic()
         async with self._session_or_fail().get(t.url) as r:
-            raw = await r.read()
+            try:
+                raw = await read_capped(r.content, READYZ_JSON.max_bytes, r.content_length, "/readyz answer")
+                body = jsonread.loads(raw, READYZ_JSON, "/readyz answer")
+            except ValueError:  # too large, or refused by the bounded reader: not a ready peer
+                raw, body = b"", None
             latency = (time.monotonic() - t0) * 1000
             self.node.traffic.add(t.channel, "in", len(raw))
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                body = None
             ready = isinstance(body, dict) and body.get("ready") is True
             if r.status == 200 and ready:
                 return Outcome(True, latency, "ready")

@@ -31,8 +31,8 @@ class ReportInvalid(ValueError):
 
 
 class RateLimited(Exception):
-    def __init__(self, retry_after: int, limit: int) -> None:
-        super().__init__(f"at most {limit} reports per hour from one client; retry in {retry_after} s")
+    def __init__(self, retry_after: int, limit: int, scope: str = "from one client") -> None:
+        super().__init__(f"at most {limit} reports per hour {scope}; retry in {retry_after} s")
         self.retry_after = retry_after
 
 
@@ -94,9 +94,18 @@ def validate_report(body: Any, mirrors: Collection[str]) -> NewReport:
 
 
 def insert_report(
-    store: Store, rep: NewReport, client: str, *, per_hour: int, max_open: int, now: float | None = None
+    store: Store,
+    rep: NewReport,
+    client: str,
+    *,
+    per_hour: int,
+    max_open: int,
+    per_hour_total: int | None = None,
+    now: float | None = None,
 ) -> tuple[int, int | None]:
-    """Store a report. Returns (report id, id of the item queued for re-verification or None)."""
+    """Store a report. Returns (report id, id of the item queued for re-verification or None).
+
+    Limited per client address and, since addresses are cheap, for all clients together."""
     now = time.time() if now is None else now
     with store.tx() as c:
         recent = c.execute(
@@ -105,6 +114,12 @@ def insert_report(
         ).fetchone()
         if recent[0] >= per_hour:
             raise RateLimited(max(1, int(recent[1] + 3600 - now) + 1), per_hour)
+        if per_hour_total is not None:
+            total = c.execute(
+                "SELECT COUNT(*), MIN(created_at) FROM reports WHERE created_at > ?", (now - 3600,)
+            ).fetchone()
+            if total[0] >= per_hour_total:
+                raise RateLimited(max(1, int(total[1] + 3600 - now) + 1), per_hour_total, "from all clients")
         if c.execute("SELECT COUNT(*) FROM reports WHERE status = 'open'").fetchone()[0] >= max_open:
             raise TooManyOpen(f"{max_open} reports are open already; try again once some are handled")
         rid = c.execute(

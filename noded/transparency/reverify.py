@@ -12,7 +12,7 @@ import asyncio
 from collections import deque
 from typing import Any
 
-from noded.core.component import Node, cancel_task
+from noded.core.component import Node, cancel_task, supervise
 from noded.core.logs import get_logger
 from noded.transparency.reports import finish_verification, pending_verifications
 
@@ -40,7 +40,7 @@ class ReverifyQueue:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="reverify")
+        self._task = supervise(self._loop, "reverify", self.node, self.name)
 
     async def stop(self) -> None:
         await cancel_task(self._task)

@@ -11,7 +11,7 @@ import asyncio
 import time
 from typing import Any
 
-from noded.core.component import Node, cancel_task
+from noded.core.component import Node, cancel_task, supervise
 from noded.core.config import Config
 from noded.core.counters import Counter, Traffic
 from noded.core.logs import get_logger
@@ -93,7 +93,7 @@ class TrafficRecorder:
 
     async def start(self) -> None:
         await self.refresh_profile(force=True)
-        self._task = asyncio.create_task(self._loop(), name="traffic-flush")
+        self._task = supervise(self._loop, "traffic-flush", self.node, self.name)
 
     async def stop(self) -> None:
         await cancel_task(self._task)

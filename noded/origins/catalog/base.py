@@ -7,12 +7,12 @@ that exceeds its bounds, is a `CatalogError` for that origin only, and the calle
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from noded.core import jsonread
 from noded.core.model import CatalogEntry
 from noded.origins.catalog.keys import KeyError_, normalise_key
 
@@ -90,11 +90,12 @@ def is_hex(value: str, length: int) -> bool:
 
 
 def parse_json(body: bytes, what: str) -> Any:
-    """A JSON body, or CatalogError naming what it was."""
+    """A JSON body (already within the page byte cap) through the bounded reader, or CatalogError naming
+    what it was. Catalogues nest deeper (GeoJSON geometries) and carry longer decimals than peers."""
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CatalogError(f"{what}: malformed JSON: {e}") from None
+        return jsonread.loads(body, jsonread.JsonLimits(max_bytes=max(1, len(body)), max_number_chars=100), what)
+    except jsonread.JsonInputError as e:
+        raise CatalogError(str(e)) from None
 
 
 def checksum(value: Any, length: int) -> str | None:
