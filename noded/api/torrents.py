@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -11,10 +12,12 @@ from aiohttp import web
 
 from noded.api.app import NODE_KEY
 from noded.api.errors import ApiError
+from noded.api.magnets import mirror_base, node_magnet
 from noded.cache.layout import CacheLayout
 from noded.core.model import Item, State
 from noded.origins.catalog.base import is_hex
 from noded.p2p.rss import FeedItem, render_feed
+from noded.transparency.locate import cache_url
 
 INVENTORY_MAX_LIMIT = 5000
 INVENTORY_DEFAULT_LIMIT = 1000
@@ -128,6 +131,12 @@ async def torrents_rss(request: web.Request) -> web.StreamResponse:
             if i.seeding and i.infohash
         ]
     feed.sort(key=lambda f: f.updated, reverse=True)
+    # The magnet's web seed is this node's copy (every item in the feed is cached here).
+    mirror = mirror_base(node, request)
+    prefix = node.cfg.http_mirror.strip_prefix
+    for i, f in enumerate(feed):
+        seeds = [cache_url(mirror + prefix, f.title)] if mirror else []
+        feed[i] = dataclasses.replace(f, magnet=await node_magnet(node, f.infohash, f.title, seeds))
     body = render_feed(node.cfg.node.name, base + "/v1/torrents.rss", feed)
     return web.Response(body=body, content_type="application/rss+xml", charset="utf-8")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 import time
 from collections.abc import Iterable
@@ -44,6 +45,21 @@ PAGE = 500
 def split_host_port(hp: str) -> tuple[str, int]:
     host, _, port = hp.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def keep_torrent(path: Path, infohash: str, data: bytes) -> bytes:
+    """Store a .torrent for `infohash` unless a published one is there already: a torrent someone else
+    made (its announce, url-list and comment) is kept and served byte for byte; one this node or another
+    noded made is brought up to date. Returns the bytes now stored. Blocking."""
+    try:
+        existing = path.read_bytes()
+    except FileNotFoundError:
+        existing = None
+    if existing is not None and existing != data and T.published_elsewhere(existing, infohash):
+        return existing
+    if existing != data:
+        atomic_write(path, data)
+    return data
 
 
 class P2PEngine:
@@ -153,6 +169,24 @@ class P2PEngine:
     async def reload(self, cfg: Any) -> None:
         self.ledger.directory = await asyncio.get_running_loop().run_in_executor(None, self._resolve_directory)
 
+    def public_endpoint(self) -> str | None:
+        """host:port BitTorrent clients reach this node at: the configured public address, else the
+        listen address when it names one host (a wildcard says nothing a client could use)."""
+        bt = self.node.cfg.bittorrent
+        if bt.public_address:
+            return bt.public_address
+        for part in bt.listen_interfaces.split(","):
+            host, port = split_host_port(part.strip())
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:  # an interface name
+                continue
+            if ip.is_unspecified:
+                continue
+            port = self.session.listen_port or port
+            return f"[{host}]:{port}" if ip.version == 6 else f"{host}:{port}"
+        return None
+
     # -- restore at start ------------------------------------------------------------------
     async def _restore(self) -> None:
         """Items marked seeding come back with their resume data or in seed mode: no recheck."""
@@ -190,7 +224,7 @@ class P2PEngine:
 
     async def _add_plan(self, plan: SeedPlan) -> bool:
         try:
-            atp = seed_params(plan)
+            atp = seed_params(plan, [str(t) for t in self.node.cfg.bittorrent.trackers])
             await self.session.add(atp, plan.infohash)
         except Exception as e:
             log.warning("p2p.add_failed", infohash=plan.infohash, error=str(e))
@@ -267,10 +301,7 @@ class P2PEngine:
         seeds = T.web_seed_urls(item.key, item.urls, bt.web_seed_templates)
         data = T.encode_torrent(info, trackers=bt.trackers, web_seeds=seeds)
         ih = T.infohash_of(info)
-        path = self.layout.torrent_path(ih)
-        if not path.exists() or path.read_bytes() != data:
-            atomic_write(path, data)
-        return ih, data
+        return ih, keep_torrent(self.layout.torrent_path(ih), ih, data)
 
     async def remove_torrent(self, infohash: str) -> bool:
         """Stop seeding (eviction calls this before deleting the file). Keeps the .torrent file."""

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import libtorrent as lt
 
-from noded.cache.layout import CacheLayout, atomic_write
+from noded.cache.layout import CacheLayout
 from noded.core.component import Node
 from noded.core.logs import get_logger
 from noded.core.model import CatalogEntry, HashResult, Item
@@ -33,7 +33,7 @@ from noded.origins.catalog.base import is_hex
 from noded.origins.catalog.keys import normalise_key
 from noded.origins.sources import FetchError
 from noded.p2p import torrent as T
-from noded.p2p.engine import P2PEngine, split_host_port
+from noded.p2p.engine import P2PEngine, keep_torrent, split_host_port
 from noded.p2p.follow import FollowHasher, lower_priority
 from noded.p2p.session import PieceFollower
 
@@ -417,7 +417,8 @@ class PeerSource:
         if item.md5 and result.md5 != item.md5.lower():
             raise FetchError(f"{item.key}: md5 {result.md5} from peer, expected {item.md5}", suspect=True)
         # Keep the torrent: the item will seed under the same infohash as the peer's copy.
-        await asyncio.get_running_loop().run_in_executor(None, atomic_write, sync.layout.torrent_path(ih), meta.data)
+        path = sync.layout.torrent_path(ih)
+        await asyncio.get_running_loop().run_in_executor(None, keep_torrent, path, ih, meta.data)
         await sync.node.store.run(sync.node.store.update_item, item.id, infohash=ih)
         log.info("sync.fetched", key=item.key, infohash=ih, peers=[p.name for p, _ in holders], **self.last_timing)
         return result

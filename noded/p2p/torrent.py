@@ -270,6 +270,47 @@ def _url_list(v: Any) -> list[str]:
     return out
 
 
+def _tracker_list(v: Any) -> list[str]:
+    items = [v] if isinstance(v, bytes) else v if isinstance(v, list) else []
+    out = []
+    for u in items:
+        if isinstance(u, bytes):
+            t = u.decode("utf-8", "replace")
+            if urlsplit(t).scheme in ("http", "https", "udp") and len(t) < 2048 and not _CONTROL.search(t):
+                out.append(t)
+    return out
+
+
+def _trackers(decoded: dict[bytes, Any]) -> list[str]:
+    """announce, then every tier of announce-list (BEP 12), each once."""
+    out = _tracker_list(decoded.get(b"announce"))
+    tiers = decoded.get(b"announce-list")
+    for tier in tiers if isinstance(tiers, list) else []:
+        out += _tracker_list(tier)
+    return list(dict.fromkeys(out))
+
+
+def announce_urls(data: bytes) -> list[str]:
+    """The trackers a .torrent names (announce and announce-list); [] for anything unreadable."""
+    try:
+        decoded: Any = lt.bdecode(bytes(data))
+    except RuntimeError:
+        return []
+    return _trackers(decoded) if isinstance(decoded, dict) else []
+
+
+def published_elsewhere(data: bytes, infohash: str) -> bool:
+    """Is this a readable .torrent for `infohash` that noded did not make (a published torrent)?"""
+    try:
+        decoded: Any = lt.bdecode(bytes(data))
+        ih = str(lt.torrent_info(bytes(data)).info_hashes().v1)
+    except RuntimeError:
+        return False
+    if not isinstance(decoded, dict) or ih != infohash:
+        return False
+    return decoded.get(b"created by") != CREATED_BY.encode()
+
+
 def parse_torrent(data: bytes, *, max_total: int = DEFAULT_MAX_TOTAL) -> TorrentMeta:
     """Validate a .torrent from outside; raise TorrentError with a clear reason, never crash."""
     if not isinstance(data, bytes | bytearray):
@@ -337,10 +378,7 @@ def parse_torrent(data: bytes, *, max_total: int = DEFAULT_MAX_TOTAL) -> Torrent
     except RuntimeError as e:
         raise TorrentError(f"libtorrent rejects the torrent: {e}") from None
     source = info.get(b"source")
-    trackers = _url_list(decoded.get(b"announce"))
-    tiers = decoded.get(b"announce-list")
-    for tier in tiers if isinstance(tiers, list) else []:
-        trackers += _url_list(tier)
+    trackers = _trackers(decoded)
     return TorrentMeta(
         infohash=str(ti.info_hashes().v1),
         name=name,
