@@ -13,7 +13,6 @@ from aiohttp import web
 
 from noded.cache.layout import CacheLayout
 from noded.core.component import Node
-from noded.p2p.torrent import announce_urls
 from noded.transparency.locate import magnet
 
 
@@ -32,6 +31,8 @@ def mirror_base(node: Node, request: web.Request) -> str | None:
 
 def _torrent_trackers(node: Node, infohash: str) -> list[str]:
     """Blocking: the trackers of the stored .torrent (none when it is not built yet)."""
+    from noded.p2p.torrent import announce_urls  # libtorrent is loaded only where BitTorrent runs
+
     paths = node.cfg.paths
     try:
         data = CacheLayout(paths.cache_dir, paths.state_dir).torrent_path(infohash).read_bytes()

@@ -160,6 +160,28 @@ def encode_torrent(
     info: dict[bytes, Any], *, trackers: Sequence[str] = (), web_seeds: Sequence[str] = (), comment: str | None = None
 ) -> bytes:
     """The .torrent bytes. No creation date: every node writes the same file for the same item."""
+    return bytes(lt.bencode(_outer(info, trackers, web_seeds, comment)))
+
+
+_INFO_MARKER = b"\x00noded-info\x00"
+
+
+def encode_with_info(info: bytes, *, trackers: Sequence[str] = (), web_seeds: Sequence[str] = ()) -> bytes:
+    """A .torrent around an info dict given as its bencoded bytes, kept verbatim (so the infohash holds)."""
+    out = bytes(lt.bencode(_outer(_INFO_MARKER, trackers, web_seeds, None)))
+    encoded = str(len(_INFO_MARKER)).encode() + b":" + _INFO_MARKER
+    if out.count(encoded) != 1:  # a tracker or web seed URL cannot hold a NUL byte; guard all the same
+        raise TorrentError("cannot place the info dictionary")
+    return out.replace(encoded, info, 1)
+
+
+def bare_infohash(text: str) -> bool:
+    """Is this a v1 infohash on its own (40 hex or 32 base32 digits)?"""
+    t = text.strip()
+    return is_hex(t.lower(), 40) or bool(_B32.match(t.upper()))
+
+
+def _outer(info: Any, trackers: Sequence[str], web_seeds: Sequence[str], comment: str | None) -> dict[bytes, Any]:
     meta: dict[bytes, Any] = {b"info": info, b"created by": CREATED_BY.encode()}
     trackers = list(dict.fromkeys(trackers))
     if trackers:
@@ -171,7 +193,7 @@ def encode_torrent(
         meta[b"url-list"] = [u.encode() for u in seeds]
     if comment:
         meta[b"comment"] = comment.encode()
-    return bytes(lt.bencode(meta))
+    return meta
 
 
 def web_seed_urls(key: str, origin_urls: Iterable[str], templates: Iterable[str]) -> list[str]:
