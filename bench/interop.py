@@ -82,13 +82,16 @@ def log(msg: str) -> None:
 
 def first_data(path: Path, t0: float, stop: threading.Event, out: list[float]) -> None:
     """Seconds from t0 until the file holds its first written block (preallocation is sparse)."""
+    # transmission writes to <name>.part until the file is complete.
+    candidates = [path, path.with_name(path.name + ".part")]
     while not stop.is_set():
-        try:
-            if path.stat().st_blocks > 0:
-                out.append(time.monotonic() - t0)
-                return
-        except FileNotFoundError:
-            pass
+        for p in candidates:
+            try:
+                if p.stat().st_blocks > 0:
+                    out.append(time.monotonic() - t0)
+                    return
+            except FileNotFoundError:
+                pass
         time.sleep(0.01)
 
 
