@@ -3,7 +3,8 @@
 A running noded imports a published torrent (its own tracker, url-list and comment) whose bytes an
 origin item also holds under another key: the stored and served .torrent stays the published one,
 the session announces to the torrent's tracker and to the configured one (both Debian opentracker,
-asked by scrape), and the magnets of /v1/locate, /v1/datasets and the RSS feed carry both trackers
+asked by scrape), a configured tracker nothing listens on is a problem in /v1/status and stops nothing,
+and the magnets of /v1/locate, /v1/datasets and the RSS feed carry both trackers
 as tr=, this node's public BitTorrent endpoint as x.pe= and its HTTP copy as ws=.
 """
 
@@ -74,9 +75,10 @@ def test_published_torrent_kept_and_magnets_carry_trackers_peer_and_web_seed(
         tpath = tmp_path / "census.pmtiles.torrent"
         tpath.write_bytes(raw)
         public = f"203.0.113.7:{free_port()}"
+        dead = f"http://127.0.0.1:{free_port()}/announce"  # nothing listens: a visible problem, nothing more
         node = noded_factory(
             start=False,
-            bittorrent={"trackers": [configured], "public_address": public},
+            bittorrent={"trackers": [configured, dead], "public_address": public},
             origins={"torrents": {"files": [str(tpath)]}},
         )
         # An origin item with the same bytes under another key: its torrent has the same infohash.
@@ -97,12 +99,15 @@ def test_published_torrent_kept_and_magnets_carry_trackers_peer_and_web_seed(
         # Announced to the torrent's own tracker and to the configured one.
         _wait(lambda: scrape(own, ih).get("complete") == 1, "a seed on the torrent's own tracker")
         _wait(lambda: scrape(configured, ih).get("complete") == 1, "a seed on the configured tracker")
+        problems = _wait(lambda: node.get("/v1/status")[1]["problems"].get("trackers"), "the dead tracker's problem")
+        assert dead in problems and "refused" in problems.lower(), problems
+        assert set(node.get("/v1/status")[1]["components"]["p2p"]["tracker_errors"]) == {dead}
 
         status, body = node.get("/v1/locate/stats/census.pmtiles")
         assert status == 200
         q = parse_qs(urlsplit(body["magnet"]).query)
         assert q["xt"] == [f"urn:btih:{ih}"] and q["dn"] == ["census.pmtiles"]
-        assert set(q["tr"]) == {own, configured}
+        assert set(q["tr"]) == {own, configured, dead}
         assert q["x.pe"] == [public]
         mirror = load_config(node.config).http_mirror
         assert f"http://127.0.0.1:{mirror.port}/stats/census.pmtiles" in q["ws"]
@@ -112,7 +117,7 @@ def test_published_torrent_kept_and_magnets_carry_trackers_peer_and_web_seed(
         mags = {d["key"]: d.get("magnet") for d in rows}
         for key in ("stats/census.pmtiles", "census.pmtiles"):
             dq = parse_qs(urlsplit(mags[key]).query)
-            assert set(dq["tr"]) == {own, configured} and dq["x.pe"] == [public], mags[key]
+            assert set(dq["tr"]) == {own, configured, dead} and dq["x.pe"] == [public], mags[key]
 
         status, rss = node.get("/v1/torrents.rss")
         assert status == 200
@@ -120,6 +125,6 @@ def test_published_torrent_kept_and_magnets_carry_trackers_peer_and_web_seed(
         uris = [i.findtext(f"{{{TORRENT_NS}}}magnetURI") for i in items]
         assert uris and all(u for u in uris)
         rq = parse_qs(urlsplit(str(uris[0])).query)
-        assert set(rq["tr"]) == {own, configured} and rq["x.pe"] == [public]
+        assert set(rq["tr"]) == {own, configured, dead} and rq["x.pe"] == [public]
         assert rq["ws"] and rq["ws"][0].startswith(f"http://127.0.0.1:{mirror.port}/")
         assert node.stop() == 0

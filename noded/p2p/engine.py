@@ -85,6 +85,9 @@ class P2PEngine:
         self.session.before_remove = self._read_one
         self.session.subscribe("peer_disconnected_alert", self._on_disconnect)
         self.session.subscribe("peer_connect_alert", self._on_connect)
+        self.session.subscribe("tracker_error_alert", self._on_tracker_error)
+        self.session.subscribe("tracker_reply_alert", self._on_tracker_reply)
+        self.tracker_errors: dict[str, str] = {}  # tracker URL -> its last error, until it answers again
         self.restored = 0
         self.imported = 0
         self.restore_seconds: float | None = None
@@ -151,6 +154,7 @@ class P2PEngine:
             "restore_seconds": self.restore_seconds,
             "checking_seen": len(self.session.checking_seen),
             "seed_errors": self.seed_errors,
+            "tracker_errors": dict(self.tracker_errors),
             "accounting_seconds": round(self.accounting_seconds, 3),
             "unattributed_bytes": dict(self.ledger.unattributed),
             "rate_limits": {
@@ -349,6 +353,25 @@ class P2PEngine:
     async def account_now(self) -> None:
         """Read every torrent's and connection's counters now (before a torrent leaves, at shutdown)."""
         await self._account(sweep=True)
+
+    def _on_tracker_error(self, a: Any) -> None:
+        url = str(a.tracker_url())
+        self.tracker_errors[url] = a.error_message() or a.error.message()
+        self._show_tracker_problems()
+
+    def _on_tracker_reply(self, a: Any) -> None:
+        if self.tracker_errors.pop(str(a.tracker_url()), None) is not None:
+            self._show_tracker_problems()
+
+    def _show_tracker_problems(self) -> None:
+        """A tracker that refuses, times out or answers garbage is a problem in /v1/status until it answers."""
+        if not self.tracker_errors:
+            self.node.problems.pop("trackers", None)
+            return
+        first = next(iter(self.tracker_errors.items()))
+        self.node.problems["trackers"] = (
+            f"{len(self.tracker_errors)} tracker(s) failing; {first[0]}: {first[1]}"[:300]
+        )
 
     def _on_connect(self, a: Any) -> None:
         ih = self.session.infohash_of(a.handle)

@@ -17,6 +17,7 @@ ALERT_MASK = (
     | lt.alert_category.piece_progress  # piece_finished: verification follows a download as it lands
     | lt.alert_category.connect  # peer_disconnected: the accounting learns which connections closed
     | lt.alert_category.stats  # session_stats: payload counters the accounting reconciles with
+    | lt.alert_category.tracker  # tracker replies clear a tracker's problem its errors raised
 )
 
 
