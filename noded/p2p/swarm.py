@@ -29,6 +29,7 @@ from noded.core.logs import get_logger
 from noded.core.model import Item
 from noded.p2p import torrent as T
 from noded.p2p.engine import P2PEngine, keep_torrent, split_host_port
+from noded.p2p.session import SessionError
 from noded.p2p.sync import PeerItem, PeerSource, PeerSync, PeerView, _download_params
 
 log = get_logger("noded.p2p.swarm")
@@ -202,7 +203,10 @@ class Swarm:
         timeout = self.node.cfg.bittorrent.metadata_timeout
         t0 = time.monotonic()
         try:
-            h = await session.add(atp, ih)
+            try:
+                h = await session.add(atp, ih)
+            except SessionError as e:
+                raise AddError(str(e)) from None
             last_connect = 0.0
             while not got.is_set():
                 left = timeout - (time.monotonic() - t0)
