@@ -194,8 +194,8 @@ def main() -> None:
                 log(f"{k}: {results[k]}")
             raws.append(run_raw(ns, uri, work))
             log(f"raw libtorrent again: {raws[1]}")
-        raw = min(r["seconds"] for r in raws)
-        raw_disc = min(r["discovery_seconds"] or 0 for r in raws)
+        best = min(raws, key=lambda r: r["seconds"])
+        raw, raw_disc = best["seconds"], best["discovery_seconds"] or 0.0
         clients: dict[str, Any] = {}
         for k, r in results.items():
             disc = r["discovery_seconds"]
