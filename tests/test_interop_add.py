@@ -36,10 +36,18 @@ SIZE = 2 * 1024 * 1024 + 999
 
 
 class GarbageTracker(http.server.BaseHTTPRequestHandler):
-    """A tracker that answers every announce with bytes that are not bencode."""
+    """A tracker that answers every announce with bytes that are not bencode; it also serves the
+    .torrent files put in `FILES` (path -> bytes), and 404 for any other path."""
+
+    FILES: dict[str, bytes] = {}
 
     def do_GET(self) -> None:
         body = b"<html>definitely not a tracker response</html>"
+        if self.path.endswith(".torrent"):
+            if self.path not in self.FILES:
+                self.send_error(404)
+                return
+            body = self.FILES[self.path]
         self.send_response(200)
         self.send_header("Content-Type", "text/html")
         self.send_header("Content-Length", str(len(body)))
@@ -145,4 +153,53 @@ def test_add_from_swarm_and_bad_input(noded_factory: Any, tmp_path: Path, garbag
             raise AssertionError(f"not seeding: {items}")
         status, served = node.get(f"/v1/torrents/{ih}.torrent")
         assert status == 200 and T.parse_torrent(served).infohash == ih and tracker in T.parse_torrent(served).trackers
+        assert node.stop() == 0
+
+
+def test_add_by_infohash_torrent_file_and_url(noded_factory: Any, tmp_path: Path, garbage: str) -> None:
+    """A bare infohash (metadata through the configured tracker), a .torrent file given to the CLI and
+    a .torrent's URL: each fetched from the swarm, verified and cached; a URL that answers 404 is refused."""
+    src_dir = tmp_path / "seeder"
+    src_dir.mkdir()
+    datas = {n: content(SIZE + i, 60 + i) for i, n in enumerate(("by-hash.bin", "by-file.bin", "by-url.bin"))}
+    ihs = {}
+    for n, d in datas.items():
+        (src_dir / n).write_bytes(d)
+        ihs[n] = make_torrent(src_dir / n, "http://127.0.0.1:1/announce")[1]
+    with opentracker(ihs.values()) as tracker:
+        torrents = {n: make_torrent(src_dir / n, tracker)[0] for n in datas}
+        seeders = [seed(t, src_dir) for t in torrents.values()]
+        node = noded_factory(
+            env={"NODED_API_TOKEN": TOKEN},
+            bittorrent={"trackers": [tracker], "metadata_timeout": 30.0, "peer_stall_timeout": 30.0},
+        )
+        try:
+            base = garbage.removesuffix("/announce")
+            GarbageTracker.FILES["/by-url.torrent"] = torrents["by-url.bin"]
+            status, body = add(node, {"source": f"{base}/missing.torrent"})
+            assert status == 400 and "HTTP 404" in body["error"]["message"], body
+            status, body = add(node, {"source": ihs["by-hash.bin"].upper()})
+            assert status == 202 and body["key"] == "by-hash.bin", body
+            status, body = add(node, {"source": f"{base}/by-url.torrent"})
+            assert status == 202 and body["key"] == "by-url.bin", body
+            tfile = tmp_path / "by-file.torrent"
+            tfile.write_bytes(torrents["by-file.bin"])
+            cmd = [sys.executable, "-m", "noded", "-c", str(node.config), "add", str(tfile), "--wait"]
+            env = noded_env({"NODED_API_TOKEN": TOKEN})
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=200)
+            assert out.returncode == 0, out.stdout + out.stderr + node.output()[-3000:]
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                states = {n: node.get(f"/v1/items/{n}")[1].get("state") for n in datas}
+                if all(s == "cached" for s in states.values()):
+                    break
+                time.sleep(0.3)
+            else:
+                raise AssertionError(f"not all cached: {states}\n{node.output()[-3000:]}")
+            for n, d in datas.items():
+                item = node.get(f"/v1/items/{n}")[1]
+                assert item["sha256"] == hashlib.sha256(d).hexdigest() and item["infohash"] == ihs[n]
+        finally:
+            GarbageTracker.FILES.clear()
+            del seeders
         assert node.stop() == 0
