@@ -120,6 +120,8 @@ def test_client_downloads_from_noded(noded_factory: Any, tmp_path: Path, kind: s
                 else:
                     status, torrent = node.get(f"/v1/torrents/{ih}.torrent")
                     assert status == 200
+                    # The torrent noded made carries the configured tracker: all a client needs.
+                    assert T.announce_urls(torrent) == [tracker]
                     if how == "torrent":
                         client.add_torrent(strip_url_list(torrent))
                     else:

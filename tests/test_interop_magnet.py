@@ -118,6 +118,8 @@ def test_published_torrent_kept_and_magnets_carry_trackers_peer_and_web_seed(
         for key in ("stats/census.pmtiles", "census.pmtiles"):
             dq = parse_qs(urlsplit(mags[key]).query)
             assert set(dq["tr"]) == {own, configured, dead} and dq["x.pe"] == [public], mags[key]
+        datasets_seeds = parse_qs(urlsplit(mags["stats/census.pmtiles"]).query)["ws"]
+        assert f"http://127.0.0.1:{mirror.port}/stats/census.pmtiles" in datasets_seeds
 
         status, rss = node.get("/v1/torrents.rss")
         assert status == 200

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from noded.api.app import NODE_KEY
 from noded.api.errors import ApiError
-from noded.api.magnets import mirror_base, node_magnet
+from noded.api.magnets import mirror_base, node_magnet, node_magnets
 from noded.api.mirrors import mirror_list
 from noded.core.component import Node
 from noded.core.model import Item, State
@@ -271,9 +271,21 @@ async def datasets(request: web.Request) -> web.Response:
         for loc in d["locations"]:
             loc["status"] = mirrors.get(loc["origin"], "unknown")
             loc["working"] = loc["status"] != "down" and loc["match"] not in ("conflict", "suspect", "superseded")
-        if d["infohash"]:
-            seeds = [loc["url"] for loc in d["locations"] if loc["working"]]
-            d["magnet"] = await node_magnet(node, d["infohash"], d["key"], seeds)
+    # Web seeds: this node's copy when it holds one, then every working location.
+    base = mirror_base(node, request)
+    mine = base + node.cfg.http_mirror.strip_prefix if base else None
+    with_torrent = [d for d in rows if d["infohash"]]
+    wanted = [
+        (
+            d["infohash"],
+            d["key"],
+            ([cache_url(mine, d["key"])] if mine and d["state_here"] == State.CACHED.value else [])
+            + [loc["url"] for loc in d["locations"] if loc["working"]],
+        )
+        for d in with_torrent
+    ]
+    for d, m in zip(with_torrent, await node_magnets(node, wanted), strict=True):
+        d["magnet"] = m
     return web.json_response({"datasets": rows, "next": rows[-1]["id"] if more and rows else None})
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -52,11 +52,18 @@ def endpoints(node: Node) -> list[str]:
     return out
 
 
-async def trackers_of(node: Node, infohash: str) -> list[str]:
-    own = await asyncio.get_running_loop().run_in_executor(None, _torrent_trackers, node, infohash)
-    return list(dict.fromkeys([*(str(t) for t in node.cfg.bittorrent.trackers), *own]))
+async def node_magnets(node: Node, wanted: Sequence[tuple[str, str, Iterable[str]]]) -> list[str]:
+    """Magnets of (infohash, key, web seeds), the stored torrents read in one executor call."""
+    own = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: [_torrent_trackers(node, ih) for ih, _, _ in wanted]
+    )
+    configured = [str(t) for t in node.cfg.bittorrent.trackers]
+    peers = endpoints(node)
+    return [
+        magnet(ih, posixpath.basename(key), seeds, peers, [*configured, *trackers])
+        for (ih, key, seeds), trackers in zip(wanted, own, strict=True)
+    ]
 
 
 async def node_magnet(node: Node, infohash: str, key: str, web_seeds: Iterable[str]) -> str:
-    trackers = await trackers_of(node, infohash)
-    return magnet(infohash, posixpath.basename(key), web_seeds, endpoints(node), trackers)
+    return (await node_magnets(node, [(infohash, key, web_seeds)]))[0]

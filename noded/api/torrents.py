@@ -12,7 +12,7 @@ from aiohttp import web
 
 from noded.api.app import NODE_KEY
 from noded.api.errors import ApiError
-from noded.api.magnets import mirror_base, node_magnet
+from noded.api.magnets import mirror_base, node_magnets
 from noded.cache.layout import CacheLayout
 from noded.core.model import Item, State
 from noded.origins.catalog.base import is_hex
@@ -134,9 +134,8 @@ async def torrents_rss(request: web.Request) -> web.StreamResponse:
     # The magnet's web seed is this node's copy (every item in the feed is cached here).
     mirror = mirror_base(node, request)
     prefix = node.cfg.http_mirror.strip_prefix
-    for i, f in enumerate(feed):
-        seeds = [cache_url(mirror + prefix, f.title)] if mirror else []
-        feed[i] = dataclasses.replace(f, magnet=await node_magnet(node, f.infohash, f.title, seeds))
+    wanted = [(f.infohash, f.title, [cache_url(mirror + prefix, f.title)] if mirror else []) for f in feed]
+    feed = [dataclasses.replace(f, magnet=m) for f, m in zip(feed, await node_magnets(node, wanted), strict=True)]
     body = render_feed(node.cfg.node.name, base + "/v1/torrents.rss", feed)
     return web.Response(body=body, content_type="application/rss+xml", charset="utf-8")
 
