@@ -309,11 +309,3 @@ def magnet_without(uri: str, *params: str) -> str:
     parts = urllib.parse.urlsplit(uri)
     q = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k not in params]
     return "magnet:?" + urllib.parse.urlencode(q, safe=":/")
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return bool(r.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
