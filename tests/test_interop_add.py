@@ -203,3 +203,40 @@ def test_add_by_infohash_torrent_file_and_url(noded_factory: Any, tmp_path: Path
             GarbageTracker.FILES.clear()
             del seeders
         assert node.stop() == 0
+
+
+def test_add_torrent_served_by_a_web_seed_alone(noded_factory: Any, tmp_path: Path) -> None:
+    """A .torrent with no tracker and one web seed (another noded's HTTP copy): fetched over HTTP by
+    libtorrent, verified piece by piece and cached; the web seed counts what it sent."""
+    from noded.cache.layout import CacheLayout
+    from noded.core.config import load_config
+    from noded.core.store import Store
+    from tests.interop_clients import only_web_seed
+    from tests.p2p_helpers import put_cached_sync
+
+    data = content(SIZE, 71)
+    a = noded_factory("amsterdam", start=False)
+    cfg_a = load_config(a.config)
+    store = Store(cfg_a.paths.state_dir / "noded.sqlite3")
+    store.open_sync()
+    put_cached_sync(store, CacheLayout(cfg_a.paths.cache_dir, cfg_a.paths.state_dir), "web/seeded.bin", data)
+    store.close_sync()
+    a.start()
+    deadline = time.monotonic() + 30
+    while not (items := [i for i in a.get("/v1/inventory")[1]["items"] if i["seeding"]]):
+        assert time.monotonic() < deadline, a.output()[-2000:]
+        time.sleep(0.2)
+    ih = items[0]["infohash"]
+    web_seed = f"http://127.0.0.1:{cfg_a.http_mirror.port}/web/seeded.bin"
+    torrent = only_web_seed(a.get(f"/v1/torrents/{ih}.torrent")[1], web_seed)
+    b = noded_factory("toronto", env={"NODED_API_TOKEN": TOKEN}, bittorrent={"peer_stall_timeout": 30.0})
+    status, body = add(b, {"torrent": base64.b64encode(torrent).decode()})
+    assert status == 202 and body["key"] == "seeded.bin" and body["infohash"] == ih, body
+    deadline = time.monotonic() + 60
+    while (item := b.get("/v1/items/seeded.bin")[1])["state"] != "cached":
+        assert time.monotonic() < deadline and item["state"] != "failed", (item, b.output()[-3000:])
+        time.sleep(0.3)
+    assert item["sha256"] == hashlib.sha256(data).hexdigest() and item["origin"] == "swarm"
+    totals = a.get("/v1/traffic")[1]["totals_since_start"]
+    assert totals["webseed"]["out"]["bytes"] >= SIZE, totals
+    assert b.stop() == 0 and a.stop() == 0
