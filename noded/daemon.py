@@ -102,6 +102,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self.routes: list[RouteSetup] = []
         self.peer_sync: Any = None  # noded.p2p.sync.PeerSync when BitTorrent is enabled
+        self.swarm: Any = None  # noded.p2p.swarm.Swarm when BitTorrent is enabled
         self.components: list[Component] = self.build()
 
     # -- composition -------------------------------------------------------------------------
@@ -130,6 +131,8 @@ class Daemon:
         sync = getattr(self, "peer_sync", None)
         if sync is not None:
             self.origins.sources_first.append(sync.source)
+            # Then datasets added from the public swarm (`noded add`): trackers, DHT and web seeds.
+            self.origins.sources_first.append(self.swarm.source)
             self.origins.peer_up = lambda name: peer_not_down(sync, name, peer_down_grace(self.node.cfg))
             self.origins.peers_ready = lambda: peers_settled(sync, peer_down_grace(self.node.cfg))
         # R2: push cached items.
@@ -142,7 +145,9 @@ class Daemon:
 
     def _p2p_components(self) -> list[Component]:
         """BitTorrent engine, peer sync (its `source` is the pipeline's "peer" source), web seed."""
+        from noded.api import swarm_routes
         from noded.p2p.engine import P2PEngine
+        from noded.p2p.swarm import Swarm
         from noded.p2p.sync import PeerSync
         from noded.p2p.webseed import WebSeedServer
 
@@ -152,7 +157,9 @@ class Daemon:
             engine = P2PEngine(self.node, schedule=self.schedule)
             # The origins pipeline takes `self.peer_sync.source` as its first source (before origins).
             self.peer_sync = PeerSync(self.node, engine)
-            out += [engine, self.peer_sync]
+            self.swarm = Swarm(self.node, engine, self.peer_sync)
+            out += [engine, self.peer_sync, self.swarm]
+            self.routes.append(swarm_routes.setup)
             if self.cfg.volunteer.enabled:
                 from noded.p2p.volunteer import Volunteer
 

@@ -91,6 +91,9 @@ BAD_CASES: list[tuple[str, Any, str, str]] = [
     ),
     ("unknown-origin-in-preference", {"origins": {"preference": ["sourcecoop", "ftp"]}}, "origins", "unknown"),
     ("bad-web-seed-template", {"bittorrent": {"web_seed_templates": ["https://x/static"]}}, "bittorrent", "{name}"),
+    ("bad-public-address", {"bittorrent": {"public_address": "203.0.113.7"}}, "bittorrent", "public_address"),
+    ("bad-dht-bootstrap", {"bittorrent": {"dht_bootstrap_nodes": ["router:x"]}}, "bittorrent", "dht_bootstrap_nodes"),
+    ("metadata-timeout-zero", {"bittorrent": {"metadata_timeout": 0}}, "bittorrent.metadata_timeout", "greater than"),
     ("not-toml", "raw:[node\nname=", "<file>", "not valid TOML"),
     ("segment-size-zero", {"fetch": {"segment_size": 0}}, "fetch.segment_size", "greater than or equal"),
     (

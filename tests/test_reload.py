@@ -54,6 +54,8 @@ EXPLICIT: dict[str, list[Any]] = {
     "seed_targets": [[{"name": "netcup", "bittorrent": "127.0.0.1:9"}]],
     "bittorrent.listen_interfaces": [f"127.0.0.1:{free_port()}"],
     "bittorrent.trackers": [["http://127.0.0.1:9/announce"]],
+    "bittorrent.public_address": ["127.0.0.1:6881"],
+    "bittorrent.dht_bootstrap_nodes": [["127.0.0.1:6881"]],
     "bittorrent.web_seed_templates": [["https://data.example.org/processed/{key}"], ["https://data.example.org/"]],
     "http_mirror.strip_prefix": ["/processed"],
     "schedule.timezone": ["America/Toronto"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import posixpath
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -11,12 +10,13 @@ from aiohttp import web
 
 from noded.api.app import NODE_KEY
 from noded.api.errors import ApiError
+from noded.api.magnets import mirror_base, node_magnet, node_magnets
 from noded.api.mirrors import mirror_list
 from noded.core.component import Node
 from noded.core.model import Item, State
 from noded.core.store import Store
 from noded.origins.pipeline import suspects
-from noded.transparency.locate import Candidate, cache_url, magnet, origin_of, places, rank
+from noded.transparency.locate import Candidate, cache_url, origin_of, places, rank
 from noded.transparency.mirror_state import MirrorStatus
 from noded.transparency.probe import r2_public_object_url, targets_from_config
 from noded.transparency.reports import open_counts
@@ -24,18 +24,6 @@ from noded.transparency.reports import open_counts
 
 def _origin_bases(node: Node) -> dict[str, str]:
     return {t.name: t.url for t in targets_from_config(node.cfg) if t.kind == "origin" and t.url}
-
-
-def _http_mirror_base(node: Node, request: web.Request) -> str | None:
-    hm = node.cfg.http_mirror
-    if not hm.enabled:
-        return None
-    host = hm.bind
-    if host in ("0.0.0.0", "::"):  # noqa: S104 - listening everywhere: reachable under the name the client used
-        host = request.url.host or "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{hm.port}"
 
 
 def _copy_match(item: Item, loc: dict[str, Any], suspect: dict[str, str]) -> tuple[str, str]:
@@ -88,7 +76,7 @@ def candidates(
         )
 
     out: list[Candidate] = []
-    base = _http_mirror_base(node, request)
+    base = mirror_base(node, request)
     # A copy no published checksum vouches for is not offered under require_checksum (the web seed
     # refuses it), and is never called a verified one.
     if item.state is State.CACHED and base and not item.withheld(node.cfg.origins.require_checksum):
@@ -227,8 +215,7 @@ async def locate(request: web.Request) -> web.Response:
     if item.infohash:
         # Every working HTTP location is a web seed (BEP 19): this node, R2, the origins, seed targets.
         web_seeds = [r.candidate.url for r in ranked if r.candidate.url and r.candidate.working]
-        peers = [p.bittorrent for p in node.cfg.peers]
-        body["magnet"] = magnet(item.infohash, posixpath.basename(item.key), web_seeds, peers)
+        body["magnet"] = await node_magnet(node, item.infohash, item.key, web_seeds)
         body["torrent_url"] = str(request.url.with_path(f"/v1/torrents/{item.infohash}.torrent").with_query(None))
     return web.json_response(body)
 
@@ -261,6 +248,7 @@ def _datasets(store: Store, after: int, limit: int, suspect_since: float) -> lis
                 "key": item.key,
                 "state_here": item.state.value,
                 "size": item.size,
+                "infohash": item.infohash,
                 "verification": item.verification,
                 "conflict": item.conflict,
                 "locations": locs,
@@ -285,6 +273,21 @@ async def datasets(request: web.Request) -> web.Response:
         for loc in d["locations"]:
             loc["status"] = mirrors.get(loc["origin"], "unknown")
             loc["working"] = loc["status"] != "down" and loc["match"] not in ("conflict", "suspect", "superseded")
+    # Web seeds: this node's copy when it holds one, then every working location.
+    base = mirror_base(node, request)
+    mine = base + node.cfg.http_mirror.strip_prefix if base else None
+    with_torrent = [d for d in rows if d["infohash"]]
+    wanted = [
+        (
+            d["infohash"],
+            d["key"],
+            ([cache_url(mine, d["key"])] if mine and d["state_here"] == State.CACHED.value else [])
+            + [loc["url"] for loc in d["locations"] if loc["working"]],
+        )
+        for d in with_torrent
+    ]
+    for d, m in zip(with_torrent, await node_magnets(node, wanted), strict=True):
+        d["magnet"] = m
     return web.json_response({"datasets": rows, "next": rows[-1]["id"] if more and rows else None})
 
 

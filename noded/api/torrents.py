@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import time
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from noded.api.app import NODE_KEY
 from noded.api.errors import ApiError
+from noded.api.magnets import mirror_base, node_magnets
 from noded.cache.layout import CacheLayout
 from noded.core.component import Node
 from noded.core.httpcond import Validators
@@ -24,6 +26,7 @@ from noded.core.httpserve import OnSent, serve_bytes, serve_file
 from noded.core.model import Item, State
 from noded.origins.catalog.base import is_hex
 from noded.p2p.rss import FeedItem, render_feed
+from noded.transparency.locate import cache_url
 
 INVENTORY_MAX_LIMIT = 5000
 INVENTORY_DEFAULT_LIMIT = 1000
@@ -173,6 +176,11 @@ async def torrents_rss(request: web.Request) -> web.StreamResponse:
         if i.infohash in sizes
     ]
     feed.sort(key=lambda f: f.updated, reverse=True)
+    # The magnet's web seed is this node's copy (every item in the feed is cached here).
+    mirror = mirror_base(node, request)
+    prefix = node.cfg.http_mirror.strip_prefix
+    wanted = [(f.infohash, f.title, [cache_url(mirror + prefix, f.title)] if mirror else []) for f in feed]
+    feed = [dataclasses.replace(f, magnet=m) for f, m in zip(feed, await node_magnets(node, wanted), strict=True)]
     body = render_feed(node.cfg.node.name, base + "/v1/torrents.rss", feed)
     digest = hashlib.sha256(body).hexdigest()[:32]
     seen = request.app[FEED_SEEN_KEY]

@@ -120,7 +120,9 @@ def api_base(args: argparse.Namespace) -> str:
     return instance.base_url(cfg.api.bind, cfg.api.port)
 
 
-def api_call(args: argparse.Namespace, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
+def api_call(
+    args: argparse.Namespace, method: str, path: str, body: Any = None, token: str | None = None, timeout: float = 10
+) -> Any:
     url = api_base(args) + path
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - our own local API
@@ -129,7 +131,7 @@ def api_call(args: argparse.Namespace, method: str, path: str, body: Any = None,
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
             return json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as e:
         try:

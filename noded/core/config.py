@@ -409,11 +409,35 @@ class BitTorrentConfig(_Section):
     peer_stall_timeout: Seconds = 60.0
     # How often every seeded torrent is offered to the seed targets (connect_peer).
     seed_target_interval: Seconds = 60.0
+    # The host:port BitTorrent clients reach this node at (x.pe= in magnets), when it differs from the
+    # listen address: a port allocated behind NAT or a proxy. Empty: the listen address when it names
+    # one host, else none.
+    public_address: str = ""
+    # DHT routers a node with `dht = true` joins through (host:port).
+    dht_bootstrap_nodes: list[str] = Field(
+        default_factory=lambda: [
+            "dht.libtorrent.org:25401",
+            "router.bittorrent.com:6881",
+            "dht.transmissionbt.com:6881",
+        ]
+    )
+    # How long `noded add` waits for a magnet's or infohash's metadata from the swarm.
+    metadata_timeout: Seconds = 120.0
 
     @model_validator(mode="after")
     def _listen(self) -> BitTorrentConfig:
         for part in self.listen_interfaces.split(","):
             _host_port(part.strip())
+        if self.public_address:
+            try:
+                _host_port(self.public_address)
+            except ValueError as e:
+                raise ValueError(f"public_address: {e}") from None
+        for n in self.dht_bootstrap_nodes:
+            try:
+                _host_port(n)
+            except ValueError as e:
+                raise ValueError(f"dht_bootstrap_nodes: {e}") from None
         for t in self.web_seed_templates:
             if "{name}" not in t and "{key}" not in t:
                 raise ValueError(f"web_seed_templates entry {t!r} has neither {{name}} nor {{key}}")

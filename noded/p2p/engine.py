@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 import time
 from collections.abc import Iterable
@@ -47,6 +48,21 @@ def split_host_port(hp: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def keep_torrent(path: Path, infohash: str, data: bytes) -> bytes:
+    """Store a .torrent for `infohash` unless a published one is there already: a torrent someone else
+    made (its announce, url-list and comment) is kept and served byte for byte; one this node or another
+    noded made is brought up to date. Returns the bytes now stored. Blocking."""
+    try:
+        existing = path.read_bytes()
+    except FileNotFoundError:
+        existing = None
+    if existing is not None and existing != data and T.published_elsewhere(existing, infohash):
+        return existing
+    if existing != data:
+        atomic_write(path, data)
+    return data
+
+
 class P2PEngine:
     name = "p2p"
 
@@ -70,6 +86,9 @@ class P2PEngine:
         self.session.before_remove = self._read_one
         self.session.subscribe("peer_disconnected_alert", self._on_disconnect)
         self.session.subscribe("peer_connect_alert", self._on_connect)
+        self.session.subscribe("tracker_error_alert", self._on_tracker_error)
+        self.session.subscribe("tracker_reply_alert", self._on_tracker_reply)
+        self.tracker_errors: dict[str, str] = {}  # tracker URL -> its last error, until it answers again
         self.restored = 0
         self.imported = 0
         # [origins.torrents] inputs imported (path or magnet -> (key, location url)): what a reload withdraws.
@@ -139,6 +158,7 @@ class P2PEngine:
             "restore_seconds": self.restore_seconds,
             "checking_seen": len(self.session.checking_seen),
             "seed_errors": self.seed_errors,
+            "tracker_errors": dict(self.tracker_errors),
             "accounting_seconds": round(self.accounting_seconds, 3),
             "unattributed_bytes": dict(self.ledger.unattributed),
             "rate_limits": {
@@ -173,6 +193,24 @@ class P2PEngine:
             self.node, sorted({loc for s, loc in self._sources.items() if s not in now and loc not in still})
         )
         self._sources = now
+
+    def public_endpoint(self) -> str | None:
+        """host:port BitTorrent clients reach this node at: the configured public address, else the
+        listen address when it names one host (a wildcard says nothing a client could use)."""
+        bt = self.node.cfg.bittorrent
+        if bt.public_address:
+            return bt.public_address
+        for part in bt.listen_interfaces.split(","):
+            host, port = split_host_port(part.strip())
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:  # an interface name
+                continue
+            if ip.is_unspecified:
+                continue
+            port = self.session.listen_port or port
+            return f"[{host}]:{port}" if ip.version == 6 else f"{host}:{port}"
+        return None
 
     # -- restore at start ------------------------------------------------------------------
     async def _restore(self) -> None:
@@ -216,7 +254,7 @@ class P2PEngine:
 
     async def _add_plan(self, plan: SeedPlan) -> bool:
         try:
-            atp = seed_params(plan)
+            atp = seed_params(plan, [str(t) for t in self.node.cfg.bittorrent.trackers])
             await self.session.add(atp, plan.infohash)
         except Exception as e:
             log.warning("p2p.add_failed", infohash=plan.infohash, error=str(e))
@@ -300,10 +338,7 @@ class P2PEngine:
         seeds = T.web_seed_urls(item.key, item.urls, bt.web_seed_templates)
         data = T.encode_torrent(info, trackers=bt.trackers, web_seeds=seeds)
         ih = T.infohash_of(info)
-        path = self.layout.torrent_path(ih)
-        if not path.exists() or path.read_bytes() != data:
-            atomic_write(path, data)
-        return ih, data
+        return ih, keep_torrent(self.layout.torrent_path(ih), ih, data)
 
     async def remove_torrent(self, infohash: str) -> bool:
         """Stop seeding (eviction calls this before deleting the file). Keeps the .torrent file."""
@@ -351,6 +386,25 @@ class P2PEngine:
     async def account_now(self) -> None:
         """Read every torrent's and connection's counters now (before a torrent leaves, at shutdown)."""
         await self._account(sweep=True)
+
+    def _on_tracker_error(self, a: Any) -> None:
+        url = str(a.tracker_url())
+        self.tracker_errors[url] = a.error_message() or a.error.message()
+        self._show_tracker_problems()
+
+    def _on_tracker_reply(self, a: Any) -> None:
+        if self.tracker_errors.pop(str(a.tracker_url()), None) is not None:
+            self._show_tracker_problems()
+
+    def _show_tracker_problems(self) -> None:
+        """A tracker that refuses, times out or answers garbage is a problem in /v1/status until it answers."""
+        if not self.tracker_errors:
+            self.node.problems.pop("trackers", None)
+            return
+        first = next(iter(self.tracker_errors.items()))
+        self.node.problems["trackers"] = (
+            f"{len(self.tracker_errors)} tracker(s) failing; {first[0]}: {first[1]}"[:300]
+        )
 
     def _on_connect(self, a: Any) -> None:
         ih = self.session.infohash_of(a.handle)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,9 @@ class SeedPlan:
     resume: bytes | None
 
 
-def seed_params(plan: SeedPlan) -> Any:
-    """add_torrent_params for a verified item: resume data if present, else seed mode. Never a recheck."""
+def seed_params(plan: SeedPlan, trackers: Sequence[str] = ()) -> Any:
+    """add_torrent_params for a verified item: resume data if present, else seed mode. Never a recheck.
+    `trackers` are announced to besides the torrent's own (libtorrent merges the two lists)."""
     ti = lt.torrent_info(plan.torrent)
     atp: Any = None
     if plan.resume:
@@ -44,6 +46,9 @@ def seed_params(plan: SeedPlan) -> Any:
         atp.flags |= lt.torrent_flags.seed_mode
     atp.ti = ti
     atp.save_path = str(plan.save_path)
+    if trackers:
+        have = set(atp.trackers) | {t.url for t in ti.trackers()}
+        atp.trackers = [*atp.trackers, *(t for t in trackers if t not in have)]
     # Active always: the cache decides what we hold, not libtorrent's queue.
     atp.flags &= ~lt.torrent_flags.auto_managed
     atp.flags &= ~lt.torrent_flags.paused

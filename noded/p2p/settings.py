@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import libtorrent as lt
@@ -16,6 +17,7 @@ ALERT_MASK = (
     | lt.alert_category.piece_progress  # piece_finished: verification follows a download as it lands
     | lt.alert_category.connect  # peer_disconnected: the accounting learns which connections closed
     | lt.alert_category.stats  # session_stats: payload counters the accounting reconciles with
+    | lt.alert_category.tracker  # tracker replies clear a tracker's problem its errors raised
 )
 
 
@@ -57,7 +59,25 @@ def session_settings(bt: BitTorrentConfig) -> dict[str, Any]:
             "active_downloads": -1,
             "dont_count_slow_torrents": True,
             "announce_to_all_trackers": True,
+            # The configured trackers and the torrent's own are all announced to, whatever their tiers.
+            "announce_to_all_tiers": True,
             "auto_manage_startup": 0,
         }
     )
+    if bt.dht:
+        s["dht_bootstrap_nodes"] = ",".join(bt.dht_bootstrap_nodes)
+        if bt.dht_bootstrap_nodes and all(_private(n) for n in bt.dht_bootstrap_nodes):
+            # A private DHT (a fleet's own routers, a test's namespace): its nodes share few addresses,
+            # so libtorrent's one-node-per-address rule would keep all but one out of the routing table.
+            s["dht_restrict_routing_ips"] = False
+            s["dht_restrict_search_ips"] = False
     return s
+
+
+def _private(host_port: str) -> bool:
+    host = host_port.rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    return ip.is_private or ip.is_loopback

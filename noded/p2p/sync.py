@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import libtorrent as lt
 
-from noded.cache.layout import CacheLayout, atomic_write
+from noded.cache.layout import CacheLayout
 from noded.core import jsonread
 from noded.core.component import Node, cancel_task, supervise
 from noded.core.httpread import BodyTooLarge, read_capped, response_json
@@ -35,7 +35,7 @@ from noded.origins.catalog.base import is_hex
 from noded.origins.catalog.keys import normalise_key
 from noded.origins.sources import FetchError
 from noded.p2p import torrent as T
-from noded.p2p.engine import P2PEngine, split_host_port
+from noded.p2p.engine import P2PEngine, keep_torrent, split_host_port
 from noded.p2p.follow import FollowHasher, lower_priority
 from noded.p2p.session import PieceFollower
 
@@ -425,10 +425,10 @@ class PeerSource:
         ih = meta.infohash
         if ih in engine.session.handles:
             raise FetchError(f"{item.key}: torrent {ih} is already in the session", retryable=True)
-        endpoints = [p.bt for p, _ in holders] + [split_host_port(s.bittorrent) for s in sync.node.cfg.seed_targets]
-        if not endpoints:
+        endpoints = self._endpoints(item, holders)
+        if not endpoints and self.needs_endpoints:
             raise FetchError(f"{item.key}: no peer holds it", retryable=True)
-        atp = _download_params(meta.data, partial)
+        atp = self._params(meta, partial)
         # md5/sha256 follow the download piece by piece (noded/p2p/follow.py): at idle priority on a
         # thread of its own while the transfer runs, the rest at normal priority once it is complete.
         follower = PieceFollower(meta.num_pieces)
@@ -478,10 +478,20 @@ class PeerSource:
         if item.md5 and result.md5 != item.md5.lower():
             raise FetchError(f"{item.key}: md5 {result.md5} from peer, expected {item.md5}", suspect=True)
         # Keep the torrent: the item will seed under the same infohash as the peer's copy.
-        await asyncio.get_running_loop().run_in_executor(None, atomic_write, sync.layout.torrent_path(ih), meta.data)
+        path = sync.layout.torrent_path(ih)
+        await asyncio.get_running_loop().run_in_executor(None, keep_torrent, path, ih, meta.data)
         await sync.node.store.run(sync.node.store.update_item, item.id, infohash=ih)
         log.info("sync.fetched", key=item.key, infohash=ih, peers=[p.name for p, _ in holders], **self.last_timing)
         return result
+
+    # Peers are asked by address; the swarm source (noded/p2p/swarm.py) also finds them itself.
+    needs_endpoints = True
+
+    def _endpoints(self, item: Item, holders: list[tuple[PeerView, PeerItem]]) -> list[tuple[str, int]]:
+        return [p.bt for p, _ in holders] + [split_host_port(s.bittorrent) for s in self.sync.node.cfg.seed_targets]
+
+    def _params(self, meta: T.TorrentMeta, partial: Path) -> Any:
+        return _download_params(meta.data, partial)
 
     async def _torrent(self, item: Item, holders: list[tuple[PeerView, PeerItem]]) -> T.TorrentMeta:
         loop = asyncio.get_running_loop()
@@ -569,13 +579,14 @@ class PeerSource:
             session.unsubscribe("state_update_alert", on_update)
 
 
-def _download_params(data: bytes, partial: Path) -> Any:
+def _download_params(data: bytes, partial: Path, *, web_seeds: bool = False) -> Any:
     ti = lt.torrent_info(data)
-    # Peers only: the url-list names origins, whose bytes the HTTP pipeline fetches and counts.
-    # set_web_seeds is deprecated in 2.1 but is the one call that drops a torrent_info's url-list.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ti.set_web_seeds([])
+    if not web_seeds:
+        # Peers only: the url-list names origins, whose bytes the HTTP pipeline fetches and counts.
+        # set_web_seeds is deprecated in 2.1 but is the one call that drops a torrent_info's url-list.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ti.set_web_seeds([])
     atp = lt.add_torrent_params()
     atp.ti = ti
     atp.save_path = str(partial.parent)

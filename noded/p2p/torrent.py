@@ -160,6 +160,28 @@ def encode_torrent(
     info: dict[bytes, Any], *, trackers: Sequence[str] = (), web_seeds: Sequence[str] = (), comment: str | None = None
 ) -> bytes:
     """The .torrent bytes. No creation date: every node writes the same file for the same item."""
+    return bytes(lt.bencode(_outer(info, trackers, web_seeds, comment)))
+
+
+_INFO_MARKER = b"\x00noded-info\x00"
+
+
+def encode_with_info(info: bytes, *, trackers: Sequence[str] = (), web_seeds: Sequence[str] = ()) -> bytes:
+    """A .torrent around an info dict given as its bencoded bytes, kept verbatim (so the infohash holds)."""
+    out = bytes(lt.bencode(_outer(_INFO_MARKER, trackers, web_seeds, None)))
+    encoded = str(len(_INFO_MARKER)).encode() + b":" + _INFO_MARKER
+    if out.count(encoded) != 1:  # a tracker or web seed URL cannot hold a NUL byte; guard all the same
+        raise TorrentError("cannot place the info dictionary")
+    return out.replace(encoded, info, 1)
+
+
+def bare_infohash(text: str) -> bool:
+    """Is this a v1 infohash on its own (40 hex or 32 base32 digits)?"""
+    t = text.strip()
+    return is_hex(t.lower(), 40) or bool(_B32.match(t.upper()))
+
+
+def _outer(info: Any, trackers: Sequence[str], web_seeds: Sequence[str], comment: str | None) -> dict[bytes, Any]:
     meta: dict[bytes, Any] = {b"info": info, b"created by": CREATED_BY.encode()}
     trackers = list(dict.fromkeys(trackers))
     if trackers:
@@ -171,7 +193,7 @@ def encode_torrent(
         meta[b"url-list"] = [u.encode() for u in seeds]
     if comment:
         meta[b"comment"] = comment.encode()
-    return bytes(lt.bencode(meta))
+    return meta
 
 
 def web_seed_urls(key: str, origin_urls: Iterable[str], templates: Iterable[str]) -> list[str]:
@@ -270,6 +292,47 @@ def _url_list(v: Any) -> list[str]:
     return out
 
 
+def _tracker_list(v: Any) -> list[str]:
+    items = [v] if isinstance(v, bytes) else v if isinstance(v, list) else []
+    out = []
+    for u in items:
+        if isinstance(u, bytes):
+            t = u.decode("utf-8", "replace")
+            if urlsplit(t).scheme in ("http", "https", "udp") and len(t) < 2048 and not _CONTROL.search(t):
+                out.append(t)
+    return out
+
+
+def _trackers(decoded: dict[bytes, Any]) -> list[str]:
+    """announce, then every tier of announce-list (BEP 12), each once."""
+    out = _tracker_list(decoded.get(b"announce"))
+    tiers = decoded.get(b"announce-list")
+    for tier in tiers if isinstance(tiers, list) else []:
+        out += _tracker_list(tier)
+    return list(dict.fromkeys(out))
+
+
+def announce_urls(data: bytes) -> list[str]:
+    """The trackers a .torrent names (announce and announce-list); [] for anything unreadable."""
+    try:
+        decoded: Any = lt.bdecode(bytes(data))
+    except RuntimeError:
+        return []
+    return _trackers(decoded) if isinstance(decoded, dict) else []
+
+
+def published_elsewhere(data: bytes, infohash: str) -> bool:
+    """Is this a readable .torrent for `infohash` that noded did not make (a published torrent)?"""
+    try:
+        decoded: Any = lt.bdecode(bytes(data))
+        ih = str(lt.torrent_info(bytes(data)).info_hashes().v1)
+    except RuntimeError:
+        return False
+    if not isinstance(decoded, dict) or ih != infohash:
+        return False
+    return decoded.get(b"created by") != CREATED_BY.encode()
+
+
 def parse_torrent(data: bytes, *, max_total: int = DEFAULT_MAX_TOTAL) -> TorrentMeta:
     """Validate a .torrent from outside; raise TorrentError with a clear reason, never crash."""
     if not isinstance(data, bytes | bytearray):
@@ -342,10 +405,7 @@ def parse_torrent(data: bytes, *, max_total: int = DEFAULT_MAX_TOTAL) -> Torrent
     if dup is not None:
         raise TorrentError(f"info dictionary has the key {dup[:60]!r} twice")
     source = info.get(b"source")
-    trackers = _url_list(decoded.get(b"announce"))
-    tiers = decoded.get(b"announce-list")
-    for tier in tiers if isinstance(tiers, list) else []:
-        trackers += _url_list(tier)
+    trackers = _trackers(decoded)
     return TorrentMeta(
         infohash=str(ti.info_hashes().v1),
         name=name,

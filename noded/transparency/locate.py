@@ -106,10 +106,18 @@ def rank(candidates: Iterable[Candidate]) -> list[Ranked]:
     return sorted(scored, key=lambda r: r.score)
 
 
-def magnet(infohash: str, name: str, web_seeds: Iterable[str] = (), peers: Iterable[str] = ()) -> str:
+def magnet(
+    infohash: str,
+    name: str,
+    web_seeds: Iterable[str] = (),
+    peers: Iterable[str] = (),
+    trackers: Iterable[str] = (),
+) -> str:
+    """A magnet link (BEP 9): trackers as tr=, BEP 19 web seeds as ws=, peers (host:port) as x.pe=."""
     params: list[tuple[str, str]] = [("xt", f"urn:btih:{infohash}"), ("dn", name)]
-    params += [("ws", u) for u in web_seeds]
-    params += [("x.pe", p) for p in peers]
+    params += [("tr", t) for t in dict.fromkeys(trackers)]
+    params += [("ws", u) for u in dict.fromkeys(web_seeds)]
+    params += [("x.pe", p) for p in dict.fromkeys(peers)]
     return "magnet:?" + urlencode(params, safe=":/")
 
 

@@ -53,7 +53,12 @@ function renderDatasets(list) {
   }
   for (const d of list) {
     const tr = el("tr", { "data-dataset": d.key, "data-verification": d.verification });
-    tr.appendChild(el("td", {}, d.key));
+    const name = el("td", {}, d.key);
+    if (d.magnet) {
+      name.appendChild(document.createTextNode(" "));
+      name.appendChild(el("a", { href: d.magnet, class: "magnet", title: "magnet link (trackers, peers, web seeds)" }, "magnet"));
+    }
+    tr.appendChild(name);
     tr.appendChild(el("td", {}, d.state_here));
     tr.appendChild(el("td", {}, d.verification === "unverified" ? "unverified (size only)" : d.verification));
     const td = el("td");
