@@ -35,6 +35,7 @@ from noded.core.config import Config
 from noded.core.hashing import hash_file
 from noded.core.logs import get_logger
 from noded.core.model import CatalogEntry, HashResult, Item, State
+from noded.core.safefs import lstat_regular
 from noded.core.store import Store
 from noded.origins.catalog.base import Adapter, CatalogError, Limits
 from noded.origins.catalog.ia import InternetArchiveAdapter
@@ -845,7 +846,13 @@ class Origins:
         loop = asyncio.get_running_loop()
 
         def look() -> bool:
-            return not partial.exists() and final.is_file() and (item.size is None or final.stat().st_size == item.size)
+            if partial.exists():
+                return False
+            try:  # never a symlink or special file left at the final path
+                st = lstat_regular(final, self.layout.root)
+            except OSError:
+                return False
+            return item.size is None or st.st_size == item.size
 
         if not await loop.run_in_executor(None, look):
             return False

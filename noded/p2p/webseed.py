@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +24,7 @@ from noded.cache.layout import CacheLayout, UnsafePath
 from noded.core.component import Node
 from noded.core.logs import get_logger
 from noded.core.model import State
+from noded.core.safefs import UnsafeFile, lstat_regular
 
 log = get_logger("noded.p2p.webseed")
 
@@ -96,8 +99,13 @@ class WebSeedServer:
         except UnsafePath:
             raise web.HTTPNotFound(text="not found\n") from None
         loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(None, path.is_file):
-            raise web.HTTPNotFound(text="not cached here\n")
+        try:
+            await loop.run_in_executor(None, lstat_regular, path, self.layout.root)
+        except UnsafeFile as e:
+            log.error("webseed.refused", key=item.key, error=str(e))
+            raise web.HTTPNotFound(text="not cached here\n") from None
+        except OSError:
+            raise web.HTTPNotFound(text="not cached here\n") from None
         resp = _CountingFileResponse(path, self._count, chunk_size=1024 * 1024)
         resp.headers["Cache-Control"] = "public, max-age=3600"
         self.served += 1
@@ -122,6 +130,12 @@ class _CountingFileResponse(web.FileResponse):
         super().__init__(path, chunk_size=chunk_size)
         self._on_sent = on_sent
         self.body_sent = 0
+
+    def _get_file_path_stat_encoding(self, accept_encoding: str) -> tuple[Path | None, os.stat_result, str | None]:
+        # Only the item's own file, never a ".gz"/".br" sibling someone put beside it, and never through
+        # a symlink (None: aiohttp answers 403 for anything but a regular file).
+        st = os.lstat(self._path)
+        return (self._path if stat.S_ISREG(st.st_mode) else None), st, None
 
     async def _sendfile(
         self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int

@@ -1,0 +1,183 @@
+"""Chaos: a clumsy or hostile operator's filesystem, against real `noded run` processes.
+
+Symlinks and special files in the inbox or the cache are never published, listed, served, built into a
+torrent or pushed; they stay where they are (a cached item replaced by one is moved aside) and show as a
+problem in /v1/status and in the log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import NodedProcess, base_config, write_config
+from tests.r2_fixtures import BUCKET, CountingMotoServer, s3_client, s3server  # noqa: F401 - fixture
+
+SECRET = "r2-secret-Zq8vKp2Lr7Wn4Tx9"
+
+
+def _until(cond: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _rows(node_dir: Path) -> dict[str, dict[str, Any]]:
+    db = node_dir / "state" / "noded.sqlite3"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as c:
+        c.row_factory = sqlite3.Row
+        return {r["key"]: dict(r) for r in c.execute("SELECT * FROM items ORDER BY version")}
+
+
+def _webseed(cfg: dict[str, Any], key: str) -> tuple[int, bytes]:
+    url = f"http://127.0.0.1:{cfg['http_mirror']['port']}/{key}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _credentials(tmp: Path) -> Path:
+    """A credentials directory laid out as systemd's LoadCredential= makes it."""
+    creds = tmp / "credentials"
+    creds.mkdir()
+    (creds / "r2-access-key-id").write_text("test\n")
+    (creds / "r2-secret-access-key").write_text(SECRET + "\n")
+    (creds / "api-token").write_text("token-for-tests\n")
+    return creds
+
+
+def test_inbox_symlinks_are_refused_reported_and_never_published(
+    tmp_path: Path,
+    s3server: CountingMotoServer,  # noqa: F811
+) -> None:
+    creds = _credentials(tmp_path)
+    node_dir = tmp_path / "toronto"
+    inbox = node_dir / "inbox"
+    inbox.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    same_fs = elsewhere / "roads.parquet"
+    same_fs.write_bytes(os.urandom(300_000))
+    (elsewhere / "dir").mkdir()
+    (elsewhere / "dir" / "inner.bin").write_bytes(os.urandom(1000))
+
+    # Laid down before the start (found by the first listing) and after it (found by inotify).
+    (inbox / "secret.parquet").symlink_to(creds / "r2-secret-access-key")
+    os.mkfifo(inbox / "pipe.bin")
+    (inbox / "linked-dir").symlink_to(elsewhere / "dir")
+    cfg = base_config(
+        node_dir,
+        r2={"enabled": True, "endpoint": s3server.endpoint, "bucket": BUCKET, "region": "us-east-1"},
+        origins={"inbox": {"dir": str(inbox), "stable_seconds": 1.0}},
+    )
+    node = NodedProcess(write_config(node_dir, cfg), env={"CREDENTIALS_DIRECTORY": str(creds)})
+    try:
+        node.start()
+        (inbox / "sub").mkdir()
+        (inbox / "sub" / "roads.parquet").symlink_to(same_fs)  # same filesystem: a rename would move the link
+        good = os.urandom(200_000)
+        (inbox / "good.bin").write_bytes(good)
+
+        # The good file goes all the way (so the refusals are not a node that does nothing) ...
+        _until(lambda: _rows(node_dir).get("good.bin", {}).get("pushed") == 1, what="good.bin pushed to R2")
+        problem = _until(
+            lambda: (p := node.get("/v1/status")[1]["problems"].get("unsafe_files")) and "sub/roads" in p and p,
+            what="the refused files in the status",
+        )
+        # ... and every unsafe entry is named in the status, without where the symlink points.
+        for name in ("inbox/secret.parquet", "inbox/pipe.bin", "inbox/linked-dir", "inbox/sub/roads.parquet"):
+            assert name in problem, problem
+        assert "a symlink" in problem and "a FIFO" in problem
+        assert str(creds) not in problem and str(tmp_path) not in problem
+        refused = {e["path"] for e in node.log_events() if e["event"] == "inbox.refused"}
+        assert str(inbox / "secret.parquet") in refused and str(inbox / "sub" / "roads.parquet") in refused
+
+        # Left in place, untouched.
+        assert (inbox / "secret.parquet").is_symlink() and (inbox / "sub" / "roads.parquet").is_symlink()
+        assert (creds / "r2-secret-access-key").read_text() == SECRET + "\n"
+        assert same_fs.is_file()
+        # Never a row, a cached file, an inventory entry, a web-seed answer, a torrent or an object.
+        assert set(_rows(node_dir)) == {"good.bin"}
+        cache = node_dir / "cache"
+        assert sorted(p.name for p in cache.iterdir() if p.name != ".noded") == ["good.bin"]
+        inventory = node.get("/v1/inventory")[1]
+        assert [i["key"] for i in inventory["items"]] == ["good.bin"]
+        for key in ("secret.parquet", "sub/roads.parquet", "linked-dir/inner.bin"):
+            status, body = _webseed(cfg, key)
+            assert status == 404 and SECRET.encode() not in body
+        for t in (node_dir / "state" / "torrents").iterdir():
+            assert b"secret" not in t.read_bytes() and b"roads" not in t.read_bytes()
+        s3 = s3_client(s3server.endpoint)
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+        assert keys == ["good.bin"]
+        assert SECRET not in node.output()
+
+        # Removing the symlinks clears the problem.
+        for p in (inbox / "secret.parquet", inbox / "pipe.bin", inbox / "linked-dir", inbox / "sub" / "roads.parquet"):
+            p.unlink()
+        _until(lambda: "unsafe_files" not in node.get("/v1/status")[1]["problems"], what="the problem to clear")
+        assert node.stop() == 0
+    finally:
+        node.kill()
+
+
+def _publish(node: NodedProcess, node_dir: Path, key: str, data: bytes) -> None:
+    (node_dir / "inbox" / key).write_bytes(data)
+    _until(lambda: _rows(node_dir).get(key, {}).get("state") == "cached", what=f"{key} published")
+
+
+def test_cached_file_replaced_by_a_symlink_is_moved_aside_running_and_at_restart(tmp_path: Path) -> None:
+    creds = _credentials(tmp_path)
+    secret = creds / "r2-secret-access-key"
+    node_dir = tmp_path / "toronto"
+    cfg = base_config(node_dir, origins={"inbox": {"dir": str(node_dir / "inbox"), "stable_seconds": 1.0}})
+    node = NodedProcess(write_config(node_dir, cfg), env={"CREDENTIALS_DIRECTORY": str(creds)})
+    cache = node_dir / "cache"
+    try:
+        node.start()
+        # The same size as the secret: a size check alone would not notice the swap.
+        a = os.urandom(secret.stat().st_size)
+        b = os.urandom(4096)
+        _publish(node, node_dir, "a.bin", a)
+        _publish(node, node_dir, "b.bin", b)
+
+        # While running: the watcher sees the swap.
+        (cache / "a.bin").unlink()
+        (cache / "a.bin").symlink_to(secret)
+        _until(lambda: _rows(node_dir)["a.bin"]["state"] != "cached", what="a.bin marked")
+        problem = _until(lambda: node.get("/v1/status")[1]["problems"].get("unsafe_files"), what="problem")
+        assert "cache/a.bin" in problem and "a symlink" in problem and str(creds) not in problem
+        assert not os.path.lexists(cache / "a.bin")  # moved aside, into the quarantine area
+        assert any(p.is_symlink() for p in (cache / ".noded" / "quarantine").iterdir())
+        assert _webseed(cfg, "a.bin")[0] == 404
+        inventory = node.get("/v1/inventory")[1]["items"]
+        assert [i["key"] for i in inventory if i["state"] == "cached"] == ["b.bin"]
+        assert node.stop() == 0
+
+        # While stopped: the start-up reconciliation sees it.
+        (cache / "b.bin").unlink()
+        (cache / "b.bin").symlink_to(secret)
+        node.start()
+        problem = _until(lambda: node.get("/v1/status")[1]["problems"].get("unsafe_files"), what="problem")
+        assert "cache/b.bin" in problem
+        assert _rows(node_dir)["b.bin"]["state"] != "cached"
+        assert not os.path.lexists(cache / "b.bin")
+        status, body = _webseed(cfg, "b.bin")
+        assert status == 404 and SECRET.encode() not in body
+        assert secret.read_text() == SECRET + "\n"
+        assert not [i for i in node.get("/v1/inventory")[1]["items"] if i["state"] == "cached"]
+        assert node.stop(signal.SIGTERM) == 0
+    finally:
+        node.kill()
