@@ -7,6 +7,7 @@ problem in /v1/status and in the log.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -181,3 +182,56 @@ def test_cached_file_replaced_by_a_symlink_is_moved_aside_running_and_at_restart
         assert node.stop(signal.SIGTERM) == 0
     finally:
         node.kill()
+
+
+def _tree(*roots: Path) -> dict[str, tuple[int, int]]:
+    """Every file under the roots with its size and mtime (what a second daemon must not change)."""
+    out: dict[str, tuple[int, int]] = {}
+    for root in roots:
+        for dirpath, _dirs, files in os.walk(root):
+            for f in files:
+                p = Path(dirpath) / f
+                with contextlib.suppress(FileNotFoundError):
+                    st = p.lstat()
+                    out[str(p)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_second_daemon_on_the_same_directories_refuses_and_touches_nothing(tmp_path: Path) -> None:
+    node_dir = tmp_path / "toronto"
+    first_cfg = base_config(node_dir)
+    first = NodedProcess(write_config(node_dir, first_cfg, "first.toml"))
+    try:
+        first.start()
+        _publish(first, node_dir, "a.bin", os.urandom(100_000))
+        # The first node stopped writing for a moment: SIGSTOP, so any change below is the second one's.
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            before = _tree(node_dir / "state", node_dir / "cache", node_dir / "inbox")
+            # Same directories, other ports (base_config picks new ones).
+            for name, paths in (
+                ("same.toml", first_cfg["paths"]),
+                ("cache-only.toml", {**first_cfg["paths"], "state_dir": str(tmp_path / "other-state")}),
+            ):
+                second_cfg = base_config(node_dir, paths=paths)
+                second = NodedProcess(write_config(tmp_path, second_cfg, name))
+                second.start(wait_ready=False)
+                assert second.proc is not None
+                rc = second.proc.wait(30)
+                out = second.output()
+                assert rc == 75, out
+                assert "in use by another noded" in out and f"pid {first.pid}" in out, out
+                assert "component.started" not in out
+                assert _tree(node_dir / "state", node_dir / "cache", node_dir / "inbox") == before
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        assert first.get("/readyz")[0] == 200
+        assert first.stop() == 0
+        # Once the first one is gone (even by kill -9), a new one starts on the same directories.
+        first.start()
+        first.kill()
+        again = NodedProcess(write_config(node_dir, base_config(node_dir), "again.toml")).start()
+        assert again.get("/readyz")[0] == 200
+        assert again.stop() == 0
+    finally:
+        first.kill()

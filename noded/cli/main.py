@@ -1,7 +1,8 @@
 """Command line: `noded run | check-config | status | ...`.
 
 Exit codes: 0 success; 1 runtime failure; 2 usage error; 69 (EX_UNAVAILABLE) the local API cannot be
-reached; 78 (EX_CONFIG) the configuration is invalid (systemd does not restart on it).
+reached; 75 (EX_TEMPFAIL) another noded holds the state or cache directory; 78 (EX_CONFIG) the configuration
+is invalid (systemd does not restart on it).
 """
 
 from __future__ import annotations
@@ -63,11 +64,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from noded.cache.layout import INTERNAL
     from noded.core.config import read_secret
     from noded.core.logs import configure
+    from noded.core.statelock import EX_TEMPFAIL, DirectoryLocked, lock_directories
     from noded.daemon import run_daemon
 
     cfg = load_or_exit(args)
+    # Before anything is opened: a second daemon on the same directories stops here, touching nothing.
+    try:
+        lock = lock_directories(cfg.paths.state_dir, cfg.paths.cache_dir / INTERNAL)
+    except (DirectoryLocked, OSError) as e:
+        print(f"noded: cannot run: {e}", file=sys.stderr)
+        return EX_TEMPFAIL
     configure(
         cfg.log.format,
         cfg.log.level,
@@ -77,7 +86,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             read_secret(cfg.r2.secret_access_key_credential, cfg.r2.secret_access_key_env),
         ],
     )
-    return asyncio.run(run_daemon(cfg, _config_path(args)))
+    try:
+        return asyncio.run(run_daemon(cfg, _config_path(args)))
+    finally:
+        lock.release()
 
 
 def api_base(args: argparse.Namespace) -> str:
