@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import NodedProcess, base_config, write_config
+from tests.conftest import ROOT, NodedProcess, base_config, noded_env, write_config
 from tests.r2_fixtures import BUCKET, CountingMotoServer, s3_client, s3server  # noqa: F401 - fixture
 
 SECRET = "r2-secret-Zq8vKp2Lr7Wn4Tx9"
@@ -235,3 +238,71 @@ def test_second_daemon_on_the_same_directories_refuses_and_touches_nothing(tmp_p
         assert again.stop() == 0
     finally:
         first.kill()
+
+
+def _cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "noded", "-c", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=noded_env(),
+        cwd=str(ROOT),
+        check=False,
+    )
+
+
+def test_overlapping_directories_are_refused_by_check_config_and_at_start(tmp_path: Path) -> None:
+    t = tmp_path
+    bad = {
+        "cache == state": ({"cache_dir": str(t / "one"), "state_dir": str(t / "one")}, None, "paths.state_dir"),
+        "state in cache": ({"cache_dir": str(t / "c"), "state_dir": str(t / "c" / "state")}, None, "paths.state_dir"),
+        "cache in state": ({"cache_dir": str(t / "s" / "cache"), "state_dir": str(t / "s")}, None, "paths.state_dir"),
+        "inbox in cache": ({"cache_dir": str(t / "c"), "state_dir": str(t / "s")}, t / "c" / "in", "origins.inbox.dir"),
+        "inbox is state": ({"cache_dir": str(t / "c"), "state_dir": str(t / "s")}, t / "s", "origins.inbox.dir"),
+        "state in inbox": ({"cache_dir": str(t / "c"), "state_dir": str(t / "i" / "s")}, t / "i", "origins.inbox.dir"),
+        "inbox as torrents": (
+            {"cache_dir": str(t / "c"), "state_dir": str(t / "s")},
+            t / "s" / "torrents",
+            "origins.inbox.dir",
+        ),
+    }
+    for what, (paths, inbox, key) in bad.items():
+        cfg = base_config(t, paths=paths, origins={"inbox": {"dir": str(inbox or t / "inbox")}})
+        path = write_config(t, cfg, "bad.toml")
+        r = _cli(path, "check-config", "--skip-ports")
+        assert r.returncode == 78, (what, r.stderr)
+        assert key in r.stderr, (what, r.stderr)
+    # At start too: a cache that is the state directory never gets a dataset over the database.
+    cfg = base_config(t, paths={"cache_dir": str(t / "same"), "state_dir": str(t / "same")})
+    r = _cli(write_config(t, cfg, "same.toml"), "run")
+    assert r.returncode == 78, r.stderr
+    assert not (t / "same" / "noded.sqlite3").exists()
+    # The deployed layout, an inbox in its own directory under the state directory, is fine.
+    cfg = base_config(t, paths={"cache_dir": str(t / "c"), "state_dir": str(t / "s")})
+    cfg["origins"]["inbox"]["dir"] = str(t / "s" / "inbox")
+    r = _cli(write_config(t, cfg, "good.toml"), "check-config", "--skip-ports")
+    assert r.returncode == 0, r.stderr
+
+
+def test_config_file_checks_floor_fifo_and_world_writable(tmp_path: Path) -> None:
+    total = shutil.disk_usage(tmp_path).total
+    cfg = base_config(tmp_path, cache={"budget": "1GB", "free_space_floor": total})
+    r = _cli(write_config(tmp_path, cfg, "floor.toml"), "check-config", "--skip-ports")
+    assert r.returncode == 78 and "cache.free_space_floor" in r.stderr, r.stderr
+
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    r = _cli(fifo, "check-config", "--skip-ports", timeout=30)  # nobody writes: a blocking read would hang
+    assert r.returncode == 78 and "not a regular file" in r.stderr, r.stderr
+    r = _cli(tmp_path, "check-config", "--skip-ports")  # a directory
+    assert r.returncode == 78 and "not a regular file" in r.stderr, r.stderr
+
+    path = write_config(tmp_path, base_config(tmp_path), "open.toml")
+    path.chmod(0o666)
+    r = _cli(path, "check-config", "--skip-ports")
+    assert r.returncode == 0, r.stderr
+    assert "warning" in r.stderr and "world-writable" in r.stderr
+    path.chmod(0o640)
+    r = _cli(path, "check-config", "--skip-ports")
+    assert r.returncode == 0 and "world-writable" not in r.stderr

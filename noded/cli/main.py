@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from noded import __version__
-from noded.core.config import EX_CONFIG, Config, ConfigError, load_and_check, load_config
+from noded.core.config import EX_CONFIG, Config, ConfigError, config_warnings, load_and_check, load_config
 from noded.core.units import format_size
 
 EX_UNAVAILABLE = 69
@@ -56,6 +56,8 @@ def load_or_exit(args: argparse.Namespace, *, check_env: bool = True, check_port
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_or_exit(args, check_ports=not args.skip_ports)
+    for w in config_warnings(_config_path(args)):
+        print(f"noded: warning: {w}", file=sys.stderr)
     print(
         f"noded: configuration {_config_path(args)} is valid (node {cfg.node.name}, "
         f"budget {format_size(cfg.cache.budget)})"
@@ -66,7 +68,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from noded.cache.layout import INTERNAL
     from noded.core.config import read_secret
-    from noded.core.logs import configure
+    from noded.core.logs import configure, get_logger
     from noded.core.statelock import EX_TEMPFAIL, DirectoryLocked, lock_directories
     from noded.daemon import run_daemon
 
@@ -86,6 +88,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             read_secret(cfg.r2.secret_access_key_credential, cfg.r2.secret_access_key_env),
         ],
     )
+    for w in config_warnings(_config_path(args)):
+        get_logger("noded.config").warning("config.warning", warning=w)
     try:
         return asyncio.run(run_daemon(cfg, _config_path(args)))
     finally:
