@@ -20,8 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ROOT, NodedProcess, base_config, noded_env, write_config
+from noded.core.model import PIECE_LENGTH
+from tests.conftest import ROOT, NodedProcess, base_config, free_port, noded_env, write_config
+from tests.p2p_helpers import content
 from tests.r2_fixtures import BUCKET, CountingMotoServer, s3_client, s3server  # noqa: F401 - fixture
+from tests.test_p2p_sync import start_node_a
 
 SECRET = "r2-secret-Zq8vKp2Lr7Wn4Tx9"
 
@@ -306,3 +309,56 @@ def test_config_file_checks_floor_fifo_and_world_writable(tmp_path: Path) -> Non
     path.chmod(0o640)
     r = _cli(path, "check-config", "--skip-ports")
     assert r.returncode == 0 and "world-writable" not in r.stderr
+
+
+def _peer_bytes_in(node: NodedProcess, peer: str) -> int:
+    with urllib.request.urlopen(node.api + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    want = f'noded_traffic_bytes_total{{channel="peer:{peer}",direction="in"}}'
+    return sum(int(float(line.split()[-1])) for line in text.splitlines() if line.startswith(want))
+
+
+def test_sigterm_during_a_peer_download_keeps_the_partial_and_the_restart_resumes(
+    noded_factory: Any, tmp_path: Path
+) -> None:
+    size = 160 * 1024 * 1024  # ten 16 MiB pieces
+    data = content(size, 15)
+    a, a_bt = start_node_a(noded_factory, data)
+    b_bt = free_port()
+    b = noded_factory(
+        "amsterdam",
+        start=False,
+        peers=[{"name": "toronto", "api_url": a.api, "bittorrent": a_bt}],
+        bittorrent={"listen_interfaces": f"127.0.0.1:{b_bt}"},
+    )
+    partial_dir = tmp_path / "amsterdam" / "cache" / ".noded" / "partial"
+
+    def on_disk() -> int:
+        return sum(p.stat().st_blocks * 512 for p in partial_dir.glob("*") if p.is_file())
+
+    b.start()
+    # Rate limits do not apply on loopback: freeze the sender once B is partway, so the stop comes midway.
+    _until(lambda: on_disk() >= 32 * 1024 * 1024, timeout=120, what="B partway through the download")
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        first_run = _peer_bytes_in(b, "toronto")
+        assert first_run < size, "the download ended before the stop; nothing to resume"
+        assert b.stop(signal.SIGTERM) == 0
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    kept = on_disk()
+    assert kept >= 32 * 1024 * 1024, "the clean stop dropped the partial"
+    assert any(e["event"] == "sync.partial_kept" for e in b.log_events())
+
+    b.start()
+    _until(
+        lambda: _rows(tmp_path / "amsterdam").get("layers/x.pmtiles", {}).get("state") == "cached",
+        timeout=180,
+        what="B done after the restart",
+    )
+    resent = _peer_bytes_in(b, "toronto")
+    assert (tmp_path / "amsterdam" / "cache" / "layers" / "x.pmtiles").read_bytes() == data
+    # Only what was not on disk comes again (whole pieces: a piece half written at the stop is fetched anew).
+    assert resent <= size - kept + 2 * PIECE_LENGTH, (first_run, kept, resent)
+    assert resent < size * 0.75, (first_run, kept, resent)
+    assert b.stop() == 0
