@@ -20,7 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from noded.cache.layout import CacheLayout
+from noded.core.config import load_config
 from noded.core.model import PIECE_LENGTH
+from noded.core.store import Store
+from tests.cachekit import seed_cached
 from tests.conftest import ROOT, NodedProcess, base_config, free_port, noded_env, write_config
 from tests.p2p_helpers import content
 from tests.r2_fixtures import BUCKET, CountingMotoServer, s3_client, s3server  # noqa: F401 - fixture
@@ -361,4 +365,60 @@ def test_sigterm_during_a_peer_download_keeps_the_partial_and_the_restart_resume
     # Only what was not on disk comes again (whole pieces: a piece half written at the stop is fetched anew).
     assert resent <= size - kept + 2 * PIECE_LENGTH, (first_run, kept, resent)
     assert resent < size * 0.75, (first_run, kept, resent)
+    assert b.stop() == 0
+
+
+def test_eviction_counts_a_download_in_progress_once(noded_factory: Any, tmp_path: Path) -> None:
+    mib = 1024 * 1024
+    size = 128 * mib
+    a, a_bt = start_node_a(noded_factory, content(size, 8))
+    b = noded_factory(
+        "amsterdam",
+        start=False,
+        peers=[{"name": "toronto", "api_url": a.api, "bittorrent": a_bt}],
+        bittorrent={"listen_interfaces": f"127.0.0.1:{free_port()}", "peer_stall_timeout": 300.0},
+        # high 285 MiB, low 255 MiB
+        cache={"budget": 300 * mib, "high_watermark": 0.95, "low_watermark": 0.85, "check_interval": 0.5},
+    )
+    b_dir = tmp_path / "amsterdam"
+    cfg = load_config(b.config)
+    store = Store(cfg.paths.state_dir / "noded.sqlite3")
+    store.open_sync()
+    layout = CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir)
+    layout.ensure()
+    for n in range(20):  # 200 MiB, all durable elsewhere (pushed), oldest first
+        seed_cached(store, layout, f"old/{n:02}.bin", os.urandom(10 * mib), pushed=True, last_access=1000.0 + n)
+    store.close_sync()
+    partial_dir = b_dir / "cache" / ".noded" / "partial"
+
+    def on_disk() -> int:
+        return sum(p.stat().st_blocks * 512 for p in partial_dir.glob("*") if p.is_file())
+
+    def evicted() -> list[str]:
+        return sorted(k for k, r in _rows(b_dir).items() if k.startswith("old/") and r["state"] == "evicted")
+
+    b.start()
+    # Admission: 200 MiB cached + 128 MiB reserved is above the high watermark: evict to the low one,
+    # 8 items of 10 MiB (120 + 128 = 248 MiB).
+    _until(lambda: on_disk() >= 48 * mib, timeout=120, what="B partway through the download")
+    os.kill(a.pid, signal.SIGSTOP)  # the download stays in progress with its bytes on disk
+    try:
+        assert on_disk() < size
+        need = 200 * mib + size - 255 * mib
+        expected = -(-need // (10 * mib))
+        # Several accounting rounds with the partial's bytes on disk: counted once inside the reservation
+        # (248 MiB, below the high watermark) they evict nothing more; counted again they would (296 MiB).
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            assert len(evicted()) <= expected, evicted()
+            time.sleep(0.25)
+        assert evicted() == [f"old/{n:02}.bin" for n in range(expected)]
+        st = b.get("/v1/status")[1]["cache"]
+        assert st["reserved_bytes"] >= size and st["used_bytes"] <= 120 * mib + 8 * mib, st
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    _until(
+        lambda: _rows(b_dir).get("layers/x.pmtiles", {}).get("state") == "cached", timeout=120, what="B's download"
+    )
+    assert len(evicted()) == expected
     assert b.stop() == 0

@@ -630,7 +630,9 @@ class Origins:
         cache = self.node.get("cache")
         reserve = getattr(cache, "reserve", None)
         ctx: contextlib.AbstractAsyncContextManager[Any] = (
-            reserve(item.size or 0) if reserve is not None else contextlib.nullcontext()
+            # The partial's path: the cache counts the reservation as max(reserved, written), once, not the
+            # bytes on disk again as a stray partial.
+            reserve(item.size or 0, item_id=item.id, path=partial) if reserve is not None else contextlib.nullcontext()
         )
         async with ctx:
             if item.state != State.FETCHING:
