@@ -422,3 +422,34 @@ def test_eviction_counts_a_download_in_progress_once(noded_factory: Any, tmp_pat
     )
     assert len(evicted()) == expected
     assert b.stop() == 0
+
+
+def test_status_shows_no_filesystem_paths_and_sigusr_signals_dump_instead_of_killing(tmp_path: Path) -> None:
+    creds = _credentials(tmp_path)
+    node_dir = tmp_path / "toronto"
+    inbox = node_dir / "inbox"
+    cfg = base_config(node_dir, origins={"inbox": {"dir": str(inbox), "stable_seconds": 0.5}})
+    node = NodedProcess(write_config(node_dir, cfg), env={"CREDENTIALS_DIRECTORY": str(creds)})
+    try:
+        node.start()
+        inbox.mkdir(exist_ok=True)
+        (inbox / "key.bin").symlink_to(creds / "r2-secret-access-key")  # a problem whose text names paths
+        _until(lambda: "unsafe_files" in node.get("/v1/status")[1]["problems"], what="the problem")
+        raw = urllib.request.urlopen(node.api + "/v1/status", timeout=10).read().decode()
+        for p in (str(tmp_path), str(node_dir / "state" / "noded.sqlite3"), str(creds), str(inbox)):
+            assert p not in raw, p
+        assert '"database": "noded.sqlite3"' in raw
+
+        pid = node.pid
+        os.kill(pid, signal.SIGUSR1)
+        ev = _until(lambda: next((e for e in node.log_events() if e["event"] == "daemon.status"), None), what="dump")
+        assert ev["components"]["store"] == "running" and "unsafe_files" in ev["problems"]
+        os.kill(pid, signal.SIGUSR2)
+        ev = _until(lambda: next((e for e in node.log_events() if e["event"] == "daemon.tasks"), None), what="tasks")
+        assert ev["count"] > 0 and any("status-loop" in t for t in ev["tasks"])
+        assert node.proc is not None and node.proc.poll() is None
+        assert node.get("/readyz")[0] == 200
+        assert node.stop(signal.SIGTERM) == 0
+        assert any(e["event"] == "daemon.stopped" for e in node.log_events())
+    finally:
+        node.kill()

@@ -6,8 +6,10 @@ without touching this file.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -64,7 +66,41 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def status(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
-    return web.json_response(await build_status(node))
+    return web.json_response(redact_paths(await build_status(node), path_labels(node)))
+
+
+def path_labels(node: Node) -> list[tuple[str, str]]:
+    """The machine's directories a status may mention (in an error text), each with the name it is shown
+    by instead, longest first. Any web page may read the status (CORS); where the node keeps its
+    database or its credentials is not for it to know."""
+    cfg = node.cfg
+    named = {
+        "<cache_dir>": cfg.paths.cache_dir,
+        "<state_dir>": cfg.paths.state_dir,
+        "<inbox>": cfg.origins.inbox.dir,
+    }
+    cred = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred:
+        named["<credentials>"] = Path(cred)
+    out: dict[str, str] = {}
+    for label, p in named.items():
+        for form in {str(p), os.path.realpath(p)}:
+            if len(form) > 1:
+                out[form] = label
+    return sorted(out.items(), key=lambda kv: -len(kv[0]))
+
+
+def redact_paths(obj: Any, labels: list[tuple[str, str]]) -> Any:
+    if isinstance(obj, str):
+        for path, label in labels:
+            if path in obj:
+                obj = obj.replace(path, label)
+        return obj
+    if isinstance(obj, dict):
+        return {k: redact_paths(v, labels) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [redact_paths(v, labels) for v in obj]
+    return obj
 
 
 async def build_status(node: Node) -> dict[str, Any]:

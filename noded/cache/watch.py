@@ -204,7 +204,7 @@ class Watcher:
     def status(self) -> dict[str, Any]:
         return {
             "state": "stopped" if not self._tasks else "polling" if self.polling else "running",
-            "inbox": str(self.inbox) if self.node.cfg.origins.inbox.enabled else None,
+            "inbox": self.node.cfg.origins.inbox.enabled,  # never the absolute path: the status is public
             "inbox_pending": len(self._pending),
             "publishing": len(self._publishing),
             "published": self.published,

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -72,6 +73,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from noded.core.statelock import EX_TEMPFAIL, DirectoryLocked, lock_directories
     from noded.daemon import run_daemon
 
+    # Until the daemon's own handlers are in place, SIGUSR1/SIGUSR2 must not end the process.
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     cfg = load_or_exit(args)
     # Before anything is opened: a second daemon on the same directories stops here, touching nothing.
     try:
