@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from noded.cache.layout import CacheLayout
 from noded.core.config import load_config
 from noded.core.model import PIECE_LENGTH
@@ -453,3 +455,22 @@ def test_status_shows_no_filesystem_paths_and_sigusr_signals_dump_instead_of_kil
         assert any(e["event"] == "daemon.stopped" for e in node.log_events())
     finally:
         node.kill()
+
+
+def test_web_seed_never_opens_a_symlink_swapped_in_after_its_check(tmp_path: Path) -> None:
+    """The race a hostile local user would try: the file passes the lstat, then becomes a symlink
+    before the response opens it. The open itself refuses it (O_NOFOLLOW)."""
+    from noded.p2p.webseed import _CountingFileResponse
+
+    secret = _credentials(tmp_path) / "r2-secret-access-key"
+    item = tmp_path / "item.bin"
+    item.write_bytes(b"x" * 27)
+    resp = _CountingFileResponse(item, lambda *_: None, chunk_size=1024)
+    path, st, encoding = resp._get_file_path_stat_encoding("gzip, br")
+    assert path is not None and st.st_size == 27 and encoding is None
+    item.unlink()
+    item.symlink_to(secret)
+    with pytest.raises(OSError, match="symlink"):
+        path.open("rb")
+    # And a symlink there at check time is not a file to serve at all.
+    assert _CountingFileResponse(item, lambda *_: None, chunk_size=1024)._get_file_path_stat_encoding("")[0] is None

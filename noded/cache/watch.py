@@ -421,7 +421,7 @@ class Watcher:
             rows = await store.run(cachedb.cached_under, store, rel)
             if not rows:  # not an item: a symlink or special file someone put there is still reported
                 bad = await asyncio.get_running_loop().run_in_executor(None, _inspect, p, root)
-                if isinstance(bad, UnsafeFile):
+                if isinstance(bad, UnsafeFile) and bad.kind != "a directory":  # directories hold keys
                     self._refuse("cache", p, bad)
             for item_id, key, size, mtime_ns in rows:
                 verdict = await asyncio.get_running_loop().run_in_executor(None, self._verdict, key, size, mtime_ns)

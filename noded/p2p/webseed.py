@@ -14,7 +14,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PosixPath
 from typing import IO, Any
 
 from aiohttp import web
@@ -24,7 +24,7 @@ from noded.cache.layout import CacheLayout, UnsafePath
 from noded.core.component import Node
 from noded.core.logs import get_logger
 from noded.core.model import State
-from noded.core.safefs import UnsafeFile, lstat_regular
+from noded.core.safefs import UnsafeFile, lstat_regular, open_regular
 
 log = get_logger("noded.p2p.webseed")
 
@@ -120,6 +120,13 @@ class WebSeedServer:
         self.node.traffic.add("webseed", "out", resp.body_sent, requests=1, errors=errors)
 
 
+class _NoFollowPath(PosixPath):
+    """A path whose `open` is `noded.core.safefs.open_regular` (what FileResponse opens the file with)."""
+
+    def open(self, *args: Any, **kwargs: Any) -> Any:
+        return os.fdopen(open_regular(self), "rb")
+
+
 class _CountingFileResponse(web.FileResponse):
     """FileResponse (Range, ETag, sendfile) that reports the body bytes it actually handed to the socket,
     also when the client went away mid-body."""
@@ -133,9 +140,10 @@ class _CountingFileResponse(web.FileResponse):
 
     def _get_file_path_stat_encoding(self, accept_encoding: str) -> tuple[Path | None, os.stat_result, str | None]:
         # Only the item's own file, never a ".gz"/".br" sibling someone put beside it, and never through
-        # a symlink (None: aiohttp answers 403 for anything but a regular file).
+        # a symlink (None: aiohttp answers 403 for anything but a regular file). The path returned opens
+        # with O_NOFOLLOW too, so a symlink swapped in after this lstat is refused (404), not followed.
         st = os.lstat(self._path)
-        return (self._path if stat.S_ISREG(st.st_mode) else None), st, None
+        return (_NoFollowPath(self._path) if stat.S_ISREG(st.st_mode) else None), st, None
 
     async def _sendfile(
         self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int
