@@ -419,9 +419,7 @@ def test_eviction_counts_a_download_in_progress_once(noded_factory: Any, tmp_pat
         assert st["reserved_bytes"] >= size and st["used_bytes"] <= 120 * mib + 8 * mib, st
     finally:
         os.kill(a.pid, signal.SIGCONT)
-    _until(
-        lambda: _rows(b_dir).get("layers/x.pmtiles", {}).get("state") == "cached", timeout=120, what="B's download"
-    )
+    _until(lambda: _rows(b_dir).get("layers/x.pmtiles", {}).get("state") == "cached", timeout=120, what="B's download")
     assert len(evicted()) == expected
     assert b.stop() == 0
 
