@@ -428,7 +428,13 @@ def test_status_shows_no_filesystem_paths_and_sigusr_signals_dump_instead_of_kil
     creds = _credentials(tmp_path)
     node_dir = tmp_path / "toronto"
     inbox = node_dir / "inbox"
-    cfg = base_config(node_dir, origins={"inbox": {"dir": str(inbox), "stable_seconds": 0.5}})
+    bad_torrent = node_dir / "state" / "published" / "bad.torrent"  # its problem names its path
+    bad_torrent.parent.mkdir(parents=True)
+    bad_torrent.write_bytes(b"d4:infod6:lengthi-1eee")
+    cfg = base_config(
+        node_dir,
+        origins={"inbox": {"dir": str(inbox), "stable_seconds": 0.5}, "torrents": {"files": [str(bad_torrent)]}},
+    )
     node = NodedProcess(write_config(node_dir, cfg), env={"CREDENTIALS_DIRECTORY": str(creds)})
     try:
         node.start()
@@ -439,6 +445,8 @@ def test_status_shows_no_filesystem_paths_and_sigusr_signals_dump_instead_of_kil
         for p in (str(tmp_path), str(node_dir / "state" / "noded.sqlite3"), str(creds), str(inbox)):
             assert p not in raw, p
         assert '"database": "noded.sqlite3"' in raw
+        problems = node.get("/v1/status")[1]["problems"]
+        assert "<state_dir>/published/bad.torrent" in problems["torrents"], problems
 
         pid = node.pid
         os.kill(pid, signal.SIGUSR1)
