@@ -18,7 +18,7 @@ from typing import Any
 from noded.api import cache_routes, origins_routes
 from noded.api import items as item_routes
 from noded.api import torrents as torrent_routes
-from noded.api.app import ApiServer, RouteSetup
+from noded.api.app import ApiServer, RouteSetup, build_status
 from noded.api.transparency import ROUTES as TRANSPARENCY_ROUTES
 from noded.cache.accounting import Cache
 from noded.cache.watch import Watcher
@@ -61,7 +61,9 @@ class StoreComponent:
         await self.store.close()
 
     def status(self) -> dict[str, Any]:
-        return {"state": "running" if self.store.is_open else "stopped", "path": str(self.store.path)}
+        # The file's name only: the status is public to any page the API's CORS lets read it, and the
+        # directory layout of the machine is not its business.
+        return {"state": "running" if self.store.is_open else "stopped", "database": self.store.path.name}
 
 
 def peer_down_grace(cfg: Config) -> float:
@@ -178,6 +180,9 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        # Their default action ends the process without cleanup: they dump state to the log instead.
+        loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(self.dump_status()))
+        loop.add_signal_handler(signal.SIGUSR2, self.dump_tasks)
         try:
             await self._start_all()
         except Exception as e:
@@ -253,6 +258,34 @@ class Daemon:
             await asyncio.get_running_loop().run_in_executor(
                 None, instance.remove, self.cfg.paths.state_dir, self.node.instance
             )
+
+    # -- signals that only tell ---------------------------------------------------------------
+    async def dump_status(self) -> None:
+        """SIGUSR1: the status the API serves, into the log (for a node whose API cannot be reached)."""
+        try:
+            st = await build_status(self.node)
+        except Exception as e:
+            log.error("daemon.status_failed", error=str(e))
+            return
+        log.info(
+            "daemon.status",
+            line=self.status_line(),
+            ready=st["ready"],
+            items=st["items"],
+            cache=st["cache"],
+            components={n: c.get("state") for n, c in st["components"].items()},
+            problems=st["problems"],
+            loop_lag_ms=st["loop_lag_ms"],
+        )
+
+    def dump_tasks(self) -> None:
+        """SIGUSR2: the event loop's tasks and the line each waits at, into the log."""
+        tasks = []
+        for t in asyncio.all_tasks():
+            frames = t.get_stack(limit=1)
+            where = f"{frames[0].f_code.co_filename}:{frames[0].f_lineno}" if frames else "-"
+            tasks.append(f"{t.get_name()} @ {where}")
+        log.info("daemon.tasks", count=len(tasks), tasks=sorted(tasks))
 
     # -- reload ------------------------------------------------------------------------------
     async def reload(self) -> None:

@@ -212,7 +212,7 @@ class Cache:
         self.reserved: list[int] = []
 
     @contextlib.asynccontextmanager
-    async def reserve(self, nbytes: int) -> AsyncIterator[None]:
+    async def reserve(self, nbytes: int, item_id: int | None = None, path: Path | None = None) -> AsyncIterator[None]:
         self.reserved.append(nbytes)
         yield
 

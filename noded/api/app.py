@@ -6,8 +6,11 @@ without touching this file.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -70,6 +73,41 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(await build_status(node))
 
 
+def path_labels(node: Node) -> list[tuple[bytes, bytes]]:
+    """The machine's directories an answer may mention (in an error text), as they appear in JSON, each
+    with the name it is shown by instead, longest first. Any web page may read the API (CORS); where the
+    node keeps its database or its credentials is not for it to know."""
+    cfg = node.cfg
+    named = {
+        "<cache_dir>": cfg.paths.cache_dir,
+        "<state_dir>": cfg.paths.state_dir,
+        "<inbox>": cfg.origins.inbox.dir,
+    }
+    cred = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred:
+        named["<credentials>"] = Path(cred)
+    out: dict[bytes, bytes] = {}
+    for label, p in named.items():
+        for form in {str(p), os.path.realpath(p)}:
+            if len(form) > 1:
+                out[json.dumps(form)[1:-1].encode()] = label.encode()
+    return sorted(out.items(), key=lambda kv: -len(kv[0]))
+
+
+@web.middleware
+async def redact_paths(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every JSON answer, errors included, with the node's directories replaced by their labels."""
+    resp: web.StreamResponse = await handler(request)
+    if isinstance(resp, web.Response) and resp.content_type == "application/json" and isinstance(resp.body, bytes):
+        body = resp.body
+        for path, label in path_labels(request.app[NODE_KEY]):
+            if path in body:
+                body = body.replace(path, label)
+        if body is not resp.body:
+            resp.body = body
+    return resp
+
+
 async def build_status(node: Node) -> dict[str, Any]:
     counts = await node.store.run(node.store.counts_by_state)
     summary = await node.store.run(node.store.cache_summary)
@@ -127,7 +165,7 @@ async def build_status(node: Node) -> dict[str, Any]:
 
 def create_app(node: Node, extra_routes: Iterable[RouteSetup] = (), token: str | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[error_middleware, cors_and_count],
+        middlewares=[redact_paths, error_middleware, cors_and_count],
         client_max_size=node.cfg.api.max_body_bytes,
         handler_args={"max_line_size": 8190, "max_field_size": 8190},
     )

@@ -33,6 +33,7 @@ from noded.core.hashing import hash_file
 from noded.core.logs import get_logger
 from noded.core.model import Item, State
 from noded.core.quota import QuotaView
+from noded.core.safefs import UnsafeFile, lstat_regular
 
 log = get_logger("noded.cache")
 
@@ -139,6 +140,31 @@ class Cache:
         self.reconcile_report: dict[str, int] = {}
         # Paths the cache itself is renaming/deleting: the watcher ignores events for them.
         self.own_ops: set[Path] = set()
+        # Symlinks and special files found in the inbox or the cache, never read: "inbox/<rel>" or
+        # "cache/<key>" -> why. Shown as the problem "unsafe_files" while any is listed.
+        self.refused: dict[str, str] = {}
+
+    # -- files refused ------------------------------------------------------------------------
+    def refuse(self, name: str, why: str) -> None:
+        if self.refused.get(name) != why:
+            log.error("cache.unsafe_file", file=name, reason=why)
+        self.refused[name] = why
+        self._show_refused()
+
+    def unrefuse(self, name: str) -> None:
+        if self.refused.pop(name, None) is not None:
+            self._show_refused()
+
+    def _show_refused(self) -> None:
+        if not self.refused:
+            self.node.problems.pop("unsafe_files", None)
+            return
+        first = ", ".join(f"{n} ({w})" for n, w in list(self.refused.items())[:5])
+        more = f" and {len(self.refused) - 5} more" if len(self.refused) > 5 else ""
+        self.node.problems["unsafe_files"] = (
+            f"{len(self.refused)} symlink(s) or special file(s) refused, never published, served or pushed: "
+            f"{first}{more}"
+        )
 
     # -- configuration ----------------------------------------------------------------------
     @property
@@ -522,6 +548,13 @@ class Cache:
         self._changed.set()
         return new
 
+    async def unsafe_file(self, item_id: int, key: str, e: UnsafeFile) -> Item | None:
+        """A cached item's path became a symlink or a special file: never read it; move it aside to the
+        quarantine area and fetch the item again."""
+        why = e.kind
+        self.refuse(f"cache/{key}", f"{why}; moved aside to quarantine")
+        return await self.external_change(item_id, f"cached file replaced by {why}", changed=True)
+
     async def recheck(self, item_id: int, reason: str) -> Item | None:
         """Same size, new mtime: re-hash (the only case where the cache reads a file by itself) and
         keep the copy if its bytes still match the record; otherwise quarantine and fetch again."""
@@ -540,6 +573,8 @@ class Cache:
                 st = await loop.run_in_executor(None, path.stat)
         except FileNotFoundError:
             return await self.external_change(item_id, "file deleted from the cache outside noded", changed=False)
+        except UnsafeFile as e:
+            return await self.unsafe_file(item_id, item.key, e)
         why = mismatch(item, h, await store.run(store.get_pieces, item.id))
         if why is None and (item.sha256 or item.md5):
             await store.run(cachedb.record_stat, store, [(item.id, disk_bytes(st), st.st_mtime_ns)])
@@ -564,6 +599,9 @@ class Cache:
                 )
             elif kind == "changed":
                 await self.external_change(item_id, "file changed outside noded (size differs)", changed=True)
+            elif kind.startswith("unsafe:"):
+                key = next(k for i, k, *_ in rows if i == item_id)
+                await self.unsafe_file(item_id, key, UnsafeFile(key, kind.removeprefix("unsafe:")))
             elif kind == "touched":
                 await self.recheck(item_id, "file modified outside noded (mtime differs)")
         leftovers = await store.run(cachedb.evicted_leftovers, store)
@@ -578,9 +616,12 @@ class Cache:
         out: list[tuple[int, str, int, int]] = []
         for item_id, key, _version, size, mtime_ns, dbytes in rows:
             try:
-                st = self.layout.final_path(key).stat()
+                st = lstat_regular(self.layout.final_path(key), self.layout.root)
             except UnsafePath:
                 out.append((item_id, "missing", 0, 0))
+                continue
+            except UnsafeFile as e:
+                out.append((item_id, f"unsafe:{e.kind}", 0, 0))
                 continue
             except OSError as e:
                 if e.errno in (errno.ENOENT, errno.ENOTDIR):

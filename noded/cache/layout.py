@@ -6,13 +6,16 @@
     <state_dir>/torrents/<infohash>.torrent
     <state_dir>/resume/<infohash>.fastresume
 
-Keys are confined to the cache root: `final_path` refuses anything that would land outside it.
+Keys are confined to the cache root: `final_path` refuses anything that would land outside it. Its last
+component is never resolved: readers open it with `noded.core.safefs` (no symlinks, regular files only).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from noded.core.safefs import open_regular
 
 INTERNAL = ".noded"
 
@@ -37,7 +40,12 @@ class CacheLayout:
     def final_path(self, key: str) -> Path:
         if not key or key.startswith("/") or "\0" in key:
             raise UnsafePath(f"unsafe key {key!r}")
-        p = (self.root / key).resolve()
+        p = self.root / key
+        if p.name in ("", ".", ".."):
+            raise UnsafePath(f"unsafe key {key!r}")
+        # The directories are resolved (confinement), the file itself is not: a symlink put in place of a
+        # cached file must be seen as one (lstat, O_NOFOLLOW), not as its target.
+        p = p.parent.resolve() / p.name
         if not p.is_relative_to(self.root) or p == self.root or p.is_relative_to(self.root / INTERNAL):
             raise UnsafePath(f"key {key!r} escapes the cache root")
         return p
@@ -67,7 +75,7 @@ def fsync_dir(path: Path) -> None:
 
 def publish(partial: Path, final: Path) -> os.stat_result:
     """fsync the bytes, rename into place, fsync the directory. Blocking: run in an executor."""
-    fd = os.open(partial, os.O_RDONLY)
+    fd = open_regular(partial)  # a symlink swapped in for the partial is never published
     try:
         os.fsync(fd)
     finally:

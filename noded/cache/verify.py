@@ -20,6 +20,7 @@ from noded.cache.layout import UnsafePath
 from noded.core.hashing import hash_file
 from noded.core.logs import get_logger
 from noded.core.model import HashResult, Item, State
+from noded.core.safefs import UnsafeFile
 
 if TYPE_CHECKING:  # the cache builds verifiers over itself
     from noded.cache.accounting import Cache
@@ -163,6 +164,10 @@ class Verifier:
             except FileNotFoundError:
                 rep.missing.append(item.key)
                 await self.cache.external_change(item.id, "verify: file missing from the cache", changed=False)
+                return
+            except UnsafeFile as e:
+                rep.corrupt.append(item.key)
+                await self.cache.unsafe_file(item.id, item.key, e)
                 return
             pieces = await self.store.run(self.store.get_pieces, item.id)
             rep.checked += 1

@@ -10,6 +10,11 @@ suffixes are skipped until renamed. Publishing: reserve room, move the file into
 the cache, record the item (origin "inbox", state CACHED, piece hashes), notify "cached" so the P2P and
 R2 components take over. On failure the file goes back to the inbox, so nothing is lost.
 
+Symlinks and special files (FIFOs, sockets, devices), and files under a symlinked directory, are never
+read, moved or published, in the inbox or in the cache: they are left where they are (a cached item
+replaced by one is moved aside to the quarantine area and fetched again), logged, and listed in
+`node.problems["unsafe_files"]` until they are gone.
+
 Cache: deletions and modifications of cached files (not of noded's own partial/quarantine area) are
 checked against the store row (size and mtime_ns) after a short debounce; the cache marks them.
 
@@ -25,7 +30,6 @@ import contextlib
 import errno
 import os
 import shutil
-import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -54,6 +58,7 @@ from noded.core.component import Node, supervise
 from noded.core.hashing import hash_file
 from noded.core.logs import get_logger
 from noded.core.model import CatalogEntry, HashResult, State
+from noded.core.safefs import UnsafeFile, lstat_regular, open_regular
 
 log = get_logger("noded.watch")
 
@@ -133,6 +138,8 @@ class Watcher:
         self.failed = 0
         self.external = 0
         self.polling: str | None = None  # why the watcher polls instead of using inotify
+        self._refused: dict[str, Path] = {}  # name shown in problems -> path, re-checked until it is gone
+        self._last_refused_check = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -197,19 +204,50 @@ class Watcher:
     def status(self) -> dict[str, Any]:
         return {
             "state": "stopped" if not self._tasks else "polling" if self.polling else "running",
-            "inbox": str(self.inbox) if self.node.cfg.origins.inbox.enabled else None,
+            "inbox": self.node.cfg.origins.inbox.enabled,  # never the absolute path: the status is public
             "inbox_pending": len(self._pending),
             "publishing": len(self._publishing),
             "published": self.published,
             "failed": self.failed,
             "external_changes": self.external,
+            "refused": sorted(self._refused),
         }
 
     def _existing_inbox_files(self) -> list[Path]:
         out = []
-        for dirpath, _dirs, files in os.walk(self.inbox):
+        for dirpath, dirs, files in os.walk(self.inbox):  # never descends into a symlinked directory
             out += [Path(dirpath) / f for f in files]
+            out += [Path(dirpath) / d for d in dirs if os.path.islink(os.path.join(dirpath, d))]  # to refuse
         return out
+
+    # -- symlinks and special files -----------------------------------------------------------
+    def _refuse(self, where: str, path: Path, e: UnsafeFile) -> None:
+        """Leave the file where it is, say so in the log and in the node's problems."""
+        root = self.inbox if where == "inbox" else self.cache.layout.root
+        name = f"{where}/{path.relative_to(root).as_posix()}"
+        if name not in self._refused:
+            log.error(f"{where}.refused", path=str(path), reason=e.kind)
+        self._refused[name] = path
+        self.cache.refuse(name, f"{e.kind}; left in place")
+
+    async def _recheck_refused(self) -> None:
+        """Forget refused files once they are gone; one replaced by a regular file is looked at again."""
+        now = time.monotonic()
+        if not self._refused or now - self._last_refused_check < 1.0:
+            return
+        self._last_refused_check = now
+        items = list(self._refused.items())
+        root = {"inbox": self.inbox, "cache": self.cache.layout.root}
+        found = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: [_inspect(p, root[n.split("/", 1)[0]]) for n, p in items]
+        )
+        for (name, path), st in zip(items, found, strict=True):
+            if isinstance(st, UnsafeFile):
+                continue
+            del self._refused[name]
+            self.cache.unrefuse(name)
+            if st is not None and name.startswith("inbox/"):
+                self._note_inbox(path, closed=False)
 
     # -- polling, when inotify is unavailable ---------------------------------------------------
     async def _poll(self) -> None:
@@ -323,6 +361,7 @@ class Watcher:
             await asyncio.sleep(interval)
             try:
                 await self._emitters_alive()
+                await self._recheck_refused()
                 await self._check_inbox(stable)
                 await self._check_cache()
             except asyncio.CancelledError:
@@ -336,9 +375,13 @@ class Watcher:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         paths = list(self._pending)
-        stats = await loop.run_in_executor(None, _stat_many, paths)
+        stats = await loop.run_in_executor(None, _stat_many, paths, self.inbox)
         for path, st in zip(paths, stats, strict=True):
             entry = self._pending.get(path, _Pending(-1, -1, 0.0))
+            if isinstance(st, UnsafeFile):
+                self._pending.pop(path, None)
+                self._refuse("inbox", path, st)
+                continue
             if st is None:
                 self._pending.pop(path, None)
                 continue
@@ -376,6 +419,10 @@ class Watcher:
         for p in due:
             rel = p.relative_to(root).as_posix()
             rows = await store.run(cachedb.cached_under, store, rel)
+            if not rows:  # not an item: a symlink or special file someone put there is still reported
+                bad = await asyncio.get_running_loop().run_in_executor(None, _inspect, p, root)
+                if isinstance(bad, UnsafeFile) and bad.kind != "a directory":  # directories hold keys
+                    self._refuse("cache", p, bad)
             for item_id, key, size, mtime_ns in rows:
                 verdict = await asyncio.get_running_loop().run_in_executor(None, self._verdict, key, size, mtime_ns)
                 if verdict is None:
@@ -385,6 +432,8 @@ class Watcher:
                     await self.cache.external_change(
                         item_id, "file deleted from the cache outside noded", changed=False
                     )
+                elif verdict.startswith("unsafe:"):
+                    await self.cache.unsafe_file(item_id, key, UnsafeFile(key, verdict.removeprefix("unsafe:")))
                 elif verdict == "resized":
                     await self.cache.external_change(
                         item_id, "file changed in the cache outside noded (size differs)", changed=True
@@ -394,9 +443,11 @@ class Watcher:
 
     def _verdict(self, key: str, size: int | None, mtime_ns: int | None) -> str | None:
         try:
-            st = self.cache.layout.final_path(key).stat()
+            st = lstat_regular(self.cache.layout.final_path(key), self.cache.layout.root)
         except FileNotFoundError:
             return "deleted"
+        except UnsafeFile as e:
+            return f"unsafe:{e.kind}"
         except (OSError, UnsafePath):
             return None
         if size is not None and st.st_size != size:
@@ -414,7 +465,8 @@ class Watcher:
         except Exception as e:
             self.failed += 1
             log.error("inbox.publish_failed", path=str(path), error=str(e), exc_info=True)
-            self.node.problems["inbox"] = f"{path}: publish failed: {e}; file left in the inbox"
+            rel = path.relative_to(self.inbox).as_posix()
+            self.node.problems["inbox"] = f"{rel}: publish failed: {_no_path(e)}; file left in the inbox"
             with contextlib.suppress(OSError):
                 st = await asyncio.get_running_loop().run_in_executor(None, path.stat)
                 self._failed[path] = (st.st_size, st.st_mtime_ns)
@@ -430,10 +482,13 @@ class Watcher:
             final = layout.final_path(rel)
         except UnsafePath as e:
             log.error("inbox.unsafe_name", path=str(path), error=str(e))
-            self.node.problems["inbox"] = f"{path}: {e}; file left in the inbox"
+            self.node.problems["inbox"] = f"{rel}: {e}; file left in the inbox"
             return None
         try:
-            st = await loop.run_in_executor(None, path.stat)
+            st = await loop.run_in_executor(None, lstat_regular, path, self.inbox)
+        except UnsafeFile as e:
+            self._refuse("inbox", path, e)
+            return None
         except FileNotFoundError:
             return None
         staging = layout.partial_dir / f"inbox-{uuid.uuid4().hex}"
@@ -479,25 +534,37 @@ class Watcher:
         return State.CACHED
 
 
-def _stat_many(paths: list[Path]) -> list[os.stat_result | None]:
-    out: list[os.stat_result | None] = []
-    for p in paths:
-        try:
-            st = p.stat()
-        except OSError:
-            out.append(None)
-            continue
-        out.append(st if stat.S_ISREG(st.st_mode) else None)  # the same stat, not a second one
-    return out
+def _inspect(path: Path, beneath: Path) -> os.stat_result | UnsafeFile | None:
+    """The file's lstat; UnsafeFile for a symlink, a special file or a symlinked directory on the way;
+    None when it is gone. Blocking."""
+    try:
+        return lstat_regular(path, beneath)
+    except UnsafeFile as e:
+        return e
+    except OSError:
+        return None
+
+
+def _stat_many(paths: list[Path], beneath: Path) -> list[os.stat_result | UnsafeFile | None]:
+    return [_inspect(p, beneath) for p in paths]
+
+
+def _no_path(e: BaseException) -> str:
+    """An error's text for a status page: an OSError without the absolute path it names."""
+    if isinstance(e, UnsafeFile):
+        return e.kind
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
 
 
 def _move_in(src: Path, dst: Path) -> None:
     """Rename on the same filesystem; otherwise copy, fsync, and only then remove the source."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if src.stat().st_dev == dst.parent.stat().st_dev:
-        os.rename(src, dst)
+    if os.lstat(src).st_dev == dst.parent.stat().st_dev:
+        os.rename(src, dst)  # moves a symlink swapped in since the check as a symlink: hashing refuses it
         return
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+    with os.fdopen(open_regular(src), "rb") as fin, open(dst, "wb") as fout:
         shutil.copyfileobj(fin, fout, 1024 * 1024)
         fout.flush()
         os.fsync(fout.fileno())
@@ -506,5 +573,5 @@ def _move_in(src: Path, dst: Path) -> None:
 
 
 def _move_back(src: Path, dst: Path) -> None:
-    if src.exists() and not dst.exists():
+    if os.path.lexists(src) and not os.path.lexists(dst):
         _move_in(src, dst)

@@ -1,7 +1,8 @@
 """Command line: `noded run | check-config | status | ...`.
 
 Exit codes: 0 success; 1 runtime failure; 2 usage error; 69 (EX_UNAVAILABLE) the local API cannot be
-reached; 78 (EX_CONFIG) the configuration is invalid (systemd does not restart on it).
+reached; 75 (EX_TEMPFAIL) another noded holds the state or cache directory; 78 (EX_CONFIG) the configuration
+is invalid (systemd does not restart on it).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from noded import __version__
-from noded.core.config import EX_CONFIG, Config, ConfigError, load_and_check, load_config
+from noded.core.config import EX_CONFIG, Config, ConfigError, config_warnings, load_and_check, load_config
 from noded.core.units import format_size
 
 EX_UNAVAILABLE = 69
@@ -73,6 +75,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                 "those ports were not test-bound (a change to them needs a restart)"
             )
     cfg = _load_checked(args, held)
+    for w in config_warnings(_config_path(args)):
+        print(f"noded: warning: {w}", file=sys.stderr)
     print(
         f"noded: configuration {_config_path(args)} is valid (node {cfg.node.name}, "
         f"budget {format_size(cfg.cache.budget)})"
@@ -89,11 +93,22 @@ def _load_checked(args: argparse.Namespace, held: set[tuple[str, int]]) -> Confi
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from noded.cache.layout import INTERNAL
     from noded.core.config import read_secret
-    from noded.core.logs import configure
+    from noded.core.logs import configure, get_logger
+    from noded.core.statelock import EX_TEMPFAIL, DirectoryLocked, lock_directories
     from noded.daemon import run_daemon
 
+    # Until the daemon's own handlers are in place, SIGUSR1/SIGUSR2 must not end the process.
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     cfg = load_or_exit(args)
+    # Before anything is opened: a second daemon on the same directories stops here, touching nothing.
+    try:
+        lock = lock_directories(cfg.paths.state_dir, cfg.paths.cache_dir / INTERNAL)
+    except (DirectoryLocked, OSError) as e:
+        print(f"noded: cannot run: {e}", file=sys.stderr)
+        return EX_TEMPFAIL
     configure(
         cfg.log.format,
         cfg.log.level,
@@ -103,7 +118,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             read_secret(cfg.r2.secret_access_key_credential, cfg.r2.secret_access_key_env),
         ],
     )
-    return asyncio.run(run_daemon(cfg, _config_path(args)))
+    for w in config_warnings(_config_path(args)):
+        get_logger("noded.config").warning("config.warning", warning=w)
+    try:
+        return asyncio.run(run_daemon(cfg, _config_path(args)))
+    finally:
+        lock.release()
 
 
 def api_base(args: argparse.Namespace) -> str:

@@ -39,7 +39,7 @@ def _make(args: argparse.Namespace) -> int:
         if path.is_dir():
             info, _ = T.build_dataset_torrent(path, source=args.source)
         elif path.is_file():
-            pieces, md5s = T.hash_files([path])
+            pieces, md5s = T.hash_files([path.resolve()])  # named by the operator: a symlink is followed
             info = T.single_file_info(path.name, path.stat().st_size, md5s[0], pieces, source=args.source)
         else:
             print(f"noded: {path} is neither a file nor a directory", file=sys.stderr)

@@ -8,12 +8,14 @@ filesystem size, ports), which `check_environment` performs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
 import re
 import shutil
 import socket
+import stat
 import tomllib
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -720,14 +722,46 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         raise ConfigError(problems, source) from None
 
 
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
+def _read_config_file(path: Path) -> str:
+    """The file's text; only a regular file is read (a FIFO or a device would block or never end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError([Problem("<file>", f"{path} is not a regular file")], path)
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError([Problem("<file>", f"{path} is larger than {MAX_CONFIG_BYTES} bytes")], path)
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(MAX_CONFIG_BYTES + 1).decode("utf-8")
+    finally:
+        os.close(fd)
+
+
 def load_config(path: Path) -> Config:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_config_file(path)
     except FileNotFoundError:
         raise ConfigError([Problem("<file>", f"config file {path} does not exist")], path) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([Problem("<file>", f"cannot read {path}: {e}")], path) from None
     return parse_config(text, path)
+
+
+def config_warnings(path: Path) -> list[str]:
+    """What is allowed but unwise about the config file itself."""
+    out = []
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        if st.st_mode & stat.S_IWOTH:
+            out.append(
+                f"{path} is world-writable (mode {stat.S_IMODE(st.st_mode):o}): any local user could change "
+                f"what this node fetches, serves and where it pushes; chmod o-w it"
+            )
+    return out
 
 
 def _check_dir(key: str, path: Path) -> Iterable[Problem]:
@@ -767,13 +801,41 @@ def _check_quota(cfg: Config) -> Iterable[Problem]:
         )
 
 
+# What the state directory holds itself: an inbox there must not be (or be inside) one of these.
+STATE_ENTRIES = ("noded.sqlite3", "noded.sqlite3-wal", "noded.sqlite3-shm", "noded.lock", "torrents", "resume")
+
+
+def _inside(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b)
+
+
+def check_layout(cfg: Config) -> Iterable[Problem]:
+    """The cache, state and inbox directories must not be one another or inside one another (with the
+    cache's partial area inside the cache): a dataset named like the database would replace it, the
+    inbox would swallow published files. An inbox in its own subdirectory of the state directory is
+    the one nesting allowed. Paths are compared resolved (symlinks followed)."""
+    cache, state = cfg.paths.cache_dir.resolve(), cfg.paths.state_dir.resolve()
+    if _inside(cache, state) or _inside(state, cache):
+        how = "is" if cache == state else "overlaps"
+        yield Problem("paths.state_dir", f"{state} {how} paths.cache_dir ({cache}); give each its own directory")
+    if not cfg.origins.inbox.enabled:
+        return
+    inbox = cfg.origins.inbox.dir.resolve()
+    if _inside(inbox, cache) or _inside(cache, inbox):
+        yield Problem("origins.inbox.dir", f"{inbox} overlaps paths.cache_dir ({cache}); give each its own directory")
+    if _inside(state, inbox):
+        yield Problem("origins.inbox.dir", f"{inbox} is or contains paths.state_dir ({state})")
+    elif inbox.is_relative_to(state) and inbox.relative_to(state).parts[0] in STATE_ENTRIES:
+        yield Problem("origins.inbox.dir", f"{inbox} is one of paths.state_dir's own entries")
+
+
 def check_environment(
     cfg: Config, *, check_ports: bool = True, held: Collection[tuple[str, int]] = ()
 ) -> list[Problem]:
     """Checks against this machine: directories, filesystem capacity, listening ports. `held` are the
     (bind, port) pairs the daemon running on this configuration's state directory listens on: in use,
     but by the process this configuration is for."""
-    problems: list[Problem] = []
+    problems: list[Problem] = list(check_layout(cfg))
     problems += _check_dir("paths.cache_dir", cfg.paths.cache_dir)
     problems += _check_dir("paths.state_dir", cfg.paths.state_dir)
     if cfg.origins.inbox.enabled:
@@ -785,6 +847,14 @@ def check_environment(
                 Problem(
                     "cache.budget",
                     f"{cfg.cache.budget} bytes is larger than the filesystem of {cfg.paths.cache_dir} ({total} bytes)",
+                )
+            )
+        if cfg.cache.free_space_floor >= total:
+            problems.append(
+                Problem(
+                    "cache.free_space_floor",
+                    f"{cfg.cache.free_space_floor} bytes is not below the size of the filesystem of "
+                    f"{cfg.paths.cache_dir} ({total} bytes): nothing could ever be fetched",
                 )
             )
         problems += _check_quota(cfg)
@@ -805,7 +875,7 @@ def load_and_check(path: Path, *, check_ports: bool = True, held: Collection[tup
     cfg = load_config(path)
     problems = check_environment(cfg, check_ports=check_ports, held=held)
     if problems:
-        lines = _line_index(path.read_text(encoding="utf-8"))
+        lines = _line_index(_read_config_file(path))
         raise ConfigError([Problem(p.key, p.message, p.line or lines.get(p.key)) for p in problems], path)
     return cfg
 

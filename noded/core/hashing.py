@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from noded.core.model import PIECE_LENGTH, HashResult
+from noded.core.safefs import open_regular
 
 BLOCK = 4 * 1024 * 1024  # read size for files; large buffers keep the GIL released while hashing
 DEPTH = 4  # blocks in flight per hasher: bounds memory while letting reads overlap hashing
@@ -126,7 +127,7 @@ def hash_file(path: Path, *, want_sha1: bool = False, piece_length: int = PIECE_
     """Hash a file that did not come through a stream (inbox, verify). Blocking: run in an executor."""
     hasher = StreamHasher(want_sha1=want_sha1, piece_length=piece_length)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_regular(path)  # never through a symlink: inbox and cache files are not only ours
         try:
             size = os.fstat(fd).st_size
             feed_range(hasher, fd, 0, size)

@@ -18,6 +18,7 @@ from typing import IO
 
 from aiohttp import web
 
+from noded.core import safefs
 from noded.core.httpcond import Validators, if_range_allows, multipart_plan, parse_ranges, precondition
 
 CHUNK = 1024 * 1024
@@ -56,7 +57,8 @@ async def serve_file(
     loop = asyncio.get_running_loop()
 
     def open_file() -> tuple[IO[bytes], os.stat_result]:
-        f = path.open("rb")
+        # Never through a symlink, never anything but a regular file (also one swapped in after a check).
+        f = os.fdopen(safefs.open_regular(path), "rb")
         try:
             st = os.fstat(f.fileno())  # the stat of what we opened, not of what the path names later
         except BaseException:
@@ -66,7 +68,7 @@ async def serve_file(
 
     try:
         fobj, st = await loop.run_in_executor(None, open_file)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, safefs.UnsafeFile):
         raise web.HTTPNotFound(text="not found\n") from None
     try:
         ctype = content_type or mimetypes.guess_type(path.name)[0] or FALLBACK_TYPE

@@ -35,6 +35,7 @@ from noded.core.config import Config
 from noded.core.hashing import hash_file
 from noded.core.logs import get_logger
 from noded.core.model import CatalogEntry, HashResult, Item, State
+from noded.core.safefs import lstat_regular
 from noded.core.store import Store
 from noded.origins.catalog.base import Adapter, CatalogError, Limits
 from noded.origins.catalog.ia import InternetArchiveAdapter
@@ -629,7 +630,9 @@ class Origins:
         cache = self.node.get("cache")
         reserve = getattr(cache, "reserve", None)
         ctx: contextlib.AbstractAsyncContextManager[Any] = (
-            reserve(item.size or 0) if reserve is not None else contextlib.nullcontext()
+            # The partial's path: the cache counts the reservation as max(reserved, written), once, not the
+            # bytes on disk again as a stray partial.
+            reserve(item.size or 0, item_id=item.id, path=partial) if reserve is not None else contextlib.nullcontext()
         )
         async with ctx:
             if item.state != State.FETCHING:
@@ -845,7 +848,13 @@ class Origins:
         loop = asyncio.get_running_loop()
 
         def look() -> bool:
-            return not partial.exists() and final.is_file() and (item.size is None or final.stat().st_size == item.size)
+            if partial.exists():
+                return False
+            try:  # never a symlink or special file left at the final path
+                st = lstat_regular(final, self.layout.root)
+            except OSError:
+                return False
+            return item.size is None or st.st_size == item.size
 
         if not await loop.run_in_executor(None, look):
             return False

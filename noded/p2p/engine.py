@@ -26,6 +26,7 @@ from noded.cache.layout import CacheLayout, UnsafePath, atomic_write
 from noded.core.component import Node, supervise
 from noded.core.logs import get_logger
 from noded.core.model import PIECE_LENGTH, Item, State
+from noded.core.safefs import lstat_regular
 from noded.origins.schedule import Schedule
 from noded.p2p import torrent as T
 from noded.p2p.importer import configured_sources, import_configured, withdraw
@@ -328,7 +329,7 @@ class P2PEngine:
             existing = self.layout.torrent_path(item.infohash)
             if existing.exists():  # an imported, published torrent is authoritative
                 return item.infohash, existing.read_bytes()
-        size = final.stat().st_size
+        size = lstat_regular(final, self.layout.root).st_size  # never a torrent of a symlink's target
         md5 = item.md5
         if pieces is None or md5 is None or pieces[0] != PIECE_LENGTH:
             raw, md5s = T.hash_files([final])

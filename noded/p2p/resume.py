@@ -18,6 +18,7 @@ from typing import Any
 import libtorrent as lt
 
 from noded.cache.layout import CacheLayout
+from noded.core.safefs import lstat_regular
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +61,11 @@ def load_plan(
 ) -> SeedPlan | str:
     """A SeedPlan, or the reason this item cannot be seeded as it is. Blocking."""
     try:
-        st = final.stat()
+        st = lstat_regular(final, layout.root)
     except FileNotFoundError:
         return f"cached file {final} is missing"
+    except OSError as e:  # a symlink or a special file: libtorrent would follow it
+        return f"cached file refused: {e}"
     if size is not None and st.st_size != size:
         return f"cached file {final} has {st.st_size} bytes, expected {size}"
     if mtime_ns is not None and st.st_mtime_ns != mtime_ns:

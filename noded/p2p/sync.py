@@ -438,7 +438,7 @@ class PeerSource:
         hasher = FollowHasher(partial, meta.piece_length, meta.total_size, follower, cancel, meta.pieces)
         idle = ThreadPoolExecutor(max_workers=1, thread_name_prefix="follow", initializer=lower_priority)
         early = loop.run_in_executor(idle, functools.partial(hasher.run, until_transferred=True))
-        ok = False
+        ok = stopping = False
         t0 = time.monotonic()
         try:
             await engine.session.add(atp, ih)
@@ -447,10 +447,14 @@ class PeerSource:
             follower.complete()
             ok = True
             await engine.account_now()  # count the last bytes per peer before the torrent goes
+        except asyncio.CancelledError:
+            stopping = True
+            raise
         finally:
             engine.session.followers.pop(ih, None)
-            # Leave the session before the file is published (and on failure drop the partial bytes,
-            # so an HTTP fetch starts from a clean file).
+            # Leave the session before the file is published. A failed transfer drops the partial bytes,
+            # so an HTTP fetch starts from a clean file; a stop keeps them: libtorrent checks the file
+            # when the torrent is added again and asks peers only for the pieces it lacks.
             await engine.session.remove(ih)
             follower.set_flushed()
             if not ok:
@@ -458,8 +462,13 @@ class PeerSource:
                 with contextlib.suppress(Exception):
                     await early
                 idle.shutdown(wait=False)
-                with contextlib.suppress(FileNotFoundError):
-                    await loop.run_in_executor(None, partial.unlink)
+                # The daemon stops the BitTorrent engine before the pull pipeline: the transfer then
+                # ends as "left the session", not as a cancellation.
+                if stopping or sync.node.stopping:
+                    log.info("sync.partial_kept", key=item.key, infohash=ih)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        await loop.run_in_executor(None, partial.unlink)
         try:
             await early
         finally:

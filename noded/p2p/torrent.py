@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 import libtorrent as lt
 
 from noded.core.model import PIECE_LENGTH, CatalogEntry
+from noded.core.safefs import open_regular
 from noded.origins.catalog.base import is_hex
 
 MAX_TORRENT_BYTES = 16 * 1024 * 1024  # 5 TB at 16 MiB pieces is 6 MB of hashes; anything larger is hostile
@@ -219,7 +221,7 @@ def hash_files(paths: Sequence[Path], piece_length: int = PIECE_LENGTH) -> tuple
     chunk = 1024 * 1024
     for p in paths:
         m = hashlib.md5()  # noqa: S324 - the organisation publishes md5; not used for security
-        with open(p, "rb") as f:
+        with os.fdopen(open_regular(p), "rb") as f:  # never through a symlink
             while True:
                 want = min(chunk, piece_length - filled)
                 buf = f.read(want)

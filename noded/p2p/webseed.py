@@ -20,6 +20,7 @@ from noded.core.component import Node
 from noded.core.httpserve import serve_file
 from noded.core.logs import get_logger
 from noded.core.model import State
+from noded.core.safefs import UnsafeFile, lstat_regular
 
 log = get_logger("noded.p2p.webseed")
 
@@ -94,8 +95,13 @@ class WebSeedServer:
         except UnsafePath:
             raise web.HTTPNotFound(text="not found\n") from None
         loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(None, path.is_file):
-            raise web.HTTPNotFound(text="not cached here\n")
+        try:
+            await loop.run_in_executor(None, lstat_regular, path, self.layout.root)
+        except UnsafeFile as e:
+            log.error("webseed.refused", key=item.key, error=str(e))
+            raise web.HTTPNotFound(text="not cached here\n") from None
+        except OSError:
+            raise web.HTTPNotFound(text="not cached here\n") from None
         self.served += 1
         now = time.time()
         if now - self._touched.get(item.id, 0) >= TOUCH_MIN_INTERVAL:

@@ -32,6 +32,7 @@ from noded.cache.layout import CacheLayout, UnsafePath
 from noded.core.component import Node, cancel_task, supervise
 from noded.core.logs import get_logger
 from noded.core.model import Item, State
+from noded.core.safefs import UnsafeFile, lstat_regular, open_regular
 from noded.core.store import Store
 from noded.origins.schedule import TokenBucket
 from noded.r2.budget import ByteBudget
@@ -91,7 +92,7 @@ def recorded_uploads(store: Store) -> dict[str, tuple[str, int]]:
 
 # -- blocking helpers (run on the R2 threads) ----------------------------------------------------
 def _read_part(path: Path, offset: int, length: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular(path)
     try:
         chunks = []
         got = 0
@@ -109,7 +110,7 @@ def _read_part(path: Path, offset: int, length: int) -> bytes:
 def _sha256_file(path: Path, cancel: threading.Event, block: int = 8 * 1024 * 1024) -> str:
     """The file's sha256, read sequentially (SHA-NI: ~1.5 GB/s); stops early when cancelled."""
     h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
+    with os.fdopen(open_regular(path), "rb", buffering=0) as f:
         while not cancel.is_set():
             b = f.read(block)
             if not b:
@@ -332,7 +333,9 @@ class R2Pusher:
             raise ItemFailed(str(e)) from None
         loop = asyncio.get_running_loop()
         try:
-            st = await loop.run_in_executor(client.executor, os.stat, path)
+            st = await loop.run_in_executor(client.executor, lstat_regular, path, self.layout.root)
+        except UnsafeFile as e:
+            raise ItemFailed(f"refused to push: {e}") from None
         except OSError as e:
             raise ItemFailed(f"cached file {path} cannot be read: {e.strerror}") from None
         if item.size is not None and st.st_size != item.size:
@@ -383,7 +386,7 @@ class R2Pusher:
             try:
                 digest = await loop.run_in_executor(client.executor, _sha256_file, path, threading.Event())
             except OSError as e:
-                raise ItemFailed(f"cannot read {path} to verify it: {e.strerror}") from None
+                raise ItemFailed(f"cannot read {path} to verify it: {e.strerror or e}") from None
             self.stats.bytes_rehashed += size
             if digest != str(item.sha256).lower():
                 raise ItemFailed(f"the cached file no longer matches its sha256 (now {digest}); not uploaded")
@@ -397,9 +400,9 @@ class R2Pusher:
 
         def put() -> dict[str, Any]:
             try:
-                f = open(path, "rb")  # noqa: SIM115 - closed by the with below
+                f = os.fdopen(open_regular(path, self.layout.root), "rb")
             except OSError as e:  # a local problem, not an R2 outage
-                raise ItemFailed(f"cannot open {path}: {e.strerror}") from None
+                raise ItemFailed(f"cannot open {path}: {e.strerror or e}") from None
             with f:
                 resp: dict[str, Any] = client.s3.put_object(
                     Bucket=client.bucket,
@@ -462,7 +465,7 @@ class R2Pusher:
             try:
                 digest = await verify
             except OSError as e:
-                raise ItemFailed(f"cannot read {path} to verify it: {e.strerror}") from None
+                raise ItemFailed(f"cannot read {path} to verify it: {e.strerror or e}") from None
             if rehash:
                 self.stats.bytes_rehashed += plan.size
             if digest != str(item.sha256).lower():

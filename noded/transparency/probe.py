@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import re
 import time
@@ -28,6 +29,7 @@ from noded.core.component import Node, cancel_task, supervise
 from noded.core.config import Config
 from noded.core.httpread import read_capped
 from noded.core.logs import get_logger
+from noded.core.safefs import open_regular
 from noded.core.store import Store
 from noded.transparency.mirror_state import MirrorState, MirrorStatus, Outcome, advance
 
@@ -181,7 +183,7 @@ def _norm_etag(v: str | None) -> str | None:
 
 def _read_head(path: Path, n: int) -> bytes | None:
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:
             return f.read(n)
     except OSError:
         return None
