@@ -520,7 +520,11 @@ class MultiPull:
                 cr = _content_range(resp.headers.get("Content-Range"))
                 if cr is None or cr[0] != start or cr[2] != self.size:
                     raise _Changed(f"unexpected Content-Range {resp.headers.get('Content-Range')!r}")
-                await self._consume(w, seg, resp)
+                try:
+                    await self._consume(w, seg, resp)
+                except BaseException:
+                    resp.close()  # the rest of the body is not wanted: the connection goes, not back to the pool
+                    raise
                 h.succeeded(started)
         except (aiohttp.ClientError, TimeoutError, Retryable) as e:
             raise self.c._classify(h, loc.name, e, loc.url) from None
