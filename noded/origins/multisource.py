@@ -120,10 +120,12 @@ class Location:
     name: str  # the origin that lists it (its traffic channel)
     url: str
     host: HostState
+    label: str = ""  # how logs and status name it
     bytes: int = 0
     requests: int = 0
     failures: int = 0
     dropped: str = ""  # why it is no longer used for this pull
+    resting_until: float = 0.0  # monotonic: after a stalled connection, no new request before this
     bad_bytes: bool = False
     etag: str | None = None
     rate: float = 0.0  # bytes/s, all its connections together
@@ -150,6 +152,7 @@ class Location:
     def status(self, now: float) -> dict[str, Any]:
         out: dict[str, Any] = {
             "origin": self.name,
+            "location": self.label,
             "url": self.url,
             "bytes": self.bytes,
             "rate_Bps": round(self.current_rate(now)),
@@ -210,6 +213,11 @@ class MultiPull:
         self.pieces = pieces if pieces is not None and _pieces_fit(pieces, size) else None
         self.on_bad_bytes = on_bad_bytes
         self.locations = [Location(name, url, client.host(url)) for name, url in locations]
+        names = [loc.name for loc in self.locations]
+        for loc in self.locations:
+            # One origin may list several URLs (an asset and its alternates): they are told apart by host.
+            loc.label = loc.name if names.count(loc.name) == 1 else f"{loc.name}@{loc.host.name}"
+
         self.per_location = connections_per_location or client.cfg.segments_per_item
         self.state: PullState | None = None
         self.fd = -1
@@ -240,11 +248,11 @@ class MultiPull:
     def bytes_by_location(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for loc in self.locations:
-            out[loc.name] = out.get(loc.name, 0) + loc.bytes
+            out[loc.label] = out.get(loc.label, 0) + loc.bytes
         return out
 
     def dropped(self) -> dict[str, str]:
-        return {loc.name: loc.dropped for loc in self.locations if loc.dropped}
+        return {loc.label: loc.dropped for loc in self.locations if loc.dropped}
 
     def bad_locations(self) -> list[str]:
         return [loc.name for loc in self.locations if loc.bad_bytes]
@@ -334,15 +342,12 @@ class MultiPull:
         return fd
 
     # -- choosing work ---------------------------------------------------------------------------
-    def _holder(self, seg: Segment) -> Worker | None:
-        for w in self.workers:
-            if w.seg is seg:
-                return w
-        return None
-
-    def _free_segment(self) -> Segment | None:
-        """The lowest segment that is neither complete nor held (the hasher waits on the lowest)."""
+    def _free_segment(self, me: Worker) -> Segment | None:
+        """The lowest segment that is neither complete nor held (the hasher waits on the lowest); none
+        for a location with a stalled connection, which would likely stall on it too."""
         assert self.state is not None
+        if not self._may_take_over(me, time.monotonic()):
+            return None
         held = {id(w.seg) for w in self.workers if w.seg is not None}
         for s in self.state.segments:
             if not s.complete and id(s) not in held:
@@ -395,6 +400,11 @@ class MultiPull:
         )
         if seg.complete and w.task is not None:
             w.task.cancel()  # the loser: nothing left to it (a stalled connection is closed)
+        if stalled:
+            # A stall counts as a failure of its location (two in a row drop it), and the location
+            # rests a while instead of stalling on the next segment at once.
+            w.loc.resting_until = now + 2 * STALL_SECONDS
+            self._failed(w.loc, Retryable(f"no byte for {STALL_SECONDS:g}s"))
         return tail
 
     # -- a worker: one connection's worth of segments from one location -----------------------
@@ -402,7 +412,7 @@ class MultiPull:
         loc = w.loc
         h = loc.host
         while not loc.dropped:
-            if self._free_segment() is None and not self._steal_candidate_exists(w):
+            if self._free_segment(w) is None and not self._steal_candidate_exists(w):
                 if self._all_written():
                     return
                 self.changed.clear()
@@ -419,7 +429,7 @@ class MultiPull:
                 except FetchError as e:
                     self._drop(loc, str(e))
                     return
-                seg = self._free_segment() or self._steal(w)
+                seg = self._free_segment(w) or self._steal(w)
                 if seg is None:
                     await asyncio.sleep(IDLE_RECHECK)  # taken by another worker meanwhile
                     continue
@@ -471,6 +481,8 @@ class MultiPull:
 
     def _may_take_over(self, me: Worker, now: float) -> bool:
         # A location with a stalled connection of its own is no better place for another's tail.
+        if now < me.loc.resting_until:
+            return False
         return not any(w.loc is me.loc and w.stalled(now) for w in self.workers)
 
     def _all_written(self) -> bool:
