@@ -68,6 +68,8 @@ STEAL_MARGIN = 1.3  # the holder must be this many times slower than the idle wo
 RATE_WINDOW = 0.5  # seconds per throughput sample
 LOCATION_FAILURES = 2  # consecutive failed requests after which a location is dropped for this pull
 IDLE_RECHECK = 0.25  # how often an idle worker looks again for work to take over
+SEGMENTS_PER_CONNECTION = 8  # a file is cut into about this many segments per connection
+MIN_SEGMENT = 4 * 1024 * 1024  # below this, requests cost more than finer shares gain
 
 # Reports a location whose bytes did not match: (location name, reason).
 OnBadBytes = Callable[[str, str], Awaitable[None]]
@@ -324,9 +326,10 @@ class MultiPull:
                 self.fd = -1
 
     def _seg_size(self) -> int:
-        # Enough segments that every connection of every location gets some, none above the configured size.
-        n = max(1, len(self.locations) * self.per_location * 2)
-        return max(CHUNK, min(self.c.cfg.segment_size, -(-self.size // n)))
+        # Several segments per connection, none above the configured size: a slow location then holds
+        # back the contiguous prefix the hashers follow for one small segment's time, not a large one's.
+        n = max(1, len(self.locations) * self.per_location * SEGMENTS_PER_CONNECTION)
+        return max(min(MIN_SEGMENT, self.c.cfg.segment_size), min(self.c.cfg.segment_size, -(-self.size // n)))
 
     def _all_failed(self) -> Exception:
         if self._waits and all("asks to wait" in loc.dropped or "waiting" in loc.dropped for loc in self.locations):
@@ -430,29 +433,40 @@ class MultiPull:
                     self._drop(loc, str(e))
                     return
                 seg = self._free_segment(w) or self._steal(w)
-                if seg is None:
-                    await asyncio.sleep(IDLE_RECHECK)  # taken by another worker meanwhile
+                if seg is not None:
+                    await self._run_segment(w, seg)
                     continue
-                w.seg = seg
-                w.started = w.last_byte = w._win_start = time.monotonic()
-                w._win_bytes = 0
-                w.task = asyncio.create_task(self._request(w, seg))
-                h.active += 1
-                try:
-                    await asyncio.wait({w.task})
-                finally:
-                    h.active -= 1
-                task, w.task, w.seg = w.task, None, None
-                self._poke()  # the segment is free again or complete
-                if task.cancelled():
-                    continue  # its tail was taken over
-                err = task.exception()
-                if err is None:
-                    loc.failures = 0
-                    continue
-                if isinstance(err, OSError):
-                    raise err  # the disk, not the location: every location would hit it
-                self._failed(loc, err)
+            await asyncio.sleep(IDLE_RECHECK)  # taken by another worker meanwhile: look again soon
+
+    async def _run_segment(self, w: Worker, seg: Segment) -> None:
+        """One request for `seg` on `w`'s connection slot (held by the caller)."""
+        loc = w.loc
+        h = loc.host
+        w.seg = seg
+        w.started = w.last_byte = w._win_start = time.monotonic()
+        w._win_bytes = 0
+        w.task = asyncio.create_task(self._request(w, seg))
+        h.active += 1
+        try:
+            await asyncio.wait({w.task})
+        except asyncio.CancelledError:
+            # The pull is ending: the request goes too, after its write (no byte lands later).
+            w.task.cancel()
+            await asyncio.wait({w.task})
+            raise
+        finally:
+            h.active -= 1
+        task, w.task, w.seg = w.task, None, None
+        self._poke()  # the segment is free again or complete
+        if task.cancelled():
+            return  # its tail was taken over, or the location dropped
+        err = task.exception()
+        if err is None:
+            loc.failures = 0
+            return
+        if isinstance(err, OSError):
+            raise err  # the disk, not the location: every location would hit it
+        self._failed(loc, err)
 
     def _steal_candidate_exists(self, me: Worker) -> bool:
         now = time.monotonic()
