@@ -39,7 +39,7 @@ import aiohttp
 from noded.cache.layout import atomic_write
 from noded.core.hashing import StreamHasher, feed_range
 from noded.core.logs import get_logger
-from noded.core.model import HashResult
+from noded.core.model import PIECE_LENGTH, HashResult
 from noded.origins.fetch import (
     CHECKPOINT_SECONDS,
     CHUNK,
@@ -626,7 +626,7 @@ class MultiPull:
                     ok, data = await self._fd_call(_check_and_feed, hasher, self.fd, self.hashed, upto, want)
                     if not ok:
                         good = await self._repair(i, self.hashed, upto, want, data)
-                        await self._fd_call(hasher.update_sync, good)
+                        await self._fd_call(hasher.update_piece_sync, good, want)
                     self.hashed = upto
                     continue
             elif frontier > self.hashed:
@@ -706,8 +706,9 @@ class _Changed(Exception):
 
 
 def _pieces_fit(pieces: tuple[int, bytes], size: int) -> bool:
+    """Published piece hashes this pull can check piece by piece (the hashers' own piece length)."""
     plen, hashes = pieces
-    return plen > 0 and len(hashes) == 20 * max(1, -(-size // plen))
+    return plen == PIECE_LENGTH and len(hashes) == 20 * max(1, -(-size // plen))
 
 
 def _check_and_feed(hasher: StreamHasher, fd: int, start: int, end: int, want: bytes) -> tuple[bool, bytes]:
@@ -717,7 +718,7 @@ def _check_and_feed(hasher: StreamHasher, fd: int, start: int, end: int, want: b
         raise OSError(f"file ended at {start + len(data)}, expected {end} bytes")
     if hashlib.sha1(data, usedforsecurity=False).digest() != want:  # BitTorrent v1 piece hash, not security
         return False, data
-    hasher.update_sync(data)
+    hasher.update_piece_sync(data, want)
     return True, b""
 
 
