@@ -340,3 +340,28 @@ def test_sigkill_mid_multi_mirror_pull_resumes_from_the_checkpointed_segments(
     finally:
         for s in servers.values():
             s.__exit__(None, None, None)
+
+
+async def test_host_caps_and_retry_after_hold_across_the_locations(tmp_path: Path, three: Three, node: Any) -> None:
+    size = 4 * PIECE + 5  # more than the others bring in during the wait
+    data = write_random(tmp_path / "src" / NAME, size)
+    three.publish(data)
+    for name in three.m:
+        for blob in three.origin(name).blobs.values():
+            blob.rate = 4 * MiB  # per response: long enough that every connection is busy at once
+    for blob in three.origin("zenodo").blobs.values():
+        blob.fault = lambda b, request, n: "status:503:1" if n == 1 else None
+    o = await node(max_connections_per_host=2, segments_per_item=4)
+    await o.refresh_all()
+    await o.pull(await current(o, NAME))
+    assert o.layout.final_path(NAME).read_bytes() == data
+    for name in three.m:
+        assert 0 < three.origin(name).max_in_flight <= 2, name  # the host's cap, whatever the pull wants
+    # Zenodo asked for a second: its next request waited for it.
+    log = three.data_log("zenodo")
+    assert log[0].status == 503
+    # (A request already past the gate when the 503 arrived may start just after it.)
+    end = log[0].end
+    later = [e.start for e in log[1:]]
+    assert any(t >= end + 0.95 for t in later), (end, later)
+    assert not [t for t in later if end + 0.2 < t < end + 0.95], (end, later)
