@@ -365,3 +365,14 @@ async def test_host_caps_and_retry_after_hold_across_the_locations(tmp_path: Pat
     later = [e.start for e in log[1:]]
     assert any(t >= end + 0.95 for t in later), (end, later)
     assert not [t for t in later if end + 0.2 < t < end + 0.95], (end, later)
+
+
+async def test_multi_location_off_takes_one_location_at_a_time(tmp_path: Path, three: Three, node: Any) -> None:
+    data = write_random(tmp_path / "src" / NAME, 12 * MiB + 3)
+    three.publish(data)
+    o = await node(multi_location=False)
+    await o.refresh_all()
+    await o.pull(await current(o, NAME))
+    assert o.layout.final_path(NAME).read_bytes() == data
+    sent = three.sent()
+    assert sorted(sent.values())[:2] == [0, 0] and sum(sent.values()) == len(data), sent
