@@ -30,7 +30,7 @@ import hashlib
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,6 @@ MIN_SEGMENT = 4 * 1024 * 1024  # below this, requests cost more than finer share
 
 # Reports a location whose bytes did not match: (location name, reason).
 OnBadBytes = Callable[[str, str], Awaitable[None]]
-
-
-class _Dropped(Exception):
-    """This worker's location is no longer used for this pull."""
 
 
 # -- pure policy ---------------------------------------------------------------------------------
@@ -176,7 +172,6 @@ class Worker:
     rate: float = 0.0  # bytes/s of this connection (last samples)
     _win_start: float = 0.0
     _win_bytes: int = 0
-    extents: list[int] = field(default_factory=list)
 
     def count(self, n: int, now: float) -> None:
         self.last_byte = now
@@ -228,7 +223,7 @@ class MultiPull:
         self.progress = asyncio.Event()  # for the hasher: bytes written
         self.changed = asyncio.Event()  # for idle workers: a segment freed or a location dropped
         self.workers: list[Worker] = []
-        self.extents: list[tuple[int, int, str]] = []  # (start, end, location): who wrote which bytes
+        self.extents: list[tuple[int, int, str]] = []  # (start, end, location label): who wrote which bytes
         self.started = time.monotonic()
         self.repaired_pieces: list[int] = []
         self._fd_users: set[concurrent.futures.Future[Any]] = set()
@@ -257,7 +252,8 @@ class MultiPull:
         return {loc.label: loc.dropped for loc in self.locations if loc.dropped}
 
     def bad_locations(self) -> list[str]:
-        return [loc.name for loc in self.locations if loc.bad_bytes]
+        """Origins with a location whose bytes did not match."""
+        return sorted({loc.name for loc in self.locations if loc.bad_bytes})
 
     # -- the pull --------------------------------------------------------------------------------
     async def run(self) -> HashResult:
@@ -505,7 +501,7 @@ class MultiPull:
 
     def _failed(self, loc: Location, err: BaseException) -> None:
         loc.failures += 1
-        if isinstance(err, FetchError | _Dropped | _Changed) or loc.failures >= LOCATION_FAILURES:
+        if isinstance(err, FetchError | _Changed) or loc.failures >= LOCATION_FAILURES:
             self._drop(loc, str(err) or type(err).__name__)
         else:
             log.info("fetch.location_retry", url=loc.url, reason=str(err))
@@ -572,7 +568,7 @@ class MultiPull:
                         await asyncio.wait({asyncio.wrap_future(fut)})
                     if fut.exception() is None:
                         seg.done += len(chunk)
-                        self._record(pos, pos + len(chunk), loc.name)
+                        self._record(pos, pos + len(chunk), loc.label)
                         now = time.monotonic()
                         loc.count(len(chunk), now)
                         w.count(len(chunk), now)
@@ -643,7 +639,7 @@ class MultiPull:
         by = pieces_overlapping(self.extents, start, end)
         order = sorted(
             (loc for loc in self.locations if not loc.dropped),
-            key=lambda loc: (loc.name in by, -loc.rate),  # a location that wrote none of it first
+            key=lambda loc: (loc.label in by, -loc.rate),  # a location that wrote none of it first
         )
         good: bytes | None = None
         for loc in order:
@@ -673,13 +669,13 @@ class MultiPull:
         self.repaired_pieces.append(index)
         reason = f"piece {index} did not match the published piece hash"
         log.warning("fetch.piece_repaired", partial=self.partial.name, piece=index, culprits=culprits)
-        for loc in self.locations:
-            if loc.name in culprits:
-                loc.bad_bytes = True
-                self._drop(loc, reason)
-        for name in culprits:
-            if self.on_bad_bytes is not None:
-                await self.on_bad_bytes(name, reason)
+        bad = [loc for loc in self.locations if loc.label in culprits]
+        for loc in bad:
+            loc.bad_bytes = True
+            self._drop(loc, reason)
+        if self.on_bad_bytes is not None:
+            for name in dict.fromkeys(loc.name for loc in bad):  # the suspects table knows origins
+                await self.on_bad_bytes(name, f"{reason} ({', '.join(loc.url for loc in bad if loc.name == name)})")
         return good
 
     async def _checkpoint_loop(self) -> None:
