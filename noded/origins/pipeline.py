@@ -7,6 +7,8 @@ failed pages are logged per origin and leave what was known untouched.
 Pull: WANTED rows (and FETCHING rows left by a crash) are taken under a global cap; each tries its
 sources in order (`sources_first`, e.g. the peer over BitTorrent; then the HTTP origins by configured
 preference, healthy hosts first; then `sources_last`, e.g. R2), each source under a per-origin cap.
+An item at two or more HTTP locations with a published checksum, and no peer offering it, is first
+pulled from all of those locations at once (`multisource`); the sources one by one are the fallback.
 Bytes are verified against every checksum the origins published, then renamed into place, and the
 row becomes CACHED (with piece hashes, disk bytes and mtime) in the same transaction. Bytes that do
 not verify go to quarantine, that origin's copy of this version is marked suspect, and the next
