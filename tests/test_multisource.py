@@ -376,3 +376,66 @@ async def test_multi_location_off_takes_one_location_at_a_time(tmp_path: Path, t
     assert o.layout.final_path(NAME).read_bytes() == data
     sent = three.sent()
     assert sorted(sent.values())[:2] == [0, 0] and sum(sent.values()) == len(data), sent
+
+
+async def test_a_corrupting_alternate_of_one_origin_is_told_apart_from_the_others(
+    tmp_path: Path, aiohttp_server: Any
+) -> None:
+    from tests.test_stac import md5_multihash, stac_item
+
+    size = 3 * PIECE + 11
+    data = write_random(tmp_path / "src" / NAME, size)
+    servers = [Origin() for _ in range(3)]
+    bases = []
+    for srv in servers:
+        srv.add(f"/{NAME}", data)
+        bases.append(str((await aiohttp_server(srv.app())).make_url("")).rstrip("/"))
+    servers[1].blobs[f"/{NAME}"].fault = lambda b, request, n: "corrupt"
+    urls = [f"{b}/{NAME}" for b in bases]
+    item_doc = stac_item(
+        "one",
+        {
+            "data": {
+                "href": urls[0],
+                "roles": ["data"],
+                "file:size": size,
+                "file:checksum": md5_multihash(data),
+                "alternate": {"b": {"href": urls[1]}, "c": {"href": urls[2]}},
+            }
+        },
+    )
+
+    async def item_json(request: web.Request) -> web.Response:
+        return web.json_response(item_doc)
+
+    docs = web.Application()
+    docs.router.add_get("/item.json", item_json)
+    catalog = str((await aiohttp_server(docs)).make_url("/item.json"))
+    cfg = parse_config(
+        to_toml(
+            base_config(
+                tmp_path / "n",
+                origins={"stac": {"enabled": True, "catalogs": [catalog]}},
+                fetch={"retry_initial": 0.05, "max_attempts": 2, "segment_size": "4MiB"},
+            )
+        )
+    )
+    store = Store(cfg.paths.state_dir / "noded.sqlite3")
+    await store.open()
+    o = Origins(Node(cfg=cfg, store=store))
+    await o.open()
+    try:
+        await o.refresh_all()
+        await with_torrent(o, tmp_path, tmp_path / "src" / NAME)
+        item = await current(o, NAME)
+        assert sorted(item.urls) == sorted(urls)
+        await o.pull(item)
+        item = await current(o, NAME)
+        assert item.state.value == "cached" and o.layout.final_path(NAME).read_bytes() == data
+        bad = await store.run(suspects, store, NAME, item.version)
+        # The suspect mark is the origin's; its reason names the one URL whose bytes were wrong.
+        assert set(bad) == {"stac"} and urls[1] in bad["stac"]
+        assert urls[0] not in bad["stac"] and urls[2] not in bad["stac"]
+    finally:
+        await o.stop()
+        await store.close()
