@@ -16,7 +16,8 @@ they set for a cached-and-verified copy:
 as ratios to curl's time (`floor_digests_vs_curl`, `floor_vs_curl`), plus noded's CPU seconds.
 
 Run:  /work/venv/bin/python bench/pull.py [--size-mib 1024]
-The last line printed is one JSON object with ratio_vs_serial and ratio_vs_curl (noded / baseline).
+The last line printed is one JSON object with ratio_vs_serial and ratio_vs_curl (noded / baseline)
+and ratio_vs_floor (noded / floor_s).
 """
 
 from __future__ import annotations
@@ -229,6 +230,8 @@ def main() -> None:
             "floor_digests_vs_curl": round(floor_digests / t_curl, 3),
             "floor_s": round(floor, 3),
             "floor_vs_curl": round(floor / t_curl, 3),
+            # How close noded comes to the lower bound this machine sets for a verified copy.
+            "ratio_vs_floor": round(t_noded / floor, 3),
         }
         print(f"curl -o:                 {t_curl:7.2f} s")
         print(f"curl && md5sum && sha256: {t_serial:7.2f} s  (curl, md5sum, sha256sum: {parts})")

@@ -235,7 +235,7 @@ async def test_flipped_byte_at_source_cooperative_is_caught_by_a_borrowed_md5(
     bad = bytearray(data)
     bad[PIECE + 5] ^= 0x01
     mirrors.publish(NAME, data, sc=bytes(bad))
-    o = await make()
+    o = await make(fetch={"multi_location": False})  # the whole file from the preferred location
     await o.refresh_all()
     await o.pull(await current(o, NAME))
     item = await current(o, NAME)
@@ -258,7 +258,7 @@ async def test_flipped_byte_is_repaired_by_refetching_only_the_bad_piece(
     src = tmp_path / NAME
     src.write_bytes(data)
     meta = parse_torrent(py3createtorrent(src, tmp_path / f"{NAME}.torrent"))
-    o = await make()
+    o = await make(fetch={"multi_location": False})  # the whole file from the preferred location
     await o.refresh_all()
     store = o.node.store
     await store.run(store.upsert_entry, meta.catalog_entry(), preference=o.node.cfg.origins.preference)
@@ -328,7 +328,10 @@ async def test_primary_down_mid_pull_finishes_from_the_next_location_at_the_byte
     blob = mirrors.sc.blobs[f"/dataforcanada/{PRODUCT}/{NAME}"]
     # Source Cooperative delivers the first 10 MiB, then every request fails.
     blob.fault = lambda b, request, n: "truncate:10485760" if n == 1 else "status:503"
-    o = await make(fetch={"segments_per_item": 1, "segment_size": "64MiB", "host_failure_threshold": 100})
+    # One location at a time (multi_location off): the failover path the multi-location pull falls back to.
+    o = await make(
+        fetch={"segments_per_item": 1, "segment_size": "64MiB", "host_failure_threshold": 100, "multi_location": False}
+    )
     await o.refresh_all()
     await o.pull(await current(o, NAME))
     item = await current(o, NAME)

@@ -299,6 +299,9 @@ class FetchConfig(_Section):
     # At least 64 KiB: 0 would send "Range: bytes=0--1", tiny ones a request per few bytes.
     segment_size: Annotated[ByteSize, Field(ge=64 * 1024)] = 64 * 1024**2
     segments_per_item: int = Field(4, ge=1, le=64)
+    # An item listed at several HTTP locations (with a checksum to check the whole) takes its segments
+    # from all of them at once, each location up to segments_per_item connections (and its host's cap).
+    multi_location: bool = True
     connect_timeout: Seconds = 15.0
     read_timeout: Seconds = 60.0
     max_attempts: int = Field(8, ge=1, le=100)

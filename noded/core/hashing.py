@@ -73,6 +73,28 @@ class StreamHasher:
             a.result()
             b.result()
 
+    def update_piece_sync(self, data: bytes, digest: bytes) -> None:
+        """Blocking feed of one whole piece whose sha1 the caller has already taken (and checked):
+        the piece hash is not computed a second time."""
+        if self._piece_fill:
+            raise ValueError("a piece can only be fed whole, at a piece boundary")
+        self.size += len(data)
+        a = self._a.submit(self._md5_part, data)
+        b = self._b.submit(self._known_piece, data, digest)
+        self._pending.append((a, b))
+        while len(self._pending) > DEPTH:
+            x, y = self._pending.popleft()
+            x.result()
+            y.result()
+
+    def _known_piece(self, data: bytes, digest: bytes) -> None:
+        self._sha256.update(data)
+        if len(data) == self.piece_length:
+            self._pieces += digest
+        else:  # the last, short piece: finished by _result
+            self._piece.update(data)
+            self._piece_fill = len(data)
+
     async def update(self, data: bytes | memoryview) -> None:
         """Feed from the event loop without blocking it. `data` must not be mutated afterwards."""
         self._submit(data)

@@ -7,6 +7,8 @@ failed pages are logged per origin and leave what was known untouched.
 Pull: WANTED rows (and FETCHING rows left by a crash) are taken under a global cap; each tries its
 sources in order (`sources_first`, e.g. the peer over BitTorrent; then the HTTP origins by configured
 preference, healthy hosts first; then `sources_last`, e.g. R2), each source under a per-origin cap.
+An item at two or more HTTP locations with a published checksum, and no peer offering it, is first
+pulled from all of those locations at once (`multisource`); the sources one by one are the fallback.
 Bytes are verified against every checksum the origins published, then renamed into place, and the
 row becomes CACHED (with piece hashes, disk bytes and mtime) in the same transaction. Bytes that do
 not verify go to quarantine, that origin's copy of this version is marked suspect, and the next
@@ -43,6 +45,7 @@ from noded.origins.catalog.sourcecoop import SourceCoopAdapter
 from noded.origins.catalog.stac import StacAdapter
 from noded.origins.catalog.zenodo import ZenodoAdapter
 from noded.origins.fetch import HttpClient, state_path
+from noded.origins.multisource import MultiPull
 from noded.origins.rendezvous import decide
 from noded.origins.schedule import TokenBucket
 from noded.origins.sources import FetchError, HostWaiting, OriginExtension, Source
@@ -178,6 +181,16 @@ class HttpOriginSource:
         raise waiting or last or FetchError(f"{self.name} lists no URL for {item.key}", retryable=False)
 
 
+@dataclass
+class MultiOutcome:
+    """How a pull from every location at once ended."""
+
+    done: bool  # cached, or failed for a reason no single location would change (the disk)
+    bad: set[str] = field(default_factory=set)  # locations whose bytes did not match
+    reasons: list[str] = field(default_factory=list)
+    locations: dict[str, str] = field(default_factory=dict)  # location -> why it was dropped
+
+
 def limits_of(cfg: Config) -> Limits:
     o = cfg.origins
     return Limits(max_entries=o.max_items_per_origin, max_item_size=o.max_item_size, max_page_bytes=o.max_page_bytes)
@@ -250,6 +263,7 @@ class Origins:
         self.failed = 0
         self.unverified_items = 0  # current items no location publishes a checksum for (after the last refresh)
         self.conflict_count = 0
+        self.multi_pulls: dict[int, tuple[Item, MultiPull]] = {}  # pulls from several locations at once
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -315,6 +329,7 @@ class Origins:
             "origins": [a.name for a in self.adapters],
             "last_refresh": self.last_refresh,
             "hosts": {h: s.status() for h, s in self.client.hosts.items()},
+            "pulls": [{"key": it.key, "version": it.version, **mp.status()} for it, mp in self.multi_pulls.values()],
         }
 
     def update_problems(self) -> None:
@@ -641,6 +656,14 @@ class Origins:
             locations: dict[str, str] = {}
             hosts: set[str] = set()
             checksum = False
+            outcome = await self._pull_multi(item, partial, final, candidates)
+            if outcome is not None:
+                if outcome.done:
+                    return
+                # What it learned: locations that served bad bytes are not tried one by one either.
+                candidates = [s for s in candidates if s.name not in outcome.bad]
+                reasons.extend(outcome.reasons)
+                locations.update(outcome.locations)
             for src in candidates:
                 log.info("pull.start", key=item.key, version=item.version, source=src.name, size=item.size)
                 t0 = time.monotonic()
@@ -718,6 +741,90 @@ class Origins:
             reason = "; ".join(reasons) or "no source offers it"
             cause = "checksum" if checksum else "host" if hosts else "upstream"
             await self._fail(item, reason, cause, hosts=frozenset(hosts), locations=locations)
+
+    def multi_locations(self, item: Item, candidates: Sequence[Source]) -> list[tuple[str, str]]:
+        """The (origin, url) pairs one pull may take segments from at once, or [] when it should not:
+        a peer source ranks first (BitTorrent takes it), fewer than two HTTP locations, or nothing to
+        check the assembled bytes against (locations' validators differ, only a checksum ties them)."""
+        cfg = self.node.cfg.fetch
+        if not cfg.multi_location or not candidates or not isinstance(candidates[0], HttpOriginSource):
+            return []
+        if not item.size or not (item.md5 or item.sha256 or item.sha1):
+            return []
+        out: list[tuple[str, str]] = []
+        for src in candidates:
+            if isinstance(src, HttpOriginSource):
+                out.extend((src.name, u) for u in src.urls(item) if (src.name, u) not in out)
+        return out if len(out) >= 2 else []
+
+    async def _pull_multi(
+        self, item: Item, partial: Path, final: Path, candidates: Sequence[Source]
+    ) -> MultiOutcome | None:
+        """Every HTTP location at once; None when the item is not pulled that way."""
+        pairs = self.multi_locations(item, candidates)
+        if not pairs:
+            return None
+        assert item.size is not None
+        store = self.node.store
+        published = await store.run(store.published_pieces, item.key, item.size)
+
+        async def bad_bytes(name: str, reason: str) -> None:
+            await store.run(mark_suspect, store, item.key, item.version, name, reason)
+
+        mp = MultiPull(
+            self.client, pairs, partial, size=item.size, want_sha1=bool(item.sha1), pieces=published,
+            on_bad_bytes=bad_bytes,
+        )  # fmt: skip
+        for src in candidates:
+            if isinstance(src, HttpOriginSource):
+                for _, url in pairs:
+                    if src.owns(url):
+                        src._hosts[urlsplit(url).netloc] = url
+        log.info("pull.start", key=item.key, version=item.version, source="multi", size=item.size,
+                 locations=[u for _, u in pairs])  # fmt: skip
+        t0 = time.monotonic()
+        self.multi_pulls[item.id] = (item, mp)
+        try:
+            result = await mp.run()
+        except OSError as e:
+            if e.errno not in _DISK_FULL:
+                raise
+            reason = f"disk full writing {partial.name}: {e.strerror}"
+            log.warning("pull.disk_full", key=item.key, source="multi", reason=reason)
+            await asyncio.get_running_loop().run_in_executor(None, _discard_partial, partial)
+            await self._fail(item, reason, "disk", locations={"multi": reason})
+            return MultiOutcome(done=True)
+        except (FetchError, HostWaiting) as e:
+            # The bytes reached stay in the partial file: the locations one by one continue from there.
+            log.warning("pull.multi_failed", key=item.key, reason=str(e), from_locations=mp.bytes_by_location(),
+                        dropped=mp.dropped())  # fmt: skip
+            return MultiOutcome(False, set(mp.bad_locations()), [f"multi: {e}"], mp.dropped())
+        finally:
+            self.multi_pulls.pop(item.id, None)
+        problem = mismatch(item, result)
+        same_plen = published is not None and published[0] == result.piece_length
+        if problem is None and same_plen and published is not None and published[1] != result.pieces:
+            problem = "piece hashes differ from the published torrent's"
+        if problem is not None:
+            # Which location it was cannot be told without piece hashes: each is tried alone next.
+            log.warning("pull.checksum_mismatch", key=item.key, source="multi", reason=problem,
+                        from_locations=mp.bytes_by_location())  # fmt: skip
+            await asyncio.get_running_loop().run_in_executor(None, _discard_partial, partial)
+            return MultiOutcome(False, set(mp.bad_locations()), [f"multi: {problem}"], {})
+        st = await asyncio.get_running_loop().run_in_executor(None, publish, partial, final)
+        await self._commit(item, result, st)
+        log.info(
+            "pull.cached",
+            key=item.key,
+            version=item.version,
+            source="multi",
+            size=result.size,
+            seconds=round(time.monotonic() - t0, 3),
+            from_locations=mp.bytes_by_location(),
+            dropped=mp.dropped(),
+            repaired_pieces=mp.repaired_pieces,
+        )
+        return MultiOutcome(done=True)
 
     async def _fail(
         self,
