@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import signal
 import socket
@@ -104,9 +103,9 @@ def build_fixture(cache_dir: Path, state_dir: Path, n: int, size: int) -> None:
         info = T.single_file_info(path.name, size, md5, pieces, source=None)
         ih = T.infohash_of(info)
         layout.torrent_path(ih).write_bytes(T.encode_torrent(info))
+        blocks = st.st_blocks * 512
         rows.append(
-            (i, key, "inbox", State.CACHED.value, size, md5, sha256, ih, now - i, st.st_blocks * 512, st.st_mtime_ns)
-            + (now, now)
+            (i, key, "inbox", State.CACHED.value, size, md5, sha256, ih, now - i, blocks, st.st_mtime_ns, now, now)
         )
     with store.tx() as c:
         c.executemany(_INSERT, rows)

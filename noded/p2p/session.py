@@ -144,20 +144,36 @@ class TorrentSession:
     # -- torrents --------------------------------------------------------------------------
     async def add(self, atp: Any, infohash: str, timeout: float = 60) -> Any:
         """Add a torrent; returns its handle once libtorrent confirms (or raises SessionError)."""
-        if self.ses is None or self._loop is None:
-            raise SessionError("session not running")
         if infohash in self.handles:
             return self.handles[infohash]
-        fut = self._adding.get(infohash)
-        if fut is None:
-            fut = self._loop.create_future()
-            self._adding[infohash] = fut
-            self.ses.async_add_torrent(atp)
+        fut = self.add_nowait(atp, infohash)
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         finally:
             if fut.done():
                 self._adding.pop(infohash, None)
+
+    def add_nowait(self, atp: Any, infohash: str) -> asyncio.Future[Any]:
+        """Ask libtorrent to add a torrent; the future resolves to its handle once libtorrent confirms.
+
+        For many torrents at once (a restart): one future each, no task or timer per torrent."""
+        if self.ses is None or self._loop is None:
+            raise SessionError("session not running")
+        fut = self._adding.get(infohash)
+        if fut is None:
+            fut = self._loop.create_future()
+            if infohash in self.handles:
+                fut.set_result(self.handles[infohash])
+                return fut
+            self._adding[infohash] = fut
+            self.ses.async_add_torrent(atp)
+        return fut
+
+    def forget_added(self, infohash: str) -> None:
+        """Drop the bookkeeping of an add_nowait whose result was taken (or abandoned)."""
+        fut = self._adding.get(infohash)
+        if fut is not None and fut.done():
+            del self._adding[infohash]
 
     async def remove(self, infohash: str, *, delete_files: bool = False, timeout: float = 30) -> bool:
         """Remove a torrent (files kept unless asked). False when it was not in the session."""
@@ -199,6 +215,38 @@ class TorrentSession:
         finally:
             if fut.done():
                 self._resume_waiters.pop(infohash, None)
+
+    async def resume_data_many(
+        self, infohashes: list[str], timeout: float = 30, *, only_if_modified: bool = False
+    ) -> dict[str, bytes]:
+        """Resume data of many torrents, asked for at once and awaited together (no task or timer per
+        torrent): what arrived within `timeout`, by infohash. `only_if_modified`: libtorrent answers only
+        for torrents whose resume state changed since it was last saved (or since a resume-data add)."""
+        if self._loop is None:
+            return {}
+        flags = lt.save_resume_flags_t.save_info_dict
+        if only_if_modified:
+            flags |= lt.save_resume_flags_t.only_if_modified
+        futs: dict[str, asyncio.Future[bytes | None]] = {}
+        for ih in infohashes:
+            h = self.handles.get(ih)
+            if h is None:
+                continue
+            fut = self._resume_waiters.get(ih)
+            if fut is None:
+                fut = self._loop.create_future()
+                self._resume_waiters[ih] = fut
+                h.save_resume_data(flags)
+            futs[ih] = fut
+        if futs:
+            await asyncio.wait(futs.values(), timeout=timeout)
+        out: dict[str, bytes] = {}
+        for ih, fut in futs.items():
+            if fut.done():
+                self._resume_waiters.pop(ih, None)
+                if not fut.cancelled() and fut.exception() is None and (data := fut.result()):
+                    out[ih] = data
+        return out
 
     def connect_peer(self, infohash: str, host: str, port: int) -> bool:
         h = self.handles.get(infohash)
