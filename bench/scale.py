@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -120,6 +121,12 @@ def proc_io(pid: int) -> dict[str, int]:
     return out
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of the process so far (less sensitive to a loaded machine than wall time)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -165,7 +172,7 @@ class Node:
         finally:
             sock.close()
         ready_s = time.monotonic() - t0
-        io_ready, rss_ready = proc_io(pid), rss_mib(pid)
+        io_ready, rss_ready, cpu_ready = proc_io(pid), rss_mib(pid), cpu_s(pid)
         async with aiohttp.ClientSession() as s:
             while True:
                 st = await get_json(s, self.api + "/v1/status")
@@ -177,6 +184,8 @@ class Node:
         io, rss = proc_io(pid), rss_mib(pid)
         return {
             "ready_s": round(ready_s, 3),
+            "cpu_at_ready_s": round(cpu_ready, 2),
+            "load_average_1m": os.getloadavg()[0],
             "seeding_s": round(settled_s, 3),
             "rchar_at_ready": io_ready["rchar"],
             "rchar": io["rchar"],
@@ -344,7 +353,8 @@ def main() -> int:
     rs, base = r["restart"], r["baseline_empty"]
     print(f"fixture: {args.items} items of {args.item_size} (sparse) built in {r['fixture_build_s']} s")
     print(f"{'':26}{'empty node (baseline)':>22}{f'{args.items} items':>14}")
-    for k in ("ready_s", "seeding_s", "rchar_at_ready", "rchar", "read_bytes", "rss_at_ready_mib", "rss_mib"):
+    rows = ("ready_s", "cpu_at_ready_s", "load_average_1m", "seeding_s", "rchar_at_ready", "rchar", "read_bytes")
+    for k in (*rows, "rss_at_ready_mib", "rss_mib"):
         print(f"{k:26}{base[k]:>22}{rs[k]:>14}")
     print(f"first start (seed mode): ready {r['first_start']['ready_s']} s; resume files {r['resume_files']}")
     print(f"adopted {args.peer_items} peer items in {r['adopt_s']} s, RSS {r['adopt_rss_mib']} MiB")
@@ -353,6 +363,8 @@ def main() -> int:
         "items": args.items,
         "restart_ready_s": rs["ready_s"],
         "restart_seeding_s": rs["seeding_s"],
+        "restart_cpu_s": rs["cpu_at_ready_s"],
+        "load_average_1m": rs["load_average_1m"],
         "bytes_read_at_restart": rs["rchar"],
         "read_bytes_at_restart": rs["read_bytes"],
         "rss_mib": rs["rss_mib"],
@@ -360,6 +372,7 @@ def main() -> int:
         "adopt_s": r["adopt_s"],
         "adopt_rss_mib": r["adopt_rss_mib"],
         "baseline_empty_ready_s": base["ready_s"],
+        "baseline_empty_cpu_s": base["cpu_at_ready_s"],
         "baseline_empty_bytes_read": base["rchar"],
         "baseline_empty_rss_mib": base["rss_mib"],
         "extra_bytes_read_vs_empty": rs["rchar"] - base["rchar"],
