@@ -309,27 +309,34 @@ class TorrentSession:
                 continue
             self._handled.clear()
             try:
-                self._loop.call_soon_threadsafe(self._dispatch, alerts)
+                plain = _read_plain(alerts)
+            except Exception as e:  # the loop then reads them itself
+                log.warning("p2p.alert_read_failed", error=str(e))
+                plain = {}
+            try:
+                self._loop.call_soon_threadsafe(self._dispatch, alerts, plain)
             except RuntimeError:  # loop closed
                 return
             # The alert objects die at the next pop_alerts: wait until the loop is done with them.
             while self._running.is_set() and not self._handled.wait(0.5):
                 pass
 
-    def _dispatch(self, alerts: list[Any]) -> None:
+    def _dispatch(self, alerts: list[Any], plain: dict[int, Any] | None = None) -> None:
+        plain = plain or {}
         try:
-            for a in alerts:
+            for i, a in enumerate(alerts):
                 try:
-                    self._handle(a)
+                    self._handle(a, plain.get(i))
                 except Exception as e:  # one odd alert must not stop the flow of the others
                     log.warning("p2p.alert_failed", alert=type(a).__name__, error=str(e))
         finally:
             self._handled.set()
 
-    def _handle(self, a: Any) -> None:
+    def _handle(self, a: Any, plain: Any = None) -> None:
+        """One alert, on the loop. `plain`: what `_read_plain` already took from it on the alert thread."""
         kind = type(a).__name__
         if isinstance(a, lt.add_torrent_alert):
-            ih = _v1(a.params.ti.info_hashes() if a.params.ti is not None else a.params.info_hashes)
+            ih = plain if isinstance(plain, str) else _add_infohash(a)
             fut = self._adding.get(ih)
             if a.error.value():
                 if fut is not None and not fut.done():
@@ -341,21 +348,27 @@ class TorrentSession:
                 if fut is not None and not fut.done():
                     fut.set_result(a.handle)
         elif isinstance(a, lt.state_update_alert):
-            for st in a.status:
-                ih = _v1(st.info_hashes)
+            for row in plain if isinstance(plain, list) else _status_rows(a):
+                ih = row[0]
                 self._updated.add(ih)
-                ts = self.states.setdefault(ih, TorrentState(ih))
-                ts.state = str(st.state).rsplit(".", 1)[-1]
-                ts.progress = float(st.progress)
-                ts.uploaded = int(st.total_payload_upload)
-                ts.downloaded = int(st.total_payload_download)
-                ts.upload_rate = int(st.upload_payload_rate)
-                ts.download_rate = int(st.download_payload_rate)
-                ts.num_peers = int(st.num_peers)
-                ts.is_seeding = bool(st.is_seeding)
-                ts.error = st.errc.message() if st.errc.value() else ""
+                ts = self.states.get(ih)
+                if ts is None:
+                    ts = self.states[ih] = TorrentState(ih)
+                (
+                    _,
+                    ts.state,
+                    ts.progress,
+                    ts.uploaded,
+                    ts.downloaded,
+                    ts.upload_rate,
+                    ts.download_rate,
+                    ts.num_peers,
+                    ts.is_seeding,
+                    ts.error,
+                ) = row
         elif isinstance(a, lt.piece_finished_alert):
-            f = self.followers.get(self._by_handle.get(a.handle, ""))
+            # Only downloads are followed; a restart's thousands of seeds report every piece too.
+            f = self.followers.get(self._by_handle.get(a.handle, "")) if self.followers else None
             if f is not None:
                 f.add(int(a.piece_index))
         elif isinstance(a, lt.state_changed_alert):
@@ -376,10 +389,10 @@ class TorrentSession:
             if fut is not None and not fut.done():
                 fut.set_result(None)
         elif isinstance(a, lt.save_resume_data_alert):
-            ih = _v1(a.params.info_hashes)
+            ih, data = plain if isinstance(plain, tuple) else _resume_blob(a)
             fut = self._resume_waiters.get(ih)
             if fut is not None and not fut.done():
-                fut.set_result(bytes(lt.write_resume_data_buf(a.params)))
+                fut.set_result(data)
         elif isinstance(a, lt.save_resume_data_failed_alert):
             ih = self._by_handle.get(a.handle, "")
             fut = self._resume_waiters.get(ih)
@@ -410,6 +423,52 @@ class TorrentSession:
 
 def _v1(hashes: Any) -> str:
     return str(hashes.v1)
+
+
+def _add_infohash(a: Any) -> str:
+    return _v1(a.params.ti.info_hashes() if a.params.ti is not None else a.params.info_hashes)
+
+
+def _resume_blob(a: Any) -> tuple[str, bytes]:
+    params = a.params
+    return _v1(params.info_hashes), bytes(lt.write_resume_data_buf(params))
+
+
+StatusRow = tuple[str, str, float, int, int, int, int, int, bool, str]
+
+
+def _status_rows(a: Any) -> list[StatusRow]:
+    """Plain values of a state_update_alert (each field read is a call into libtorrent's bindings)."""
+    return [
+        (
+            _v1(st.info_hashes),
+            str(st.state).rsplit(".", 1)[-1],
+            float(st.progress),
+            int(st.total_payload_upload),
+            int(st.total_payload_download),
+            int(st.upload_payload_rate),
+            int(st.download_payload_rate),
+            int(st.num_peers),
+            bool(st.is_seeding),
+            st.errc.message() if st.errc.value() else "",
+        )
+        for st in a.status
+    ]
+
+
+def _read_plain(alerts: list[Any]) -> dict[int, Any]:
+    """On the alert thread: the plain values of the alerts that are costly to read, by position, so the
+    loop's share of a batch (thousands of torrents' states when thousands are seeded, thousands of adds
+    at a restart, thousands of resume data blobs at a save) is dictionary updates, not binding calls."""
+    out: dict[int, Any] = {}
+    for i, a in enumerate(alerts):
+        if isinstance(a, lt.state_update_alert):
+            out[i] = _status_rows(a)
+        elif isinstance(a, lt.add_torrent_alert):
+            out[i] = _add_infohash(a)
+        elif isinstance(a, lt.save_resume_data_alert):
+            out[i] = _resume_blob(a)
+    return out
 
 
 def _destroy(box: list[Any]) -> None:
