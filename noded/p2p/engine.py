@@ -41,6 +41,7 @@ TOUCH_MIN_INTERVAL = 60.0  # at most one LRU write per item per minute
 PAGE = 500
 RESTORE_WINDOW = 2000  # torrents added but not yet confirmed by libtorrent, at most, during a restore
 ADD_TIMEOUT = 60.0
+CHARGE_SLICE = 500  # torrents' readings charged per turn of the loop
 
 
 def split_host_port(hp: str) -> tuple[str, int]:
@@ -410,7 +411,9 @@ class P2PEngine:
                 handles = [(ih, h) for ih, h in self.session.handles.items() if ih in self._active]
             readings = await asyncio.get_running_loop().run_in_executor(None, _readings, handles)
             self._active = set()
-            for r in readings:
+            for n, r in enumerate(readings):
+                if n and n % CHARGE_SLICE == 0:
+                    await asyncio.sleep(0)  # a sweep of thousands of torrents must not hold the loop
                 charges = self.ledger.torrent(r)
                 if charges or r.peers:
                     self._active.add(r.infohash)
