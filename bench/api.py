@@ -5,12 +5,14 @@ Baseline (same run): the same load against the same node while it is idle. The n
 then seeding) of one 1 GiB dataset from the demo's Zenodo-shaped origin (aiohttp, sendfile), published
 at the origin only after the idle phase. Load: closed-loop aiohttp clients in this process (2 on
 /healthz, 2 on /v1/status). Loop lag is the daemon's own measurement (`loop_lag_ms` in each /v1/status
-answer, sampled every 0.25 s by the daemon).
+answer, sampled every 0.25 s by the daemon). The machine's own noise, measured in the same run: an
+asyncio loop that does nothing, with the same sampler, in a process of its own during each phase
+(`idle_loop_lag_*`): on a loaded 2-core machine the daemon's figure cannot be read without it.
 
-    /work/venv/bin/python bench/api.py [--size 1GiB] [--idle-seconds 8]
+    /work/main/.venv/bin/python bench/api.py [--size 1GiB] [--idle-seconds 8] [--keep]
 
 Last line: one JSON object with healthz_p50_ms, healthz_p99_ms, status_p50_ms, status_p99_ms,
-loop_lag_p99_ms (under the pull) and the idle baseline's figures.
+loop_lag_p99_ms and idle_loop_lag_p99_ms (under the pull) and the idle baseline's figures.
 """
 
 from __future__ import annotations
@@ -51,6 +53,34 @@ app = origin_app({path.name: path}, f"http://127.0.0.1:{port}", state)
 web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 """
 RECORD_ID = 4242
+
+# The machine's noise floor: an asyncio loop doing nothing, with the daemon's lag sampler (sleep 0.25 s,
+# lag = how late it woke), in its own process; prints its samples (ms) as JSON when terminated.
+IDLE_LOOP = """
+import asyncio, json, signal, sys, time
+lags = []
+async def main():
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    while not stop.is_set():
+        t0 = time.monotonic()
+        await asyncio.sleep(0.25)
+        lags.append(max(0.0, time.monotonic() - t0 - 0.25) * 1000)
+asyncio.run(main())
+print(json.dumps(lags))
+"""
+
+
+class IdleLoop:
+    """The idle-loop sampler as a subprocess, running while a phase runs."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", IDLE_LOOP], stdout=subprocess.PIPE)
+
+    def stop(self) -> list[float]:
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(10)
+        return [float(x) for x in json.loads(out)]
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -101,6 +131,8 @@ def summary(res: dict[str, list[float]], seconds: float) -> dict[str, float]:
         "loop_lag_p50_ms": round(pct(res["lag"], 0.5), 3),
         "loop_lag_p99_ms": round(pct(res["lag"], 0.99), 3),
         "loop_lag_max_ms": round(max(res["lag"], default=float("nan")), 3),
+        "idle_loop_lag_p50_ms": round(pct(res["idle_loop"], 0.5), 3),
+        "idle_loop_lag_p99_ms": round(pct(res["idle_loop"], 0.99), 3),
         "requests": len(res["healthz"]) + len(res["status"]),
         "seconds": round(seconds, 2),
     }
@@ -149,7 +181,9 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
         # Baseline: the idle node under the same load.
         t0 = time.monotonic()
+        sampler = IdleLoop()
         idle = await load(api, lambda: asyncio.sleep(args.idle_seconds))
+        idle["idle_loop"] = sampler.stop()
         idle_s = time.monotonic() - t0
 
         # Under the node's own pull of the whole file: publish it at the origin, ask for a refresh.
@@ -161,7 +195,9 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             while (await get_json(api, "/v1/status"))["items"]["cached"] < 1:
                 await asyncio.sleep(0.2)
 
+        sampler = IdleLoop()
         busy = await load(api, pulled)
+        busy["idle_loop"] = sampler.stop()
         busy_s = time.monotonic() - t0
         tr = await get_json(api, "/v1/traffic")
         assert tr["totals_since_start"]["zenodo"]["in"]["bytes"] >= size, tr["totals_since_start"]
@@ -187,12 +223,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1GiB")
     ap.add_argument("--idle-seconds", type=float, default=8.0)
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (the node's log)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="noded-bench-api-"))
     try:
         r = asyncio.run(bench(args, tmp))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep:
+            (tmp / "big.bin").unlink(missing_ok=True)
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     b, i = r["busy"], r["idle"]
     print(f"{'':28}{'idle node (baseline)':>22}{'during pull':>16}{'ratio':>8}")
     for k in (
@@ -203,6 +244,8 @@ def main() -> int:
         "loop_lag_p50_ms",
         "loop_lag_p99_ms",
         "loop_lag_max_ms",
+        "idle_loop_lag_p50_ms",
+        "idle_loop_lag_p99_ms",
         "requests",
     ):
         ratio = b[k] / i[k] if i[k] else float("nan")
@@ -214,6 +257,7 @@ def main() -> int:
         "status_p50_ms": b["status_p50_ms"],
         "status_p99_ms": b["status_p99_ms"],
         "loop_lag_p99_ms": b["loop_lag_p99_ms"],
+        "idle_loop_lag_p99_ms": b["idle_loop_lag_p99_ms"],
         "pull_seconds": r["pull_seconds"],
         "pull_MBps": r["pull_MBps"],
         "requests": b["requests"],

@@ -53,7 +53,7 @@ from watchdog.observers import Observer
 
 from noded.cache import db as cachedb
 from noded.cache.accounting import Cache, CacheFull, _unlink
-from noded.cache.layout import UnsafePath, disk_bytes, fsync_dir, publish
+from noded.cache.layout import INTERNAL, UnsafePath, disk_bytes, fsync_dir, publish
 from noded.core.component import Node, supervise
 from noded.core.hashing import hash_file
 from noded.core.logs import get_logger
@@ -92,14 +92,38 @@ class _Pending:
 
 
 class _Forward(FileSystemEventHandler):
-    """Runs on the observer thread: only hands events over to the loop."""
+    """Runs on the observer thread: hands events over to the loop, less those the loop would ignore.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[tuple[str, FileSystemEvent]], tag: str):
+    `internal`: a directory whose events are dropped here (the cache's own area: a pull writing there
+    makes an event per write, which the loop would only throw away); `readers`: whether opens and
+    read-only closes are wanted."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        queue: asyncio.Queue[tuple[str, FileSystemEvent]],
+        tag: str,
+        *,
+        internal: Path | None = None,
+        readers: bool = True,
+    ):
         self.loop = loop
         self.queue = queue
         self.tag = tag
+        self.internal = None if internal is None else os.fsencode(internal) + b"/"
+        self.readers = readers
+
+    def _inside(self, path: bytes | str) -> bool:
+        assert self.internal is not None
+        return os.fsencode(path).startswith(self.internal)
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if not self.readers and isinstance(event, FileOpenedEvent | FileClosedNoWriteEvent):
+            return
+        if self.internal is not None and self._inside(event.src_path):
+            dest = getattr(event, "dest_path", "")
+            if not dest or self._inside(dest):  # a move out of the area (publish) still counts
+                return
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.tag, event))
 
@@ -153,7 +177,8 @@ class Watcher:
             )
         if cfg.cache.watch_cache:
             root = self.cache.layout.root
-            observer.schedule(_Forward(loop, self._queue, "cache"), str(root), recursive=True, event_filter=_EVENTS)
+            forward = _Forward(loop, self._queue, "cache", internal=root / INTERNAL, readers=False)
+            observer.schedule(forward, str(root), recursive=True, event_filter=_EVENTS)
         # Adding inotify watches walks the trees: off the loop.
         try:
             await loop.run_in_executor(None, observer.start)

@@ -713,32 +713,57 @@ class _Pull:
                 h.active -= 1
 
     async def _consume(self, seg: Segment, resp: aiohttp.ClientResponse) -> None:
-        """Write the body into the segment's place; short bodies are retried from where they stopped."""
+        """Write the body into the segment's place; short bodies are retried from where they stopped.
+
+        The chunks the connection hands over are kept as they are (no joining copy on the loop) and
+        written together, about CHUNK bytes at a time, by one pwritev in an I/O thread."""
         unknown = seg.end < 0
-        taken = 0
+        bufs: list[bytes] = []
+        held = 0
+        counted = 0  # bytes of this body counted as received so far
+
+        def count_received() -> None:
+            # Everything the connection received, written or not (past the segment, or left unread in the
+            # stream's buffer when the body breaks): read from the stream's own total, once per write.
+            nonlocal counted
+            total = resp.content.total_bytes
+            if total > counted:
+                self.c.traffic.add(self.channel, "in", total - counted)
+                counted = total
+
         try:
-            async for chunk in resp.content.iter_chunked(CHUNK):
-                taken += len(chunk)
-                self.c.traffic.add(self.channel, "in", len(chunk))  # received, whatever becomes of it
-                pos = seg.start + seg.done
+            async for chunk in resp.content.iter_any():
+                pos = seg.start + seg.done + held
                 if not unknown and pos + len(chunk) > seg.end:
                     chunk = chunk[: seg.end - pos]  # never write past the segment
                 if chunk:
-                    await self._fd_call(self.c._io, os.pwrite, self.fd, chunk, pos)
-                    seg.done += len(chunk)
-                    self.progress.set()
-                    await self.c.down.take(len(chunk))
-                if not unknown and seg.complete:
+                    bufs.append(chunk)
+                    held += len(chunk)
+                ended = not unknown and seg.start + seg.done + held >= seg.end
+                if held >= CHUNK or (ended and held):
+                    out, bufs, n, held = bufs, [], held, 0
+                    count_received()
+                    await self._write(seg, out, n)
+                if ended:
                     break
+        except (aiohttp.ClientError, TimeoutError):
+            if held:  # what arrived before the stream broke is kept: a retry resumes after it
+                await self._write(seg, bufs, held)
+            raise
         finally:
-            # A body that breaks leaves what had arrived unread in the stream's buffer: received all the same.
-            self.c.traffic.add(self.channel, "in", max(0, resp.content.total_bytes - taken))
+            count_received()
         if unknown:
             seg.end = seg.start + seg.done  # a body without length ends where the stream ends
             assert self.state is not None
             self.state.size = seg.end
         elif not seg.complete:
             raise Retryable(f"body ended at {seg.start + seg.done} of {seg.end}")
+
+    async def _write(self, seg: Segment, bufs: list[bytes], n: int) -> None:
+        await self._fd_call(self.c._io, _pwrite_all, self.fd, bufs, seg.start + seg.done)
+        seg.done += n
+        self.progress.set()
+        await self.c.down.take(n)
 
     # -- hashing and checkpoints ----------------------------------------------------------------
     async def _hash(self, hasher: StreamHasher) -> None:
@@ -782,6 +807,21 @@ class _Pull:
         if not self.finished and self.state is not None and self.state.ranges and self.partial.exists():
             with contextlib.suppress(OSError):
                 self._checkpoint()
+
+
+def _pwrite_all(fd: int, bufs: list[bytes], pos: int) -> None:
+    """Blocking: write the buffers back to back from `pos` (one pwritev, repeated if it wrote less)."""
+    if len(bufs) > 256:  # far below IOV_MAX; only a body trickling in tiny chunks gets here
+        bufs = [b"".join(bufs)]
+    views = [memoryview(b) for b in bufs]
+    while views:
+        n = os.pwritev(fd, views, pos)
+        pos += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
 
 
 _HASH_FEEDER: ThreadPoolExecutor | None = None

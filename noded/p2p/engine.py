@@ -42,6 +42,9 @@ SEED_SCAN_INTERVAL = 30.0  # fallback when a "cached" hint is lost
 SWEEP_INTERVAL = 10.0  # seconds between readings of every torrent (the busy ones are read every round)
 TOUCH_MIN_INTERVAL = 60.0  # at most one LRU write per item per minute
 PAGE = 500
+RESTORE_WINDOW = 2000  # torrents added but not yet confirmed by libtorrent, at most, during a restore
+ADD_TIMEOUT = 60.0
+CHARGE_SLICE = 500  # torrents' readings charged per turn of the loop
 
 
 def split_host_port(hp: str) -> tuple[str, int]:
@@ -215,31 +218,73 @@ class P2PEngine:
 
     # -- restore at start ------------------------------------------------------------------
     async def _restore(self) -> None:
-        """Items marked seeding come back with their resume data or in seed mode: no recheck."""
+        """Items marked seeding come back with their resume data or in seed mode: no recheck.
+
+        At scale (thousands of items) this is most of a restart: the rows are read page by page, each
+        page's files are checked and its add_torrent_params built in an executor while libtorrent adds
+        the previous pages; at most `RESTORE_WINDOW` torrents are in flight."""
         loop = asyncio.get_running_loop()
         store = self.node.store
         after = 0
+        in_flight: list[list[tuple[asyncio.Future[Any], SeedPlan]]] = []
+        next_page = asyncio.ensure_future(store.run(store.items, states=[State.CACHED], after_id=0, limit=PAGE))
         while True:
-            page = await store.run(store.items, states=[State.CACHED], after_id=after, limit=PAGE)
+            page = await next_page
             if not page:
                 break
             after = page[-1].id
+            next_page = asyncio.ensure_future(store.run(store.items, states=[State.CACHED], after_id=after, limit=PAGE))
             strict = self.node.cfg.origins.require_checksum
             for item in page:
                 if item.seeding and item.withheld(strict):
                     log.warning("p2p.unverified_not_seeded", key=item.key, infohash=item.infohash)
                     await store.run(store.update_item, item.id, seeding=False)
             todo = [i for i in page if i.seeding and i.infohash and not i.withheld(strict)]
-            plans = await loop.run_in_executor(None, self._plans, todo)
-            adds = []
-            for item, plan in zip(todo, plans, strict=True):
-                if isinstance(plan, str):
-                    log.warning("p2p.restore_skipped", key=item.key, reason=plan)
+            prepared = await loop.run_in_executor(None, self._prepare, todo)
+            batch: list[tuple[asyncio.Future[Any], SeedPlan]] = []
+            for item, p in zip(todo, prepared, strict=True):
+                if isinstance(p, str):
+                    log.warning("p2p.restore_skipped", key=item.key, reason=p)
                     await store.run(store.update_item, item.id, seeding=False)
                     continue
-                adds.append(self._add_plan(plan))
-            results = await asyncio.gather(*adds, return_exceptions=True)
-            self.restored += sum(1 for r in results if r is True)
+                plan, atp = p
+                try:
+                    batch.append((self.session.add_nowait(atp, plan.infohash), plan))
+                except Exception as e:
+                    log.warning("p2p.add_failed", infohash=plan.infohash, error=str(e))
+                    self.seed_errors += 1
+            in_flight.append(batch)
+            while sum(len(b) for b in in_flight) > RESTORE_WINDOW:
+                await self._settle_adds(in_flight.pop(0))
+        for batch in in_flight:
+            await self._settle_adds(batch)
+
+    async def _settle_adds(self, batch: list[tuple[asyncio.Future[Any], SeedPlan]]) -> None:
+        if batch:
+            await asyncio.wait([f for f, _ in batch], timeout=ADD_TIMEOUT)
+        for fut, plan in batch:
+            self.session.forget_added(plan.infohash)
+            err = (fut.exception() or None) if fut.done() and not fut.cancelled() else "no answer from libtorrent"
+            if err is None:
+                self._item_of[plan.infohash] = plan.item_id
+                self.restored += 1
+            else:
+                log.warning("p2p.add_failed", infohash=plan.infohash, error=str(err))
+                self.seed_errors += 1
+
+    def _prepare(self, items: Iterable[Item]) -> list[tuple[SeedPlan, Any] | str]:
+        """Each item's SeedPlan and add_torrent_params (parsing the torrent and resume data), or the
+        reason it cannot be seeded as it is. Blocking."""
+        out: list[tuple[SeedPlan, Any] | str] = []
+        for plan in self._plans(items):
+            if isinstance(plan, str):
+                out.append(plan)
+                continue
+            try:
+                out.append((plan, seed_params(plan)))
+            except Exception as e:
+                out.append(f"torrent {plan.infohash} cannot be read: {e}")
+        return out
 
     def _plans(self, items: Iterable[Item]) -> list[SeedPlan | str]:
         out: list[SeedPlan | str] = []
@@ -365,10 +410,12 @@ class P2PEngine:
                 log.warning("p2p.resume_save_failed", error=str(e))
 
     async def save_all_resume(self) -> int:
-        """Ask libtorrent for every seeded torrent's resume data and write it (tmp + fsync + rename)."""
+        """Ask libtorrent for the resume data of every seeded torrent whose state changed since it was
+        last saved, and write it (tmp + fsync + rename): with thousands of idle seeds, a save (and a
+        clean stop) writes only the few that moved."""
         ihs = [ih for ih in self.session.handles if ih in self._item_of]
-        blobs = await asyncio.gather(*(self.session.resume_data(ih, timeout=5) for ih in ihs))
-        todo = [(self.layout.resume_path(ih), b) for ih, b in zip(ihs, blobs, strict=True) if b]
+        blobs = await self.session.resume_data_many(ihs, timeout=5, only_if_modified=True)
+        todo = [(self.layout.resume_path(ih), b) for ih, b in blobs.items()]
         await asyncio.get_running_loop().run_in_executor(None, _write_all, todo)
         return len(todo)
 
@@ -453,7 +500,9 @@ class P2PEngine:
                 handles = [(ih, h) for ih, h in self.session.handles.items() if ih in self._active]
             readings = await asyncio.get_running_loop().run_in_executor(None, _readings, handles) if handles else []
             self._active = set()
-            for r in readings:
+            for n, r in enumerate(readings):
+                if n and n % CHARGE_SLICE == 0:
+                    await asyncio.sleep(0)  # a sweep of thousands of torrents must not hold the loop
                 charges = self.ledger.torrent(r)
                 if charges or r.peers:
                     self._active.add(r.infohash)

@@ -144,20 +144,36 @@ class TorrentSession:
     # -- torrents --------------------------------------------------------------------------
     async def add(self, atp: Any, infohash: str, timeout: float = 60) -> Any:
         """Add a torrent; returns its handle once libtorrent confirms (or raises SessionError)."""
-        if self.ses is None or self._loop is None:
-            raise SessionError("session not running")
         if infohash in self.handles:
             return self.handles[infohash]
-        fut = self._adding.get(infohash)
-        if fut is None:
-            fut = self._loop.create_future()
-            self._adding[infohash] = fut
-            self.ses.async_add_torrent(atp)
+        fut = self.add_nowait(atp, infohash)
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         finally:
             if fut.done():
                 self._adding.pop(infohash, None)
+
+    def add_nowait(self, atp: Any, infohash: str) -> asyncio.Future[Any]:
+        """Ask libtorrent to add a torrent; the future resolves to its handle once libtorrent confirms.
+
+        For many torrents at once (a restart): one future each, no task or timer per torrent."""
+        if self.ses is None or self._loop is None:
+            raise SessionError("session not running")
+        fut = self._adding.get(infohash)
+        if fut is None:
+            fut = self._loop.create_future()
+            if infohash in self.handles:
+                fut.set_result(self.handles[infohash])
+                return fut
+            self._adding[infohash] = fut
+            self.ses.async_add_torrent(atp)
+        return fut
+
+    def forget_added(self, infohash: str) -> None:
+        """Drop the bookkeeping of an add_nowait whose result was taken (or abandoned)."""
+        fut = self._adding.get(infohash)
+        if fut is not None and fut.done():
+            del self._adding[infohash]
 
     async def remove(self, infohash: str, *, delete_files: bool = False, timeout: float = 30) -> bool:
         """Remove a torrent (files kept unless asked). False when it was not in the session."""
@@ -199,6 +215,38 @@ class TorrentSession:
         finally:
             if fut.done():
                 self._resume_waiters.pop(infohash, None)
+
+    async def resume_data_many(
+        self, infohashes: list[str], timeout: float = 30, *, only_if_modified: bool = False
+    ) -> dict[str, bytes]:
+        """Resume data of many torrents, asked for at once and awaited together (no task or timer per
+        torrent): what arrived within `timeout`, by infohash. `only_if_modified`: libtorrent answers only
+        for torrents whose resume state changed since it was last saved (or since a resume-data add)."""
+        if self._loop is None:
+            return {}
+        flags = lt.save_resume_flags_t.save_info_dict
+        if only_if_modified:
+            flags |= lt.save_resume_flags_t.only_if_modified
+        futs: dict[str, asyncio.Future[bytes | None]] = {}
+        for ih in infohashes:
+            h = self.handles.get(ih)
+            if h is None:
+                continue
+            fut = self._resume_waiters.get(ih)
+            if fut is None:
+                fut = self._loop.create_future()
+                self._resume_waiters[ih] = fut
+                h.save_resume_data(flags)
+            futs[ih] = fut
+        if futs:
+            await asyncio.wait(futs.values(), timeout=timeout)
+        out: dict[str, bytes] = {}
+        for ih, fut in futs.items():
+            if fut.done():
+                self._resume_waiters.pop(ih, None)
+                if not fut.cancelled() and fut.exception() is None and (data := fut.result()):
+                    out[ih] = data
+        return out
 
     def connect_peer(self, infohash: str, host: str, port: int) -> bool:
         h = self.handles.get(infohash)
@@ -261,27 +309,34 @@ class TorrentSession:
                 continue
             self._handled.clear()
             try:
-                self._loop.call_soon_threadsafe(self._dispatch, alerts)
+                plain = _read_plain(alerts)
+            except Exception as e:  # the loop then reads them itself
+                log.warning("p2p.alert_read_failed", error=str(e))
+                plain = {}
+            try:
+                self._loop.call_soon_threadsafe(self._dispatch, alerts, plain)
             except RuntimeError:  # loop closed
                 return
             # The alert objects die at the next pop_alerts: wait until the loop is done with them.
             while self._running.is_set() and not self._handled.wait(0.5):
                 pass
 
-    def _dispatch(self, alerts: list[Any]) -> None:
+    def _dispatch(self, alerts: list[Any], plain: dict[int, Any] | None = None) -> None:
+        plain = plain or {}
         try:
-            for a in alerts:
+            for i, a in enumerate(alerts):
                 try:
-                    self._handle(a)
+                    self._handle(a, plain.get(i))
                 except Exception as e:  # one odd alert must not stop the flow of the others
                     log.warning("p2p.alert_failed", alert=type(a).__name__, error=str(e))
         finally:
             self._handled.set()
 
-    def _handle(self, a: Any) -> None:
+    def _handle(self, a: Any, plain: Any = None) -> None:
+        """One alert, on the loop. `plain`: what `_read_plain` already took from it on the alert thread."""
         kind = type(a).__name__
         if isinstance(a, lt.add_torrent_alert):
-            ih = _v1(a.params.ti.info_hashes() if a.params.ti is not None else a.params.info_hashes)
+            ih = plain if isinstance(plain, str) else _add_infohash(a)
             fut = self._adding.get(ih)
             if a.error.value():
                 if fut is not None and not fut.done():
@@ -293,21 +348,27 @@ class TorrentSession:
                 if fut is not None and not fut.done():
                     fut.set_result(a.handle)
         elif isinstance(a, lt.state_update_alert):
-            for st in a.status:
-                ih = _v1(st.info_hashes)
+            for row in plain if isinstance(plain, list) else _status_rows(a):
+                ih = row[0]
                 self._updated.add(ih)
-                ts = self.states.setdefault(ih, TorrentState(ih))
-                ts.state = str(st.state).rsplit(".", 1)[-1]
-                ts.progress = float(st.progress)
-                ts.uploaded = int(st.total_payload_upload)
-                ts.downloaded = int(st.total_payload_download)
-                ts.upload_rate = int(st.upload_payload_rate)
-                ts.download_rate = int(st.download_payload_rate)
-                ts.num_peers = int(st.num_peers)
-                ts.is_seeding = bool(st.is_seeding)
-                ts.error = st.errc.message() if st.errc.value() else ""
+                ts = self.states.get(ih)
+                if ts is None:
+                    ts = self.states[ih] = TorrentState(ih)
+                (
+                    _,
+                    ts.state,
+                    ts.progress,
+                    ts.uploaded,
+                    ts.downloaded,
+                    ts.upload_rate,
+                    ts.download_rate,
+                    ts.num_peers,
+                    ts.is_seeding,
+                    ts.error,
+                ) = row
         elif isinstance(a, lt.piece_finished_alert):
-            f = self.followers.get(self._by_handle.get(a.handle, ""))
+            # Only downloads are followed; a restart's thousands of seeds report every piece too.
+            f = self.followers.get(self._by_handle.get(a.handle, "")) if self.followers else None
             if f is not None:
                 f.add(int(a.piece_index))
         elif isinstance(a, lt.state_changed_alert):
@@ -328,10 +389,10 @@ class TorrentSession:
             if fut is not None and not fut.done():
                 fut.set_result(None)
         elif isinstance(a, lt.save_resume_data_alert):
-            ih = _v1(a.params.info_hashes)
+            ih, data = plain if isinstance(plain, tuple) else _resume_blob(a)
             fut = self._resume_waiters.get(ih)
             if fut is not None and not fut.done():
-                fut.set_result(bytes(lt.write_resume_data_buf(a.params)))
+                fut.set_result(data)
         elif isinstance(a, lt.save_resume_data_failed_alert):
             ih = self._by_handle.get(a.handle, "")
             fut = self._resume_waiters.get(ih)
@@ -362,6 +423,52 @@ class TorrentSession:
 
 def _v1(hashes: Any) -> str:
     return str(hashes.v1)
+
+
+def _add_infohash(a: Any) -> str:
+    return _v1(a.params.ti.info_hashes() if a.params.ti is not None else a.params.info_hashes)
+
+
+def _resume_blob(a: Any) -> tuple[str, bytes]:
+    params = a.params
+    return _v1(params.info_hashes), bytes(lt.write_resume_data_buf(params))
+
+
+StatusRow = tuple[str, str, float, int, int, int, int, int, bool, str]
+
+
+def _status_rows(a: Any) -> list[StatusRow]:
+    """Plain values of a state_update_alert (each field read is a call into libtorrent's bindings)."""
+    return [
+        (
+            _v1(st.info_hashes),
+            str(st.state).rsplit(".", 1)[-1],
+            float(st.progress),
+            int(st.total_payload_upload),
+            int(st.total_payload_download),
+            int(st.upload_payload_rate),
+            int(st.download_payload_rate),
+            int(st.num_peers),
+            bool(st.is_seeding),
+            st.errc.message() if st.errc.value() else "",
+        )
+        for st in a.status
+    ]
+
+
+def _read_plain(alerts: list[Any]) -> dict[int, Any]:
+    """On the alert thread: the plain values of the alerts that are costly to read, by position, so the
+    loop's share of a batch (thousands of torrents' states when thousands are seeded, thousands of adds
+    at a restart, thousands of resume data blobs at a save) is dictionary updates, not binding calls."""
+    out: dict[int, Any] = {}
+    for i, a in enumerate(alerts):
+        if isinstance(a, lt.state_update_alert):
+            out[i] = _status_rows(a)
+        elif isinstance(a, lt.add_torrent_alert):
+            out[i] = _add_infohash(a)
+        elif isinstance(a, lt.save_resume_data_alert):
+            out[i] = _resume_blob(a)
+    return out
 
 
 def _destroy(box: list[Any]) -> None:

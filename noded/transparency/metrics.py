@@ -197,6 +197,7 @@ class Metrics:
             registry=self.registry,
         )
         self.samples: deque[tuple[float, float]] = deque()
+        self._percentiles: tuple[tuple[float | None, int, float], dict[str, float]] | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -207,6 +208,16 @@ class Metrics:
         self._task = None
 
     def lag_percentiles(self, window: float = LAG_WINDOW) -> dict[str, float]:
+        # /v1/status asks on every call: sort the window once per new sample, not once per request.
+        last = self.samples[-1][0] if self.samples else None
+        key = (last, len(self.samples), window)
+        if self._percentiles is not None and self._percentiles[0] == key:
+            return dict(self._percentiles[1])
+        out = self._lag_percentiles(window)
+        self._percentiles = (key, out)
+        return dict(out)
+
+    def _lag_percentiles(self, window: float) -> dict[str, float]:
         cutoff = time.monotonic() - window
         xs = sorted(lag for ts, lag in self.samples if ts >= cutoff)
         if not xs:
