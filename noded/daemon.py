@@ -156,7 +156,8 @@ class Daemon:
         self.routes.append(torrent_routes.setup)
         out: list[Component] = []
         if self.cfg.bittorrent.enabled:
-            engine = P2PEngine(self.node, schedule=self.schedule)
+            # READY does not wait for every seeded torrent: status shows the restore ("restoring n/m").
+            engine = P2PEngine(self.node, schedule=self.schedule, restore_in_background=True)
             # The origins pipeline takes `self.peer_sync.source` as its first source (before origins).
             self.peer_sync = PeerSync(self.node, engine)
             self.swarm = Swarm(self.node, engine, self.peer_sync)

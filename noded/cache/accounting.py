@@ -33,7 +33,7 @@ from noded.core.hashing import hash_file
 from noded.core.logs import get_logger
 from noded.core.model import Item, State
 from noded.core.quota import QuotaView
-from noded.core.safefs import UnsafeFile, lstat_regular
+from noded.core.safefs import DirRealpaths, UnsafeFile, lstat_regular
 
 log = get_logger("noded.cache")
 
@@ -614,9 +614,10 @@ class Cache:
         self, rows: list[tuple[int, str, int, int | None, int | None, int]]
     ) -> list[tuple[int, str, int, int]]:
         out: list[tuple[int, str, int, int]] = []
+        realpath = DirRealpaths()  # thousands of files share a few directories: each is walked once
         for item_id, key, _version, size, mtime_ns, dbytes in rows:
             try:
-                st = lstat_regular(self.layout.final_path(key), self.layout.root)
+                st = lstat_regular(self.layout.final_path(key, realpath), self.layout.root, realpath)
             except UnsafePath:
                 out.append((item_id, "missing", 0, 0))
                 continue
@@ -643,9 +644,10 @@ class Cache:
 
     def _remove_leftovers(self, rows: list[tuple[int, str]]) -> int:
         n = 0
+        realpath = DirRealpaths()
         for _item_id, key in rows:
             try:
-                p = self.layout.final_path(key)
+                p = self.layout.final_path(key, realpath)
             except UnsafePath:
                 continue
             if p.is_file():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from noded.core.safefs import open_regular
+from noded.core.safefs import Realpath, open_regular
 
 INTERNAL = ".noded"
 
@@ -37,7 +37,9 @@ class CacheLayout:
         for d in (self.root, self.partial_dir, self.quarantine_dir, self.torrent_dir, self.resume_dir):
             d.mkdir(parents=True, exist_ok=True)
 
-    def final_path(self, key: str) -> Path:
+    def final_path(self, key: str, realpath: Realpath = os.path.realpath) -> Path:
+        """Where `key` lives. `realpath`: a `noded.core.safefs.DirRealpaths` shared by a pass over many
+        keys, so that each directory is resolved once."""
         if not key or key.startswith("/") or "\0" in key:
             raise UnsafePath(f"unsafe key {key!r}")
         p = self.root / key
@@ -45,7 +47,7 @@ class CacheLayout:
             raise UnsafePath(f"unsafe key {key!r}")
         # The directories are resolved (confinement), the file itself is not: a symlink put in place of a
         # cached file must be seen as one (lstat, O_NOFOLLOW), not as its target.
-        p = p.parent.resolve() / p.name
+        p = Path(realpath(str(p.parent))) / p.name
         if not p.is_relative_to(self.root) or p == self.root or p.is_relative_to(self.root / INTERNAL):
             raise UnsafePath(f"key {key!r} escapes the cache root")
         return p

@@ -753,6 +753,11 @@ class Store:
         with self.tx() as c:
             c.executemany("UPDATE items SET last_access=MAX(last_access, ?) WHERE id=?", [(when, i) for i in item_ids])
 
+    def count_seeding(self) -> int:
+        """Cached items marked seeding: what a restart brings back into the BitTorrent session."""
+        row = self.conn.execute("SELECT COUNT(*) FROM items WHERE state = 'cached' AND seeding = 1").fetchone()
+        return int(row[0])
+
     def counts_by_state(self) -> dict[str, int]:
         out = {s.value: 0 for s in State}
         for state, n in self.conn.execute("SELECT state, COUNT(*) FROM items GROUP BY state"):
