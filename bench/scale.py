@@ -7,7 +7,9 @@ then starts once unmeasured: it adds every torrent in seed mode and, on its clea
 libtorrent's resume data for each. The measured start is the next one, as after any restart:
 
   - restart_ready_s: process start -> READY=1 on $NOTIFY_SOCKET (sd_notify, sent once the store is
-    open, the cache reconciled, every torrent added and the API listening);
+    open, the cache reconciled and the API listening; the torrents are then being added in the
+    background, which status shows as the p2p state "restoring n/m");
+  - restart_seeding_s: process start -> every torrent seeding (read from /v1/status);
   - bytes_read_at_restart: `rchar` of /proc/PID/io when every torrent is seeding (bytes the process
     read through read(2) and friends, page cache included; `read_bytes` from the block device is
     reported beside it but is near zero when the files are in the page cache);

@@ -1,7 +1,8 @@
 """The composition root: builds the components, starts them in order, stops them in reverse.
 
 Signals: SIGTERM/SIGINT stop gracefully within `STOP_TIMEOUT`; SIGHUP reloads what can be reloaded.
-systemd: READY=1 once the store is open and the API listens, STATUS= every few seconds, WATCHDOG=1
+systemd: READY=1 once the store is open, the cache reconciled and the API listens (the BitTorrent
+restore may still be running: status shows it), STATUS= every few seconds, WATCHDOG=1
 at half of WATCHDOG_USEC only while the loop is healthy, STOPPING=1 on the way out.
 """
 

@@ -290,9 +290,10 @@ class Cache:
 
     def _stat_rows(self, rows: list[tuple[int, str]]) -> list[tuple[int, int, int]]:
         out = []
+        realpath = DirRealpaths()
         for item_id, key in rows:
             try:
-                st = self.layout.final_path(key).stat()
+                st = self.layout.final_path(key, realpath).stat()
             except (OSError, UnsafePath):
                 continue
             out.append((item_id, disk_bytes(st), st.st_mtime_ns))

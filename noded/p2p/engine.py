@@ -242,11 +242,11 @@ class P2PEngine:
     async def _restore_once(self) -> None:
         """The restore, timed; seed scans wait for it (both add torrents). Run again after a crash, it
         skips what is in the session already."""
+        store = self.node.store
+        self.restore_total = await store.run(store.count_seeding)
         async with self._seed_lock:
             if not self.restoring:
                 return
-            store = self.node.store
-            self.restore_total = await store.run(store.count_seeding)
             t0 = time.monotonic()
             await self._restore()
             self.restore_seconds = round(time.monotonic() - t0, 3)
