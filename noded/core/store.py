@@ -311,6 +311,9 @@ class Store:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=30000")
+        # Up to 32 MiB of pages kept (2 MiB by default): status counts and the cache's checks scan the
+        # items table every few seconds, and with tens of thousands of rows each scan would read it anew.
+        conn.execute("PRAGMA cache_size=-32768")
         self._conn = conn
         self.migrate()
 
