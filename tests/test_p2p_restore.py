@@ -120,3 +120,27 @@ async def test_restore_refuses_a_directory_swapped_for_a_symlink(tmp_path: Path)
     finally:
         await engine.stop()
         await node.store.close()
+
+
+async def test_a_stop_during_the_restore_loses_nothing(tmp_path: Path) -> None:
+    engine, layout, ids = await seeded_node(tmp_path)
+    node = engine.node
+    try:
+        await engine.start()
+        await asyncio.sleep(0)  # the restore has begun, or is about to: either way it is cut short
+        await engine.stop()
+        rows = [await node.store.run(node.store.get_item, i) for i in ids]
+        assert all(r is not None and r.seeding for r in rows)  # still marked for the next start
+        again = P2PEngine(node, layout, restore_in_background=True)
+        await again.start()
+        try:
+            for _ in range(200):
+                if not again.restoring:
+                    break
+                await asyncio.sleep(0.05)
+            assert again.restored == N and again.seed_errors == 0
+            assert set(again.session.handles) == {r.infohash for r in rows if r is not None}
+        finally:
+            await again.stop()
+    finally:
+        await node.store.close()
