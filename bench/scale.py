@@ -7,7 +7,10 @@ then starts once unmeasured: it adds every torrent in seed mode and, on its clea
 libtorrent's resume data for each. The measured start is the next one, as after any restart:
 
   - restart_ready_s: process start -> READY=1 on $NOTIFY_SOCKET (sd_notify, sent once the store is
-    open, the cache reconciled, every torrent added and the API listening);
+    open, the cache reconciled and the API listening; the torrents are then being added in the
+    background, which status shows as the p2p state "restoring n/m");
+  - restart_seeding_s: process start -> every torrent seeding (/readyz polled until the p2p component
+    no longer says "restoring", then /v1/status until it counts them all seeding);
   - bytes_read_at_restart: `rchar` of /proc/PID/io when every torrent is seeding (bytes the process
     read through read(2) and friends, page cache included; `read_bytes` from the block device is
     reported beside it but is near zero when the files are in the page cache);
@@ -174,6 +177,13 @@ class Node:
         ready_s = time.monotonic() - t0
         io_ready, rss_ready, cpu_ready = proc_io(pid), rss_mib(pid), cpu_s(pid)
         async with aiohttp.ClientSession() as s:
+            # /readyz while the restore runs (component states only): /v1/status counts the store's rows,
+            # and polled ten times a second its own reads would dominate bytes_read_at_restart.
+            while True:
+                rz = await get_json(s, self.api + "/readyz")
+                if not str(rz["components"].get("p2p", "")).startswith("restoring"):
+                    break
+                await asyncio.sleep(0.1)
             while True:
                 st = await get_json(s, self.api + "/v1/status")
                 p2p = st["components"]["p2p"]

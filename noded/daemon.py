@@ -1,7 +1,8 @@
 """The composition root: builds the components, starts them in order, stops them in reverse.
 
 Signals: SIGTERM/SIGINT stop gracefully within `STOP_TIMEOUT`; SIGHUP reloads what can be reloaded.
-systemd: READY=1 once the store is open and the API listens, STATUS= every few seconds, WATCHDOG=1
+systemd: READY=1 once the store is open, the cache reconciled and the API listens (the BitTorrent
+restore may still be running: status shows it), STATUS= every few seconds, WATCHDOG=1
 at half of WATCHDOG_USEC only while the loop is healthy, STOPPING=1 on the way out.
 """
 
@@ -156,7 +157,8 @@ class Daemon:
         self.routes.append(torrent_routes.setup)
         out: list[Component] = []
         if self.cfg.bittorrent.enabled:
-            engine = P2PEngine(self.node, schedule=self.schedule)
+            # READY does not wait for every seeded torrent: status shows the restore ("restoring n/m").
+            engine = P2PEngine(self.node, schedule=self.schedule, restore_in_background=True)
             # The origins pipeline takes `self.peer_sync.source` as its first source (before origins).
             self.peer_sync = PeerSync(self.node, engine)
             self.swarm = Swarm(self.node, engine, self.peer_sync)

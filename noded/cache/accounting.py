@@ -33,7 +33,7 @@ from noded.core.hashing import hash_file
 from noded.core.logs import get_logger
 from noded.core.model import Item, State
 from noded.core.quota import QuotaView
-from noded.core.safefs import UnsafeFile, lstat_regular
+from noded.core.safefs import DirRealpaths, UnsafeFile, lstat_regular
 
 log = get_logger("noded.cache")
 
@@ -290,9 +290,10 @@ class Cache:
 
     def _stat_rows(self, rows: list[tuple[int, str]]) -> list[tuple[int, int, int]]:
         out = []
+        realpath = DirRealpaths()
         for item_id, key in rows:
             try:
-                st = self.layout.final_path(key).stat()
+                st = self.layout.final_path(key, realpath).stat()
             except (OSError, UnsafePath):
                 continue
             out.append((item_id, disk_bytes(st), st.st_mtime_ns))
@@ -614,9 +615,10 @@ class Cache:
         self, rows: list[tuple[int, str, int, int | None, int | None, int]]
     ) -> list[tuple[int, str, int, int]]:
         out: list[tuple[int, str, int, int]] = []
+        realpath = DirRealpaths()  # thousands of files share a few directories: each is walked once
         for item_id, key, _version, size, mtime_ns, dbytes in rows:
             try:
-                st = lstat_regular(self.layout.final_path(key), self.layout.root)
+                st = lstat_regular(self.layout.final_path(key, realpath), self.layout.root, realpath)
             except UnsafePath:
                 out.append((item_id, "missing", 0, 0))
                 continue
@@ -643,9 +645,10 @@ class Cache:
 
     def _remove_leftovers(self, rows: list[tuple[int, str]]) -> int:
         n = 0
+        realpath = DirRealpaths()
         for _item_id, key in rows:
             try:
-                p = self.layout.final_path(key)
+                p = self.layout.final_path(key, realpath)
             except UnsafePath:
                 continue
             if p.is_file():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from noded.core.safefs import open_regular
+from noded.core.safefs import Realpath, open_regular
 
 INTERNAL = ".noded"
 
@@ -32,20 +32,39 @@ class CacheLayout:
         self.quarantine_dir = self.root / INTERNAL / "quarantine"
         self.torrent_dir = self.state / "torrents"
         self.resume_dir = self.state / "resume"
+        self._root_s = str(self.root)
+        self._root_prefix = os.path.join(self._root_s, "")
+        self._internal_s = str(self.root / INTERNAL)
+        self._internal_prefix = os.path.join(self._internal_s, "")
 
     def ensure(self) -> None:
         for d in (self.root, self.partial_dir, self.quarantine_dir, self.torrent_dir, self.resume_dir):
             d.mkdir(parents=True, exist_ok=True)
 
-    def final_path(self, key: str) -> Path:
+    def final_path(self, key: str, realpath: Realpath = os.path.realpath) -> Path:
+        """Where `key` lives. `realpath`: a `noded.core.safefs.DirRealpaths` shared by a pass over many
+        keys, so that each directory is resolved once."""
         if not key or key.startswith("/") or "\0" in key:
             raise UnsafePath(f"unsafe key {key!r}")
+        parts = key.split("/")
+        if all(parts) and "." not in parts:
+            # A plain key (no empty or "." component: nothing for pathlib to normalise), checked with
+            # string operations: a restart checks every cached key, and pathlib's are most of the cost.
+            name = parts[-1]
+            if name == "..":
+                raise UnsafePath(f"unsafe key {key!r}")
+            parent = self._root_s + "/" + key[: -len(name) - 1] if len(parts) > 1 else self._root_s
+            full = os.path.join(realpath(parent), name)
+            internal = full == self._internal_s or full.startswith(self._internal_prefix)
+            if not full.startswith(self._root_prefix) or internal:
+                raise UnsafePath(f"key {key!r} escapes the cache root")
+            return Path(full)
         p = self.root / key
         if p.name in ("", ".", ".."):
             raise UnsafePath(f"unsafe key {key!r}")
         # The directories are resolved (confinement), the file itself is not: a symlink put in place of a
         # cached file must be seen as one (lstat, O_NOFOLLOW), not as its target.
-        p = p.parent.resolve() / p.name
+        p = Path(realpath(str(p.parent))) / p.name
         if not p.is_relative_to(self.root) or p == self.root or p.is_relative_to(self.root / INTERNAL):
             raise UnsafePath(f"key {key!r} escapes the cache root")
         return p

@@ -13,7 +13,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
+
+Realpath = Callable[[str], str]
 
 
 class UnsafeFile(OSError):
@@ -39,20 +42,42 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def check_beneath(path: Path, beneath: Path | None) -> None:
+class DirRealpaths:
+    """`os.path.realpath` of directories, each walked once: for one pass over many files (a restart's
+    reconciliation or restore), where an lstat of every component per file would dominate. Scope one to
+    a single pass: a directory swapped for a symlink later is seen by the next pass (as it would be by a
+    walk per file that ran a moment earlier)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, str] = {}
+
+    def __call__(self, path: str) -> str:
+        real = self._seen.get(path)
+        if real is None:
+            real = self._seen[path] = os.path.realpath(path)
+        return real
+
+
+def check_beneath(path: Path, beneath: Path | None, realpath: Realpath = os.path.realpath) -> None:
     """No directory between `beneath` (itself resolved) and `path` is a symlink."""
     if beneath is None:
         return
-    parent = path.parent
-    if not parent.is_relative_to(beneath):
+    parent, base = os.path.dirname(path), os.fspath(beneath)
+    if not (os.path.isabs(parent) and os.path.isabs(base)):
+        parent, base = str(path.parent), str(beneath)  # relative: pathlib's normalisation decides
+        inside = Path(parent).is_relative_to(base)
+    else:  # string operations: a restart checks thousands of files
+        inside = parent == base or parent.startswith(os.path.join(base, ""))
+    if not inside:
         raise UnsafeFile(path, f"outside {beneath}")
-    if os.path.realpath(parent) != str(parent):
+    if realpath(parent) != parent:
         raise UnsafeFile(path, "under a symlinked directory")
 
 
-def lstat_regular(path: Path, beneath: Path | None = None) -> os.stat_result:
-    """`lstat` that raises UnsafeFile unless `path` is a regular file reached without symlinks."""
-    check_beneath(path, beneath)
+def lstat_regular(path: Path, beneath: Path | None = None, realpath: Realpath = os.path.realpath) -> os.stat_result:
+    """`lstat` that raises UnsafeFile unless `path` is a regular file reached without symlinks.
+    `realpath`: a `DirRealpaths` shared by a pass over many files."""
+    check_beneath(path, beneath, realpath)
     st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode):
         raise UnsafeFile(path, _kind(st.st_mode))

@@ -26,7 +26,7 @@ from noded.cache.layout import CacheLayout, UnsafePath, atomic_write
 from noded.core.component import Node, supervise
 from noded.core.logs import get_logger
 from noded.core.model import PIECE_LENGTH, Item, State
-from noded.core.safefs import lstat_regular
+from noded.core.safefs import DirRealpaths, lstat_regular
 from noded.origins.schedule import Schedule
 from noded.p2p import torrent as T
 from noded.p2p.importer import configured_sources, import_configured, withdraw
@@ -70,8 +70,20 @@ def keep_torrent(path: Path, infohash: str, data: bytes) -> bytes:
 class P2PEngine:
     name = "p2p"
 
-    def __init__(self, node: Node, layout: CacheLayout | None = None, schedule: Schedule | None = None) -> None:
+    def __init__(
+        self,
+        node: Node,
+        layout: CacheLayout | None = None,
+        schedule: Schedule | None = None,
+        *,
+        restore_in_background: bool = False,
+    ) -> None:
         self.node = node
+        # In the background, start() returns once the restore is under way (the daemon: READY need not
+        # wait for thousands of torrents); else start() returns with every seeded item back.
+        self.restore_in_background = restore_in_background
+        self.restore_total: int | None = None  # items marked seeding when the restore began
+        self.restoring = False
         self.schedule = schedule
         cfg = node.cfg
         self.layout = layout or CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir)
@@ -113,9 +125,9 @@ class P2PEngine:
         if self.schedule is not None:
             self.schedule.on_change(self._apply_rates)
         self.imported, _ = await import_configured(self.node, self.layout, self._sources)
-        t0 = time.monotonic()
-        await self._restore()
-        self.restore_seconds = round(time.monotonic() - t0, 3)
+        self.restoring = True
+        if not self.restore_in_background:
+            await self._restore_once()
         self._started = True
         self._tasks = [
             supervise(self._updates_loop, "p2p-updates", self.node, self.name),
@@ -128,6 +140,7 @@ class P2PEngine:
             port=self.session.listen_port,
             restored=self.restored,
             seconds=self.restore_seconds,
+            restoring=self.restoring,
         )
 
     async def stop(self) -> None:
@@ -151,8 +164,17 @@ class P2PEngine:
         states: dict[str, int] = {}
         for ts in self.session.states.values():
             states[ts.state] = states.get(ts.state, 0) + 1
+        state = "stopped"
+        if self._started:
+            # Torrents still coming back after a restart: the node serves, but does not seed all it holds.
+            state = f"restoring {self.restored}/{self.restore_total or 0}" if self.restoring else "running"
         return {
-            "state": "running" if self._started else "stopped",
+            "state": state,
+            "restore": {
+                "done": not self.restoring,
+                "restored": self.restored,
+                "total": self.restore_total,
+            },
             "listen_port": self.session.listen_port,
             "torrents": len(self.session.handles),
             "seeding": sum(1 for ts in self.session.states.values() if ts.is_seeding),
@@ -217,6 +239,20 @@ class P2PEngine:
         return None
 
     # -- restore at start ------------------------------------------------------------------
+    async def _restore_once(self) -> None:
+        """The restore, timed; seed scans wait for it (both add torrents). Run again after a crash, it
+        skips what is in the session already."""
+        store = self.node.store
+        self.restore_total = await store.run(store.count_seeding)
+        async with self._seed_lock:
+            if not self.restoring:
+                return
+            t0 = time.monotonic()
+            await self._restore()
+            self.restore_seconds = round(time.monotonic() - t0, 3)
+            self.restoring = False
+        log.info("p2p.restored", restored=self.restored, seconds=self.restore_seconds, errors=self.seed_errors)
+
     async def _restore(self) -> None:
         """Items marked seeding come back with their resume data or in seed mode: no recheck.
 
@@ -239,7 +275,11 @@ class P2PEngine:
                 if item.seeding and item.withheld(strict):
                     log.warning("p2p.unverified_not_seeded", key=item.key, infohash=item.infohash)
                     await store.run(store.update_item, item.id, seeding=False)
-            todo = [i for i in page if i.seeding and i.infohash and not i.withheld(strict)]
+            todo = [
+                i
+                for i in page
+                if i.seeding and i.infohash and not i.withheld(strict) and i.infohash not in self.session.handles
+            ]
             prepared = await loop.run_in_executor(None, self._prepare, todo)
             batch: list[tuple[asyncio.Future[Any], SeedPlan]] = []
             for item, p in zip(todo, prepared, strict=True):
@@ -288,14 +328,15 @@ class P2PEngine:
 
     def _plans(self, items: Iterable[Item]) -> list[SeedPlan | str]:
         out: list[SeedPlan | str] = []
+        realpath = DirRealpaths()  # a page's files share a few directories: each is walked once
         for i in items:
             assert i.infohash is not None
             try:
-                final = self.layout.final_path(i.key)
+                final = self.layout.final_path(i.key, realpath)
             except UnsafePath as e:
                 out.append(str(e))
                 continue
-            out.append(load_plan(self.layout, i.id, i.infohash, final, i.size, i.mtime_ns))
+            out.append(load_plan(self.layout, i.id, i.infohash, final, i.size, i.mtime_ns, realpath))
         return out
 
     async def _add_plan(self, plan: SeedPlan) -> bool:
@@ -311,6 +352,7 @@ class P2PEngine:
 
     # -- seeding newly cached items ----------------------------------------------------------
     async def _seed_loop(self) -> None:
+        await self._restore_once()
         while True:
             try:
                 await self.seed_pending()

@@ -18,34 +18,37 @@ from typing import Any
 import libtorrent as lt
 
 from noded.cache.layout import CacheLayout
-from noded.core.safefs import lstat_regular
+from noded.core.safefs import Realpath, lstat_regular
 
 
 @dataclass(frozen=True, slots=True)
 class SeedPlan:
-    """Everything needed to add one cached item to the session, gathered off the loop."""
+    """Everything needed to add one cached item to the session, gathered off the loop. `torrent` is
+    None when the resume data (`params`, parsed) carries the torrent's info dictionary itself."""
 
     item_id: int
     infohash: str
-    torrent: bytes
+    torrent: bytes | None
     save_path: Path
     resume: bytes | None
+    params: Any = None
 
 
 def seed_params(plan: SeedPlan, trackers: Sequence[str] = ()) -> Any:
     """add_torrent_params for a verified item: resume data if present, else seed mode. Never a recheck.
     `trackers` are announced to besides the torrent's own (libtorrent merges the two lists)."""
-    ti = lt.torrent_info(plan.torrent)
-    atp: Any = None
-    if plan.resume:
-        try:
-            atp = lt.read_resume_data(plan.resume)
-        except RuntimeError:
-            atp = None  # corrupt resume data: seed mode is just as safe for a verified item
+    atp: Any = plan.params
+    if atp is None and plan.resume:
+        atp = parse_resume(plan.resume)
+    if atp is not None and plan.torrent is not None:
+        atp.ti = lt.torrent_info(plan.torrent)
     if atp is None:
+        if plan.torrent is None:
+            raise ValueError(f"no torrent for {plan.infohash}")
         atp = lt.add_torrent_params()
         atp.flags |= lt.torrent_flags.seed_mode
-    atp.ti = ti
+        atp.ti = lt.torrent_info(plan.torrent)
+    ti = atp.ti
     atp.save_path = str(plan.save_path)
     if trackers:
         have = set(atp.trackers) | {t.url for t in ti.trackers()}
@@ -56,12 +59,47 @@ def seed_params(plan: SeedPlan, trackers: Sequence[str] = ()) -> Any:
     return atp
 
 
-def load_plan(
-    layout: CacheLayout, item_id: int, infohash: str, final: Path, size: int | None, mtime_ns: int | None
-) -> SeedPlan | str:
-    """A SeedPlan, or the reason this item cannot be seeded as it is. Blocking."""
+def parse_resume(resume: bytes) -> Any:
+    """libtorrent's add_torrent_params from resume data, or None when it cannot be read (seed mode is
+    just as safe for a verified item)."""
     try:
-        st = lstat_regular(final, layout.root)
+        return lt.read_resume_data(resume)
+    except RuntimeError:
+        return None
+
+
+def _info_in_resume(atp: Any, infohash: str) -> bool:
+    """The resume data holds the info dictionary of this very torrent (saved with `save_info_dict`)."""
+    ti = atp.ti
+    return ti is not None and ti.is_valid() and str(ti.info_hashes().v1) == infohash
+
+
+def _read(path: Path) -> bytes:
+    """A small file of noded's own, whole (os.read: no buffered reader for a file read once)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def load_plan(
+    layout: CacheLayout,
+    item_id: int,
+    infohash: str,
+    final: Path,
+    size: int | None,
+    mtime_ns: int | None,
+    realpath: Realpath = os.path.realpath,
+) -> SeedPlan | str:
+    """A SeedPlan, or the reason this item cannot be seeded as it is. The .torrent is read only when the
+    resume data lacks the info dictionary (or cannot be read). Blocking. `realpath`: see
+    `noded.core.safefs.DirRealpaths`."""
+    try:
+        st = lstat_regular(final, layout.root, realpath)
     except FileNotFoundError:
         return f"cached file {final} is missing"
     except OSError as e:  # a symlink or a special file: libtorrent would follow it
@@ -70,15 +108,19 @@ def load_plan(
         return f"cached file {final} has {st.st_size} bytes, expected {size}"
     if mtime_ns is not None and st.st_mtime_ns != mtime_ns:
         return f"cached file {final} changed since it was verified (mtime)"
+    resume: bytes | None = None
+    params: Any = None
+    with contextlib.suppress(FileNotFoundError):
+        resume = _read(layout.resume_path(infohash))
+    if resume:
+        params = parse_resume(resume)
+        if params is not None and _info_in_resume(params, infohash):
+            return SeedPlan(item_id, infohash, None, final.parent, resume, params)
     try:
-        torrent = layout.torrent_path(infohash).read_bytes()
+        torrent = _read(layout.torrent_path(infohash))
     except FileNotFoundError:
         return f"torrent file for {infohash} is missing"
-    resume: bytes | None = None
-    rp = layout.resume_path(infohash)
-    if rp.exists():
-        resume = rp.read_bytes()
-    return SeedPlan(item_id, infohash, torrent, final.parent, resume)
+    return SeedPlan(item_id, infohash, torrent, final.parent, resume, params)
 
 
 def remove_files(layout: CacheLayout, infohash: str, *, torrent_too: bool) -> None:
