@@ -45,7 +45,7 @@ pytestmark = [
     pytest.mark.skipif(opentracker_missing() is not None, reason=str(opentracker_missing())),
 ]
 
-SIZE = 24 * 1024 * 1024 + 12345  # bench/interop.py moves 256 MiB; here the behaviour is what counts
+SIZE = 256 * 1024 * 1024 + 12345  # a dataset-sized file, not a multiple of the piece size
 TOKEN = "interop-token-0123456789"
 CLIENTS = ["transmission", "qbittorrent", "aria2"]
 
