@@ -25,7 +25,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -538,19 +538,7 @@ class _Pull:
             if self._first is not None:
                 self._release_first(self._first)
                 self._first = None
-            started = [t for t in (ckpt_task, hash_task) if t is not None]
-            for t in started:
-                t.cancel()
-            await asyncio.gather(*started, return_exceptions=True)
-            hasher.close()
-            if self.fd >= 0:
-                # A cancelled await leaves its thread running: the fd must outlive every use of it.
-                users = list(self._fd_users)
-                if users:
-                    await asyncio.get_running_loop().run_in_executor(None, concurrent.futures.wait, users)
-                await self.c._run_io(self._final_checkpoint)
-                os.close(self.fd)
-                self.fd = -1
+            await _wind_down(self, (ckpt_task, hash_task), hasher)
 
     async def _fd_call(self, executor: Executor | None, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking call that uses `self.fd` in a thread, tracked until it really ends."""
@@ -839,3 +827,21 @@ def _finish(partial: Path) -> None:
     """The bytes are complete: the state file is no longer needed (the caller publishes)."""
     with contextlib.suppress(FileNotFoundError):
         state_path(partial).unlink()
+
+
+async def _wind_down(pull: Any, tasks: Iterable[asyncio.Task[Any] | None], hasher: StreamHasher) -> None:
+    """The end of a pull, whatever its outcome: its checkpoint and hash tasks stopped, the hasher closed,
+    the last checkpoint written and the partial's fd closed. A cancelled await leaves its thread running,
+    so the fd is closed only once no thread uses it (`pull._fd_users`)."""
+    started = [t for t in tasks if t is not None]
+    for t in started:
+        t.cancel()
+    await asyncio.gather(*started, return_exceptions=True)
+    hasher.close()
+    if pull.fd >= 0:
+        users = list(pull._fd_users)
+        if users:
+            await asyncio.get_running_loop().run_in_executor(None, concurrent.futures.wait, users)
+        await pull.c._run_io(pull._final_checkpoint)
+        os.close(pull.fd)
+        pull.fd = -1

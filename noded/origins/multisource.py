@@ -54,6 +54,7 @@ from noded.origins.fetch import (
     _discard,
     _finish,
     _load_state,
+    _wind_down,
     parse_retry_after,
     plan_segments,
     state_path,
@@ -308,18 +309,7 @@ class MultiPull:
             for t in loops:
                 t.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
-            started = [t for t in (ckpt_task, hash_task) if t is not None]
-            for t in started:
-                t.cancel()
-            await asyncio.gather(*started, return_exceptions=True)
-            hasher.close()
-            if self.fd >= 0:
-                users = list(self._fd_users)
-                if users:
-                    await asyncio.get_running_loop().run_in_executor(None, concurrent.futures.wait, users)
-                await self.c._run_io(self._final_checkpoint)
-                os.close(self.fd)
-                self.fd = -1
+            await _wind_down(self, (ckpt_task, hash_task), hasher)
 
     def _seg_size(self) -> int:
         # Several segments per connection, none above the configured size: a slow location then holds
