@@ -1,4 +1,4 @@
-"""R2 as an origin inside the pull pipeline: listed by the R2 helper's catalog, pulled last (moto)."""
+"""R2 as an origin inside the pull pipeline: listed by the R2 catalog adapter, pulled last (moto)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A corrupt report on a held copy reaches the cache's verifier through verify_queue.
 
-The cache component (noded/cache.py, noded/verify.py) is another helper's; here a small component with
-the same `reverify(key)` contract re-hashes the real file against the sha256 in the store, so the
+The cache component (noded/cache/accounting.py, noded/cache/verify.py) is not started here; a small component
+with the same `reverify(key)` contract re-hashes the real file against the sha256 in the store, so the
 queue, the wake-up and the bookkeeping are exercised for real."""
 
 from __future__ import annotations

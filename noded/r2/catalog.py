@@ -1,4 +1,4 @@
-"""R2 as an origin, as a catalog adapter: the R2 helper's `list_catalog` behind the `Adapter` protocol.
+"""R2 as an origin, as a catalog adapter: `noded.r2.source.list_catalog` behind the `Adapter` protocol.
 
 The listing itself (ListObjectsV2 under the prefix, key confinement, HEADs for the sha256/md5 our
 pushers store) lives in `noded.r2.source`; its `R2Source` fetches by key, so no listed URL is "owned"
