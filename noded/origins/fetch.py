@@ -448,7 +448,73 @@ def _content_range(value: str | None) -> tuple[int, int, int | None] | None:
     return int(m.group(1)), int(m.group(2)), total
 
 
-class _Pull:
+class _PartialFile:
+    """What a pull keeps of its partial file, whether it takes the bytes from one location or from
+    several: the open fd, the threads still using it, and the checkpoints of its segments."""
+
+    c: HttpClient
+    partial: Path
+    state: PullState | None
+    fd: int
+    finished: bool
+    _fd_users: set[concurrent.futures.Future[Any]]
+
+    def _track(self, executor: Executor | None, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Run a blocking call that uses `self.fd` in a thread, tracked until it really ends."""
+        fut = (executor or _default_executor()).submit(fn, *args)
+        self._fd_users.add(fut)
+        fut.add_done_callback(self._fd_users.discard)
+        return fut
+
+    async def _fd_call(self, executor: Executor | None, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.wrap_future(self._track(executor, fn, *args))
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_SECONDS)
+            await self.c._run_io(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        st = self.state
+        if st is None or self.fd < 0:
+            return
+        # Take the counts before syncing: everything they cover is then surely on disk.
+        snapshot = PullState(
+            st.url,
+            st.size,
+            st.etag,
+            st.last_modified,
+            st.ranges,
+            [Segment(s.start, s.end, s.done) for s in st.segments],
+        )
+        os.fdatasync(self.fd)
+        atomic_write(state_path(self.partial), snapshot.to_json())
+
+    def _final_checkpoint(self) -> None:
+        """On failure or cancellation, record the progress made since the last checkpoint."""
+        if not self.finished and self.state is not None and self.state.ranges and self.partial.exists():
+            with contextlib.suppress(OSError):
+                self._checkpoint()
+
+    async def _wind_down(self, tasks: Iterable[asyncio.Task[Any] | None], hasher: StreamHasher) -> None:
+        """The end of a pull, whatever its outcome: its checkpoint and hash tasks stopped, the hasher
+        closed, the last checkpoint written and the fd closed. A cancelled await leaves its thread
+        running, so the fd is closed only once no thread uses it."""
+        started = [t for t in tasks if t is not None]
+        for t in started:
+            t.cancel()
+        await asyncio.gather(*started, return_exceptions=True)
+        hasher.close()
+        if self.fd >= 0:
+            users = list(self._fd_users)
+            if users:
+                await asyncio.get_running_loop().run_in_executor(None, concurrent.futures.wait, users)
+            await self.c._run_io(self._final_checkpoint)
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _Pull(_PartialFile):
     """One download attempt into one partial file."""
 
     def __init__(
@@ -538,14 +604,7 @@ class _Pull:
             if self._first is not None:
                 self._release_first(self._first)
                 self._first = None
-            await _wind_down(self, (ckpt_task, hash_task), hasher)
-
-    async def _fd_call(self, executor: Executor | None, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking call that uses `self.fd` in a thread, tracked until it really ends."""
-        fut = (executor or _default_executor()).submit(fn, *args)
-        self._fd_users.add(fut)
-        fut.add_done_callback(self._fd_users.discard)
-        return await asyncio.wrap_future(fut)
+            await self._wind_down((ckpt_task, hash_task), hasher)
 
     def _open(self, size: int | None) -> int:
         self.partial.parent.mkdir(parents=True, exist_ok=True)
@@ -769,33 +828,6 @@ class _Pull:
                 return
             await self.progress.wait()
 
-    async def _checkpoint_loop(self) -> None:
-        while True:
-            await asyncio.sleep(CHECKPOINT_SECONDS)
-            await self.c._run_io(self._checkpoint)
-
-    def _checkpoint(self) -> None:
-        st = self.state
-        if st is None or self.fd < 0:
-            return
-        # Take the counts before syncing: everything they cover is then surely on disk.
-        snapshot = PullState(
-            st.url,
-            st.size,
-            st.etag,
-            st.last_modified,
-            st.ranges,
-            [Segment(s.start, s.end, s.done) for s in st.segments],
-        )
-        os.fdatasync(self.fd)
-        atomic_write(state_path(self.partial), snapshot.to_json())
-
-    def _final_checkpoint(self) -> None:
-        """On failure or cancellation, record the progress made since the last checkpoint."""
-        if not self.finished and self.state is not None and self.state.ranges and self.partial.exists():
-            with contextlib.suppress(OSError):
-                self._checkpoint()
-
 
 def _pwrite_all(fd: int, bufs: list[bytes], pos: int) -> None:
     """Blocking: write the buffers back to back from `pos` (one pwritev, repeated if it wrote less)."""
@@ -828,20 +860,3 @@ def _finish(partial: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         state_path(partial).unlink()
 
-
-async def _wind_down(pull: Any, tasks: Iterable[asyncio.Task[Any] | None], hasher: StreamHasher) -> None:
-    """The end of a pull, whatever its outcome: its checkpoint and hash tasks stopped, the hasher closed,
-    the last checkpoint written and the partial's fd closed. A cancelled await leaves its thread running,
-    so the fd is closed only once no thread uses it (`pull._fd_users`)."""
-    started = [t for t in tasks if t is not None]
-    for t in started:
-        t.cancel()
-    await asyncio.gather(*started, return_exceptions=True)
-    hasher.close()
-    if pull.fd >= 0:
-        users = list(pull._fd_users)
-        if users:
-            await asyncio.get_running_loop().run_in_executor(None, concurrent.futures.wait, users)
-        await pull.c._run_io(pull._final_checkpoint)
-        os.close(pull.fd)
-        pull.fd = -1

@@ -36,12 +36,10 @@ from typing import Any
 
 import aiohttp
 
-from noded.cache.layout import atomic_write
 from noded.core.hashing import StreamHasher, feed_range
 from noded.core.logs import get_logger
 from noded.core.model import PIECE_LENGTH, HashResult
 from noded.origins.fetch import (
-    CHECKPOINT_SECONDS,
     CHUNK,
     RETRYABLE_STATUS,
     HostState,
@@ -50,14 +48,12 @@ from noded.origins.fetch import (
     Retryable,
     Segment,
     _content_range,
-    _default_executor,
     _discard,
     _finish,
     _load_state,
-    _wind_down,
+    _PartialFile,
     parse_retry_after,
     plan_segments,
-    state_path,
 )
 from noded.origins.sources import FetchError, HostWaiting
 
@@ -187,7 +183,7 @@ class Worker:
         return self.seg is not None and now - max(self.last_byte, self.started) > STALL_SECONDS
 
 
-class MultiPull:
+class MultiPull(_PartialFile):
     """Fetch one item into `partial` from several (name, url) locations of the same content."""
 
     def __init__(
@@ -309,7 +305,7 @@ class MultiPull:
             for t in loops:
                 t.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
-            await _wind_down(self, (ckpt_task, hash_task), hasher)
+            await self._wind_down((ckpt_task, hash_task), hasher)
 
     def _seg_size(self) -> int:
         # Several segments per connection, none above the configured size: a slow location then holds
@@ -549,7 +545,8 @@ class MultiPull:
                 chunk = chunk[: max(0, seg.end - pos)]  # never past the segment (its tail may have been taken)
             if chunk:
                 w.inflight_end = pos + len(chunk)
-                fut = self._submit(os.pwrite, self.fd, chunk, pos)
+                assert self.c._io is not None
+                fut = self._track(self.c._io, os.pwrite, self.fd, chunk, pos)
                 try:
                     # A cancelled request still waits for its write: no byte lands after it is let go.
                     await asyncio.shield(asyncio.wrap_future(fut))
@@ -583,19 +580,6 @@ class MultiPull:
                 return
         ext.append((start, end, name))
 
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
-        assert self.c._io is not None
-        fut = self.c._io.submit(fn, *args)
-        self._fd_users.add(fut)
-        fut.add_done_callback(self._fd_users.discard)
-        return fut
-
-    async def _fd_call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        fut = _default_executor().submit(fn, *args)
-        self._fd_users.add(fut)
-        fut.add_done_callback(self._fd_users.discard)
-        return await asyncio.wrap_future(fut)
-
     # -- hashing, piece checks and checkpoints -----------------------------------------------------
     async def _hash(self, hasher: StreamHasher) -> None:
         st = self.state
@@ -609,15 +593,15 @@ class MultiPull:
                 if frontier >= upto and upto > self.hashed:
                     i = self.hashed // plen
                     want = self.pieces[1][i * 20 : i * 20 + 20]
-                    ok, data = await self._fd_call(_check_and_feed, hasher, self.fd, self.hashed, upto, want)
+                    ok, data = await self._fd_call(None, _check_and_feed, hasher, self.fd, self.hashed, upto, want)
                     if not ok:
                         good = await self._repair(i, self.hashed, upto, want, data)
-                        await self._fd_call(hasher.update_piece_sync, good, want)
+                        await self._fd_call(None, hasher.update_piece_sync, good, want)
                     self.hashed = upto
                     continue
             elif frontier > self.hashed:
                 upto = min(frontier, self.hashed + 16 * CHUNK)
-                await self._fd_call(feed_range, hasher, self.fd, self.hashed, upto)
+                await self._fd_call(None, feed_range, hasher, self.fd, self.hashed, upto)
                 self.hashed = upto
                 continue
             if self._all_written() and self.hashed >= self.size:
@@ -655,7 +639,7 @@ class MultiPull:
             for name, spans in by.items()
             if any(have[a - start : b - start] != good[a - start : b - start] for a, b in spans)
         )
-        await self._fd_call(os.pwrite, self.fd, good, start)
+        await self._fd_call(None, os.pwrite, self.fd, good, start)
         self.repaired_pieces.append(index)
         reason = f"piece {index} did not match the published piece hash"
         log.warning("fetch.piece_repaired", partial=self.partial.name, piece=index, culprits=culprits)
@@ -667,24 +651,6 @@ class MultiPull:
             for name in dict.fromkeys(loc.name for loc in bad):  # the suspects table knows origins
                 await self.on_bad_bytes(name, f"{reason} ({', '.join(loc.url for loc in bad if loc.name == name)})")
         return good
-
-    async def _checkpoint_loop(self) -> None:
-        while True:
-            await asyncio.sleep(CHECKPOINT_SECONDS)
-            await self.c._run_io(self._checkpoint)
-
-    def _checkpoint(self) -> None:
-        st = self.state
-        if st is None or self.fd < 0:
-            return
-        snapshot = PullState(st.url, st.size, None, None, True, [Segment(s.start, s.end, s.done) for s in st.segments])
-        os.fdatasync(self.fd)
-        atomic_write(state_path(self.partial), snapshot.to_json())
-
-    def _final_checkpoint(self) -> None:
-        if not self.finished and self.state is not None and self.partial.exists():
-            with contextlib.suppress(OSError):
-                self._checkpoint()
 
 
 class _Changed(Exception):
