@@ -31,7 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from noded import cachedb, eviction  # noqa: E402
+from noded.cache import db as cachedb  # noqa: E402
+from noded.cache import eviction  # noqa: E402
 from noded.cache.accounting import PLAN_MAX_ITEMS  # noqa: E402
 from noded.core.model import State  # noqa: E402
 from noded.core.store import Store  # noqa: E402
