@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +39,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from pull import free_port, make_blob  # noqa: E402  (the single-origin bench beside this one)
 
 MiB = 1024 * 1024
 NAME = "big.bin"
@@ -162,24 +162,6 @@ def serve(file: Path, ports: list[int], rates: list[float], md5: str) -> None:
 
 
 # -- the bench ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def make_blob(path: Path, size: int) -> str:
-    h = hashlib.md5()
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            block = os.urandom(min(16 * MiB, left))
-            h.update(block)
-            f.write(block)
-            left -= len(block)
-    return h.hexdigest()
-
-
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as r:
         return json.load(r)
