@@ -22,6 +22,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
+from noded.cache.layout import CacheLayout
+from noded.core.config import load_config
+from noded.core.store import Store
+from tests.conftest import NodedProcess
+from tests.p2p_helpers import put_cached_sync
 from tests.third_party import Transmission, VethNamespace
 
 
@@ -309,3 +314,21 @@ def magnet_without(uri: str, *params: str) -> str:
     parts = urllib.parse.urlsplit(uri)
     q = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k not in params]
     return "magnet:?" + urllib.parse.urlencode(q, safe=":/")
+
+
+def seed_store(node: NodedProcess, key: str, data: bytes) -> None:
+    cfg = load_config(node.config)
+    store = Store(cfg.paths.state_dir / "noded.sqlite3")
+    store.open_sync()
+    put_cached_sync(store, CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir), key, data)
+    store.close_sync()
+
+
+def wait(pred: Any, what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -16,16 +16,13 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 
-from noded.cache.layout import CacheLayout
 from noded.core.config import load_config
-from noded.core.store import Store
 from noded.p2p import torrent as T
 from tests.conftest import ROOT, NodedProcess, free_port, noded_env
 from tests.interop_clients import (
@@ -35,9 +32,11 @@ from tests.interop_clients import (
     missing,
     namespace_or_skip,
     only_web_seed,
+    seed_store,
     strip_url_list,
+    wait,
 )
-from tests.p2p_helpers import content, put_cached_sync
+from tests.p2p_helpers import content
 from tests.tracker import opentracker, opentracker_missing
 
 pytestmark = [
@@ -54,24 +53,6 @@ def infohash_for(path: Path) -> str:
     """The infohash noded will seed a cached file under (its py3createtorrent-identical info dict)."""
     pieces, md5s = T.hash_files([path])
     return T.infohash_of(T.single_file_info(path.name, path.stat().st_size, md5s[0], pieces, source="Data for Canada"))
-
-
-def seed_store(node: NodedProcess, key: str, data: bytes) -> None:
-    cfg = load_config(node.config)
-    store = Store(cfg.paths.state_dir / "noded.sqlite3")
-    store.open_sync()
-    put_cached_sync(store, CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir), key, data)
-    store.close_sync()
-
-
-def wait(pred: Any, what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def sent(node: NodedProcess, channel: str) -> int:

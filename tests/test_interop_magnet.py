@@ -10,7 +10,6 @@ as tr=, this node's public BitTorrent endpoint as x.pe= and its HTTP copy as ws=
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -20,11 +19,11 @@ import pytest
 
 from noded.cache.layout import CacheLayout
 from noded.core.config import load_config
-from noded.core.store import Store
 from noded.p2p import torrent as T
 from noded.p2p.rss import TORRENT_NS
-from tests.conftest import NodedProcess, free_port
-from tests.p2p_helpers import content, put_cached_sync
+from tests.conftest import free_port
+from tests.interop_clients import seed_store, wait
+from tests.p2p_helpers import content
 from tests.tracker import opentracker, opentracker_missing, scrape
 
 pytestmark = pytest.mark.skipif(opentracker_missing() is not None, reason=str(opentracker_missing()))
@@ -42,24 +41,6 @@ def published(src: Path, tracker: str) -> tuple[bytes, str]:
     # Published torrents come from py3createtorrent, not noded.
     raw = raw.replace(b"10:created by5:noded", b"10:created by16:py3createtorrent")
     return raw, T.infohash_of(info)
-
-
-def _seed(node: NodedProcess, key: str, data: bytes) -> None:
-    cfg = load_config(node.config)
-    store = Store(cfg.paths.state_dir / "noded.sqlite3")
-    store.open_sync()
-    put_cached_sync(store, CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir), key, data)
-    store.close_sync()
-
-
-def _wait(pred: Any, what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_published_torrent_kept_and_magnets_carry_trackers_peer_and_web_seed(
@@ -82,24 +63,25 @@ def test_published_torrent_kept_and_magnets_carry_trackers_peer_and_web_seed(
             origins={"torrents": {"files": [str(tpath)]}},
         )
         # An origin item with the same bytes under another key: its torrent has the same infohash.
-        _seed(node, "stats/census.pmtiles", data)
+        seed_store(node, "stats/census.pmtiles", data)
         node.start()
 
         def seeding() -> bool:
             items = node.get("/v1/inventory")[1]["items"]
             return any(i["seeding"] and i["infohash"] == ih for i in items)
 
-        _wait(seeding, "the origin item seeding")
+        wait(seeding, "the origin item seeding")
         # Seeding did not replace the published torrent: stored and served byte for byte.
         status, served = node.get(f"/v1/torrents/{ih}.torrent")
         assert status == 200 and served == raw
-        assert CacheLayout(tmp_path / "toronto" / "cache", tmp_path / "toronto" / "state").torrent_path(
-            ih
-        ).read_bytes() == raw
+        assert (
+            CacheLayout(tmp_path / "toronto" / "cache", tmp_path / "toronto" / "state").torrent_path(ih).read_bytes()
+            == raw
+        )
         # Announced to the torrent's own tracker and to the configured one.
-        _wait(lambda: scrape(own, ih).get("complete") == 1, "a seed on the torrent's own tracker")
-        _wait(lambda: scrape(configured, ih).get("complete") == 1, "a seed on the configured tracker")
-        problems = _wait(lambda: node.get("/v1/status")[1]["problems"].get("trackers"), "the dead tracker's problem")
+        wait(lambda: scrape(own, ih).get("complete") == 1, "a seed on the torrent's own tracker")
+        wait(lambda: scrape(configured, ih).get("complete") == 1, "a seed on the configured tracker")
+        problems = wait(lambda: node.get("/v1/status")[1]["problems"].get("trackers"), "the dead tracker's problem")
         assert dead in problems and "refused" in problems.lower(), problems
         assert set(node.get("/v1/status")[1]["components"]["p2p"]["tracker_errors"]) == {dead}
 
