@@ -155,3 +155,26 @@ async def sync_node(cfg: Config) -> AsyncIterator[SyncNode]:
     finally:
         await engine.stop()
         await node.store.close()
+
+
+def put_unverified_sync(store: Store, layout: CacheLayout, key: str, data: bytes) -> Item:
+    """Blocking: a copy pulled from a location that publishes only a size and a multipart ETag, cached
+    the way the pipeline commits it (md5 and sha256 of the bytes it received)."""
+    layout.ensure()
+    entry = CatalogEntry(
+        origin="sourcecoop", key=key, urls=(f"http://127.0.0.1:9/{key}",), size=len(data), etag='"0f1e2d-3"'
+    )
+    item, _ = store.upsert_entry(entry)
+    assert item.verification == "unverified"
+    partial = layout.partial_path(item.id, item.version)
+    partial.write_bytes(data)
+    st = publish(partial, layout.final_path(key))
+    store.set_state(item.id, State.FETCHING)
+    return store.set_state(
+        item.id,
+        State.CACHED,
+        md5=hashlib.md5(data).hexdigest(),
+        sha256=hashlib.sha256(data).hexdigest(),
+        disk_bytes=disk_bytes(st),
+        mtime_ns=st.st_mtime_ns,
+    )

@@ -12,40 +12,16 @@ import pytest
 
 from noded.api import locate as locate_routes
 from noded.api.app import create_app
-from noded.cache.layout import CacheLayout, disk_bytes, publish
-from noded.core.model import CatalogEntry, Item, State
-from noded.core.store import Store
+from noded.cache.layout import CacheLayout
+from noded.core.model import CatalogEntry
 from noded.p2p import torrent as T
 from noded.p2p.engine import P2PEngine
 from tests.conftest import free_port
-from tests.p2p_helpers import content, make_config, open_node
+from tests.p2p_helpers import content, make_config, open_node, put_unverified_sync
 from tests.traffic_helpers import Client
 
 MiB = 1024 * 1024
 KEY = "ortho/tile-7.tif"
-
-
-def put_unverified_sync(store: Store, layout: CacheLayout, data: bytes) -> Item:
-    """Blocking: a copy pulled from a location that publishes only a size and a multipart ETag, cached
-    the way the pipeline commits it (md5 and sha256 of the bytes it received)."""
-    layout.ensure()
-    entry = CatalogEntry(
-        origin="sourcecoop", key=KEY, urls=(f"http://127.0.0.1:9/{KEY}",), size=len(data), etag='"0f1e2d-3"'
-    )
-    item, _ = store.upsert_entry(entry)
-    assert item.verification == "unverified"
-    partial = layout.partial_path(item.id, item.version)
-    partial.write_bytes(data)
-    st = publish(partial, layout.final_path(KEY))
-    store.set_state(item.id, State.FETCHING)
-    return store.set_state(
-        item.id,
-        State.CACHED,
-        md5=hashlib.md5(data).hexdigest(),
-        sha256=hashlib.sha256(data).hexdigest(),
-        disk_bytes=disk_bytes(st),
-        mtime_ns=st.st_mtime_ns,
-    )
 
 
 def torrent_of(path: Path, source: str) -> tuple[str, bytes]:
@@ -60,7 +36,7 @@ async def test_unverified_copy_is_not_seeded_until_a_matching_checksum_is_publis
     node = await open_node(cfg)
     layout = CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir)
     data = content(3 * MiB + 123, 5)
-    item = await node.store.run(put_unverified_sync, node.store, layout, data)
+    item = await node.store.run(put_unverified_sync, node.store, layout, KEY, data)
     ih, tor = torrent_of(layout.final_path(KEY), cfg.bittorrent.source_tag)
     # Seeded by an earlier run, before the rule applied: not restored, and the row says so.
     await node.store.run(node.store.update_item, item.id, infohash=ih, seeding=True)
@@ -106,7 +82,7 @@ async def test_a_seeded_copy_stops_being_offered_when_the_rule_is_turned_on(tmp_
     cfg = make_config(tmp_path / "node")
     node = await open_node(cfg)
     layout = CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir)
-    item = await node.store.run(put_unverified_sync, node.store, layout, content(MiB, 6))
+    item = await node.store.run(put_unverified_sync, node.store, layout, KEY, content(MiB, 6))
     engine = P2PEngine(node, layout)
     await engine.start()
     try:
@@ -131,7 +107,7 @@ async def test_locate_never_calls_an_unverified_copy_here_verified(
     node = await open_node(cfg)
     layout = CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir)
     try:
-        await node.store.run(put_unverified_sync, node.store, layout, content(1000, 8))
+        await node.store.run(put_unverified_sync, node.store, layout, KEY, content(1000, 8))
         client = await aiohttp_client(create_app(node, [locate_routes.setup]))
         r = await client.get(f"/v1/locate/{KEY}")
         assert r.status == 200

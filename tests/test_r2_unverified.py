@@ -7,13 +7,14 @@ import asyncio
 import hashlib
 from pathlib import Path
 
-from noded.cache.layout import CacheLayout, disk_bytes, publish
+from noded.cache.layout import CacheLayout
 from noded.core.component import Node
 from noded.core.config import Config
-from noded.core.model import CatalogEntry, Item, State
+from noded.core.model import CatalogEntry
 from noded.core.store import Store
 from noded.r2.push import R2Pusher
 from tests.conftest import base_config, deep_merge
+from tests.p2p_helpers import put_unverified_sync
 from tests.r2_fixtures import (
     BUCKET,
     PREFIX,
@@ -26,26 +27,6 @@ from tests.r2_fixtures import (
 )
 
 KEY = "ortho/tile-9.tif"
-
-
-def put_unverified_sync(store: Store, layout: CacheLayout, data: bytes) -> Item:
-    """Blocking: a copy from a location publishing only a size, cached with the hashes of its bytes."""
-    layout.ensure()
-    item, _ = store.upsert_entry(
-        CatalogEntry(origin="sourcecoop", key=KEY, urls=(f"http://127.0.0.1:9/{KEY}",), size=len(data), etag='"9-2"')
-    )
-    partial = layout.partial_path(item.id, item.version)
-    partial.write_bytes(data)
-    st = publish(partial, layout.final_path(KEY))
-    store.set_state(item.id, State.FETCHING)
-    return store.set_state(
-        item.id,
-        State.CACHED,
-        md5=hashlib.md5(data).hexdigest(),
-        sha256=hashlib.sha256(data).hexdigest(),
-        disk_bytes=disk_bytes(st),
-        mtime_ns=st.st_mtime_ns,
-    )
 
 
 async def pushed(store: Store, item_id: int, timeout: float = 30) -> bool:
@@ -69,7 +50,7 @@ async def test_an_unverified_copy_is_pushed_only_once_a_matching_checksum_is_kno
     node = Node(cfg=cfg, store=store)
     layout = CacheLayout(cfg.paths.cache_dir, cfg.paths.state_dir)
     data = payload(300_000, 9)
-    unverified = await store.run(put_unverified_sync, store, layout, data)
+    unverified = await store.run(put_unverified_sync, store, layout, KEY, data)
     verified = await store.run(add_cached_item, store, layout, "ortho/index.json", payload(1000, 1))
     pusher = R2Pusher(node)
     await pusher.start()
