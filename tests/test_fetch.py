@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -350,3 +351,90 @@ async def test_a_host_limited_below_the_global_cap_gets_no_more_connections(
     for r, data in zip(results, blobs.values(), strict=True):
         check(r, data)
     assert origin.max_in_flight == 2 and proxy.max_open <= 2
+
+
+async def test_a_pull_cancelled_during_a_stall_stops_at_once_and_keeps_its_bytes(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """The body is received by a worker thread blocked in recv: cancelling the pull must abort that
+    read (not wait for the read timeout) and record what had arrived."""
+    data = os.urandom(2 * MiB)
+    origin = Origin()
+    origin.add("/a", data, fault=lambda b, r, n: "stall:300000" if n == 1 else None)
+    server = await serve(aiohttp_server, origin)
+    partial = tmp_path / "p"
+    cfg = fcfg(read_timeout=120, segment_size=2 * MiB, segments_per_item=1)
+    task = asyncio.create_task(pull(server, "/a", partial, cfg=cfg))
+    for _ in range(200):
+        if origin.log and origin.log[0].sent >= 300000:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)
+    task.cancel()
+    t0 = time.monotonic()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    assert time.monotonic() - t0 < 10  # wait_for would have raised TimeoutError instead
+    st = json.loads(state_path(partial).read_bytes())
+    assert st["segments"][0]["done"] == 300000
+    assert partial.read_bytes()[:300000] == data[:300000]
+
+
+async def test_servers_that_close_every_connection_and_redirect(aiohttp_server: Any, tmp_path: Path) -> None:
+    """`Connection: close` after each response and a relative redirect before the data: the body
+    transport opens a new connection each time and follows the redirect for every segment."""
+    from aiohttp import web
+
+    data = os.urandom(3 * MiB + 5)
+    origin = Origin()
+    origin.add("/a", data)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.path == "/old":
+            raise web.HTTPFound("/a")
+        return await origin.handle(request)
+
+    @web.middleware
+    async def close_each(request: web.Request, handler: Any) -> web.StreamResponse:
+        resp: web.StreamResponse = await handler(request)
+        resp.force_close()
+        return resp
+
+    app = web.Application(middlewares=[close_each])
+    app.router.add_route("GET", "/{tail:.*}", handle)
+    server = await aiohttp_server(app)
+    result, traffic = await pull(server, "/old", tmp_path / "p", expected_size=len(data))
+    check(result, data)
+    assert len(origin.log) == 4  # one request per 1 MiB segment, each after its redirect
+    assert traffic.totals[("test", "in")].bytes == len(data)
+
+
+async def test_the_download_bucket_limits_bodies_received_by_threads(aiohttp_server: Any, tmp_path: Path) -> None:
+    """The node's `down` bucket is taken for every body byte, by the threads that receive them."""
+    import threading
+
+    from noded.origins.schedule import TokenBucket
+
+    class Recording(TokenBucket):
+        def __init__(self, rate: int) -> None:
+            super().__init__(rate)
+            self.taken: dict[str, int] = {}
+
+        def reserve(self, nbytes: int) -> float:
+            name = threading.current_thread().name.split("_")[0]
+            self.taken[name] = self.taken.get(name, 0) + nbytes
+            return super().reserve(nbytes)
+
+    data = os.urandom(3 * MiB)
+    origin = Origin()
+    origin.add("/a", data)
+    server = await serve(aiohttp_server, origin)
+    bucket = Recording(4 * MiB)
+    client = HttpClient(fcfg(), Traffic(), down=bucket)
+    await client.start()
+    try:
+        result = await client.download(str(server.make_url("/a")), tmp_path / "p", channel="test")
+    finally:
+        await client.close()
+    check(result, data)
+    assert bucket.taken == {"fetch-body": len(data)}

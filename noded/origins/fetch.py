@@ -6,7 +6,7 @@ guests), the `X-RateLimit-*`/`Retry-After` waits a host asked for, and a backoff
 failing, so a bad host is backed off as a whole instead of being hammered once per file.
 
 `download()` writes an item into its partial file in fixed-size segments fetched in parallel
-(Range + If-Range), checkpoints which bytes are durably on disk into `<partial>.state` (fdatasync
+(Range + If-Range; each segment's body is received by a worker thread, see `bodies`), checkpoints which bytes are durably on disk into `<partial>.state` (fdatasync
 first, then an atomic JSON write), and on the next start resumes from there: a resource whose
 ETag/Last-Modified changed restarts cleanly from zero. The hashes follow the contiguous written
 prefix of the file, so each byte is hashed exactly once while the transfer runs (the bytes are read
@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from email.message import Message
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -41,6 +42,7 @@ from noded.core.counters import Traffic
 from noded.core.hashing import StreamHasher, feed_range
 from noded.core.logs import get_logger
 from noded.core.model import HashResult
+from noded.origins.bodies import BodyResponse, BodyTransport, TransportError
 from noded.origins.catalog.base import HttpReply
 from noded.origins.schedule import TokenBucket
 from noded.origins.sources import FetchError, HostWaiting
@@ -49,6 +51,7 @@ log = get_logger("noded.fetch")
 T = TypeVar("T")
 
 CHUNK = 1024 * 1024  # read/write unit of a segment stream
+REPORT_BYTES = 16 * CHUNK  # a body thread counts traffic and wakes the hasher this often
 CHECKPOINT_SECONDS = 1.0  # how often durable progress is recorded (bounds re-download after a crash)
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 7 * 86400.0  # sanity bound on what a header can ask; fetch.max_retry_after is the policy
@@ -193,10 +196,25 @@ class HttpClient:
         self._session: aiohttp.ClientSession | None = None
         # File writes and syncs of all pulls; the store and hashing have their own threads.
         self._io: ThreadPoolExecutor | None = None
+        # Dataset bodies: received by threads of their own, one per segment being received.
+        self._bodies: BodyTransport | None = None
+        self._body_threads: ThreadPoolExecutor | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch-io")
+        cfg = self.cfg
+        self._bodies = BodyTransport(
+            user_agent=cfg.user_agent,
+            connect_timeout=cfg.connect_timeout,
+            read_timeout=cfg.read_timeout,
+            max_idle=cfg.max_connections_per_host,
+        )
+        # Threads are made on demand; the bound only has to exceed the segments received at once.
+        self._body_threads = ThreadPoolExecutor(
+            max_workers=min(256, 2 * cfg.max_concurrent_items * cfg.segments_per_item + 4),
+            thread_name_prefix="fetch-body",
+        )
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.cfg.connect_timeout, sock_read=self.cfg.read_timeout
         )
@@ -217,12 +235,36 @@ class HttpClient:
         if self._io is not None:
             self._io.shutdown(wait=True, cancel_futures=True)
             self._io = None
+        if self._body_threads is not None:
+            self._body_threads.shutdown(wait=True, cancel_futures=True)
+            self._body_threads = None
+        if self._bodies is not None:
+            self._bodies.close()
+            self._bodies = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             raise RuntimeError("HttpClient is not started")
         return self._session
+
+    @property
+    def body_threads(self) -> ThreadPoolExecutor:
+        if self._body_threads is None:
+            raise RuntimeError("HttpClient is not started")
+        return self._body_threads
+
+    async def open_body(self, url: str, headers: dict[str, str]) -> BodyResponse:
+        """Send a GET for a dataset body from a worker thread: the head is read, the body is not.
+        Transport failures raise TransportError; the caller releases the response."""
+        if self._bodies is None:
+            raise RuntimeError("HttpClient is not started")
+        fut = self.body_threads.submit(self._bodies.open, url, {"Accept-Encoding": "identity", **headers})
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(_release_unclaimed)  # a head that arrives after all is given back
+            raise
 
     def pace_host(self, host_or_url: str, requests_per_minute: int) -> None:
         """Space request starts to a host (e.g. Zenodo's guest limit of 60/min)."""
@@ -287,7 +329,7 @@ class HttpClient:
                 await asyncio.sleep(slot - now)
         h.requests += 1
 
-    def _note_headers(self, h: HostState, headers: Mapping[str, str]) -> None:
+    def _note_headers(self, h: HostState, headers: Mapping[str, str] | Message) -> None:
         remaining = headers.get("X-RateLimit-Remaining")
         reset = headers.get("X-RateLimit-Reset")
         if remaining is not None and remaining.strip() == "0" and reset and reset.strip().isdigit():
@@ -422,6 +464,11 @@ class HttpClient:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
 
+def _release_unclaimed(fut: concurrent.futures.Future[BodyResponse]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().release()
+
+
 def _discard(partial: Path) -> None:
     for p in (partial, state_path(partial)):
         with contextlib.suppress(FileNotFoundError):
@@ -457,6 +504,7 @@ class _PartialFile:
     state: PullState | None
     fd: int
     finished: bool
+    progress: asyncio.Event  # set when bytes are written: wakes the hasher
     _fd_users: set[concurrent.futures.Future[Any]]
 
     def _track(self, executor: Executor | None, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
@@ -468,6 +516,40 @@ class _PartialFile:
 
     async def _fd_call(self, executor: Executor | None, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.wrap_future(self._track(executor, fn, *args))
+
+    async def _pour(self, resp: BodyResponse, seg: Segment, end: Callable[[], int], channel: str) -> None:
+        """The body into the segment's place from where the segment stands, received by a body thread,
+        until the body ends or `end()` (re-read as it goes) is reached; `seg.done` follows the writes.
+
+        A cancelled pour aborts the connection and waits for its thread: when this returns or raises,
+        nothing touches the response any more."""
+        loop = asyncio.get_running_loop()
+        c = self.c
+        pending = 0  # written, not yet counted; touched by the body thread only while it runs
+
+        def wrote(n: int) -> None:  # in the body thread
+            nonlocal pending
+            seg.done += n
+            pending += n
+            if pending >= REPORT_BYTES:
+                c.traffic.add(channel, "in", pending)
+                pending = 0
+                loop.call_soon_threadsafe(self.progress.set)
+            wait = c.down.reserve(n)
+            if wait > 0:
+                resp.pause(wait)
+
+        fut = self._track(c.body_threads, resp.pour, self.fd, seg.start + seg.done, end, wrote)
+        try:
+            await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            resp.abort()
+            await asyncio.wait([asyncio.wrap_future(fut)])
+            raise
+        finally:
+            if pending:
+                c.traffic.add(channel, "in", pending)
+            self.progress.set()
 
     async def _checkpoint_loop(self) -> None:
         while True:
@@ -541,7 +623,7 @@ class _Pull(_PartialFile):
         self.hashed = 0
         self.finished = False
         self._fd_users: set[concurrent.futures.Future[Any]] = set()
-        self._first: aiohttp.ClientResponse | None = None  # the probe's response, until a worker takes it
+        self._first: BodyResponse | None = None  # the probe's response, until a worker takes it
         self._started = 0.0  # when the probe's request was sent
 
     async def run(self) -> HashResult:
@@ -555,7 +637,7 @@ class _Pull(_PartialFile):
             st.url != self.url or not st.ranges or (self.expected_size is not None and st.size != self.expected_size)
         ):
             st = None  # without range support nothing can be resumed
-        first: aiohttp.ClientResponse | None = None
+        first: BodyResponse | None = None
         if st is None:
             await self.c._run_io(_discard, self.partial)
             st, first = await self._probe()
@@ -614,11 +696,11 @@ class _Pull(_PartialFile):
         return fd
 
     # -- first request: learn size, validators and whether ranges work -------------------------
-    async def _probe(self) -> tuple[PullState, aiohttp.ClientResponse | None]:
+    async def _probe(self) -> tuple[PullState, BodyResponse | None]:
         seg = self.c.cfg.segment_size
         return await self.c.with_retries(self.url, lambda: self._probe_once(seg))
 
-    async def _probe_once(self, seg: int) -> tuple[PullState, aiohttp.ClientResponse | None]:
+    async def _probe_once(self, seg: int) -> tuple[PullState, BodyResponse | None]:
         h = self.h
         # The slot is held past this function when the response is handed to the first worker.
         await h.sem.acquire()
@@ -627,8 +709,8 @@ class _Pull(_PartialFile):
             await self.c._gate(h, self.url)
             self._started = time.monotonic()
             try:
-                resp = await self.c.session.get(self.url, headers={"Range": f"bytes=0-{seg - 1}"})
-            except (aiohttp.ClientError, TimeoutError) as e:
+                resp = await self.c.open_body(self.url, {"Range": f"bytes=0-{seg - 1}"})
+            except TransportError as e:
                 raise self.c._classify(h, self.channel, e, self.url) from None
             self.c.traffic.add(self.channel, "in", requests=1)
             self.c._note_headers(h, resp.headers)
@@ -698,17 +780,17 @@ class _Pull(_PartialFile):
             if first is not None:  # never streamed (nothing to do, or cancelled first)
                 self._release_first(first)
 
-    def _release_first(self, resp: aiohttp.ClientResponse) -> None:
+    def _release_first(self, resp: BodyResponse) -> None:
         """Give back the probe's response and the connection slot it holds."""
         resp.release()
         self.h.active -= 1
         self.h.sem.release()
 
-    async def _stream_first(self, seg: Segment, resp: aiohttp.ClientResponse) -> None:
+    async def _stream_first(self, seg: Segment, resp: BodyResponse) -> None:
         try:
             await self._consume(seg, resp)
             self.h.succeeded(self._started)
-        except (aiohttp.ClientError, TimeoutError) as e:
+        except TransportError as e:
             raise self.c._classify(self.h, self.channel, e, self.url) from None
         finally:
             self._release_first(resp)
@@ -732,7 +814,8 @@ class _Pull(_PartialFile):
             started = time.monotonic()
             h.active += 1
             try:
-                async with self.c.session.get(self.url, headers=headers) as resp:
+                resp = await self.c.open_body(self.url, headers)
+                try:
                     self.c.traffic.add(self.channel, "in", requests=1)
                     self.c._note_headers(h, resp.headers)
                     if resp.status in RETRYABLE_STATUS:
@@ -754,63 +837,23 @@ class _Pull(_PartialFile):
                         raise FetchError(f"{self.url}: HTTP {resp.status}", retryable=resp.status >= 500)
                     await self._consume(seg, resp)
                     h.succeeded(started)
-            except (aiohttp.ClientError, TimeoutError, Retryable) as e:
+                finally:
+                    resp.release()
+            except (TransportError, Retryable) as e:
                 raise self.c._classify(h, self.channel, e, self.url) from None
             finally:
                 h.active -= 1
 
-    async def _consume(self, seg: Segment, resp: aiohttp.ClientResponse) -> None:
-        """Write the body into the segment's place; short bodies are retried from where they stopped.
-
-        The chunks the connection hands over are kept as they are (no joining copy on the loop) and
-        written together, about CHUNK bytes at a time, by one pwritev in an I/O thread."""
+    async def _consume(self, seg: Segment, resp: BodyResponse) -> None:
+        """Write the body into the segment's place; short bodies are retried from where they stopped."""
         unknown = seg.end < 0
-        bufs: list[bytes] = []
-        held = 0
-        counted = 0  # bytes of this body counted as received so far
-
-        def count_received() -> None:
-            # Everything the connection received, written or not (past the segment, or left unread in the
-            # stream's buffer when the body breaks): read from the stream's own total, once per write.
-            nonlocal counted
-            total = resp.content.total_bytes
-            if total > counted:
-                self.c.traffic.add(self.channel, "in", total - counted)
-                counted = total
-
-        try:
-            async for chunk in resp.content.iter_any():
-                pos = seg.start + seg.done + held
-                if not unknown and pos + len(chunk) > seg.end:
-                    chunk = chunk[: seg.end - pos]  # never write past the segment
-                if chunk:
-                    bufs.append(chunk)
-                    held += len(chunk)
-                ended = not unknown and seg.start + seg.done + held >= seg.end
-                if held >= CHUNK or (ended and held):
-                    out, bufs, n, held = bufs, [], held, 0
-                    count_received()
-                    await self._write(seg, out, n)
-                if ended:
-                    break
-        except (aiohttp.ClientError, TimeoutError):
-            if held:  # what arrived before the stream broke is kept: a retry resumes after it
-                await self._write(seg, bufs, held)
-            raise
-        finally:
-            count_received()
+        await self._pour(resp, seg, lambda: seg.end, self.channel)
         if unknown:
             seg.end = seg.start + seg.done  # a body without length ends where the stream ends
             assert self.state is not None
             self.state.size = seg.end
         elif not seg.complete:
             raise Retryable(f"body ended at {seg.start + seg.done} of {seg.end}")
-
-    async def _write(self, seg: Segment, bufs: list[bytes], n: int) -> None:
-        await self._fd_call(self.c._io, _pwrite_all, self.fd, bufs, seg.start + seg.done)
-        seg.done += n
-        self.progress.set()
-        await self.c.down.take(n)
 
     # -- hashing and checkpoints ----------------------------------------------------------------
     async def _hash(self, hasher: StreamHasher) -> None:
@@ -829,21 +872,6 @@ class _Pull(_PartialFile):
             await self.progress.wait()
 
 
-def _pwrite_all(fd: int, bufs: list[bytes], pos: int) -> None:
-    """Blocking: write the buffers back to back from `pos` (one pwritev, repeated if it wrote less)."""
-    if len(bufs) > 256:  # far below IOV_MAX; only a body trickling in tiny chunks gets here
-        bufs = [b"".join(bufs)]
-    views = [memoryview(b) for b in bufs]
-    while views:
-        n = os.pwritev(fd, views, pos)
-        pos += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
-
-
 _HASH_FEEDER: ThreadPoolExecutor | None = None
 
 
@@ -859,4 +887,3 @@ def _finish(partial: Path) -> None:
     """The bytes are complete: the state file is no longer needed (the caller publishes)."""
     with contextlib.suppress(FileNotFoundError):
         state_path(partial).unlink()
-

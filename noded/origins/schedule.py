@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -40,16 +41,18 @@ class TokenBucket:
 
     def __init__(self, rate: int | None = None, burst_seconds: float = 1.0) -> None:
         self.burst_seconds = burst_seconds
+        self._lock = threading.Lock()
         self.rate: int | None = None
         self._tokens = 0.0
         self._stamp = time.monotonic()
         self.set_rate(rate)
 
     def set_rate(self, rate: int | None) -> None:
-        self._refill()
-        self.rate = rate if rate and rate > 0 else None
-        if self.rate is not None:
-            self._tokens = min(self._tokens, self._capacity())
+        with self._lock:
+            self._refill()
+            self.rate = rate if rate and rate > 0 else None
+            if self.rate is not None:
+                self._tokens = min(self._tokens, self._capacity())
 
     def _capacity(self) -> float:
         return max(float(self.rate or 0) * self.burst_seconds, 64 * 1024)
@@ -60,13 +63,21 @@ class TokenBucket:
             self._tokens = min(self._capacity(), self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
 
-    async def take(self, nbytes: int) -> None:
+    def reserve(self, nbytes: int) -> float:
+        """Take `nbytes` now; the seconds the taker must then wait (0 when unlimited or in credit).
+        Safe from any thread: bodies are received by worker threads too."""
         if self.rate is None:
-            return
-        self._refill()
-        self._tokens -= nbytes
-        if self._tokens < 0:
-            await asyncio.sleep(-self._tokens / self.rate)
+            return 0.0
+        with self._lock:
+            self._refill()
+            self._tokens -= nbytes
+            rate = self.rate
+            return -self._tokens / rate if self._tokens < 0 and rate else 0.0
+
+    async def take(self, nbytes: int) -> None:
+        wait = self.reserve(nbytes)
+        if wait > 0:
+            await asyncio.sleep(wait)
 
 
 class Schedule:

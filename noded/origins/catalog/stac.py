@@ -207,7 +207,7 @@ class StacAdapter:
             return
         alternates: list[str] = []
         alt = fields.get("alternate")
-        for alt_name, a in (alt.items() if isinstance(alt, dict) else ()):
+        for alt_name, a in alt.items() if isinstance(alt, dict) else ():
             where = f"{label} alternate {alt_name}"
             if not isinstance(a, dict):
                 out.reject(where, "alternate is not an object")

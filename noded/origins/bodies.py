@@ -1,0 +1,245 @@
+"""Dataset bodies off the event loop: a range GET whose bytes go from the socket to the partial file
+in a worker thread.
+
+aiohttp's client parses and copies every byte of a body on the loop thread (about one CPU-second per
+GiB here), which both slows a verified pull and holds the loop that answers the API. A pull's
+segments therefore go through the standard library's `http.client` on a worker thread instead:
+`readinto` one reused buffer (recv_into, no object per chunk), `os.pwrite` it in place; both release
+the GIL. The loop still decides everything (host caps, pacing, Retry-After, validation of status and
+headers): it opens a request, looks at its head, then hands the body to a thread and awaits it.
+
+Only transport failures become `TransportError`; a failed write to the partial file stays an
+`OSError`, so a full disk is never retried as if the network had failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import urljoin, urlsplit
+
+CHUNK = 1024 * 1024  # one recv_into/pwrite unit
+MAX_REDIRECTS = 10
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# Errors of the connection or of the HTTP framing (a reset, a timeout, a bad status line, a short
+# chunked body): the request can be retried.
+_NETWORK = (OSError, http.client.HTTPException)
+
+
+class _OneReadFile:
+    """A response's buffered socket file whose `readinto` returns what one read brings (`readinto1`).
+
+    A buffered `readinto` waits until the whole buffer is full: bytes that arrived before a stall or
+    a reset would be lost with the exception, and a resumed segment would fetch them again."""
+
+    def __init__(self, fp: Any) -> None:
+        self._fp = fp
+
+    def readinto(self, b: Any) -> int:
+        return int(self._fp.readinto1(b))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fp, name)
+
+
+class _Response(http.client.HTTPResponse):
+    def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.fp = cast(Any, _OneReadFile(self.fp))  # the typed attribute is a BufferedReader
+
+
+class TransportError(Exception):
+    """The connection or the HTTP exchange failed; the request may be retried."""
+
+
+@dataclass(frozen=True)
+class _Key:
+    scheme: str
+    netloc: str
+
+
+class BodyResponse:
+    """An open response whose head has been read; the body is poured by `pour()` in a thread."""
+
+    def __init__(
+        self,
+        transport: BodyTransport,
+        key: _Key,
+        conn: http.client.HTTPConnection,
+        sent: tuple[http.client.HTTPResponse, socket.socket],
+    ) -> None:
+        self._transport = transport
+        self._key = key
+        self._conn: http.client.HTTPConnection | None = conn
+        # The socket itself: with "Connection: close" the response, not the connection, holds it.
+        self._resp, self._sock = sent
+        self._aborted = threading.Event()
+        self.status = self._resp.status
+        self.headers = self._resp.headers  # case-insensitive, like aiohttp's
+        self.received = 0  # body bytes read from the socket so far
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("Content-Length")
+        try:
+            return int(value) if value is not None else None
+        except ValueError:
+            return None
+
+    def pour(
+        self,
+        fd: int,
+        pos: int,
+        end: Callable[[], int],
+        wrote: Callable[[int], None],
+    ) -> None:
+        """Blocking: write the body into `fd` from `pos` until `end()` (re-read before every read;
+        below 0: until the body ends) or until the body ends; `wrote(n)` after each write."""
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while not self._aborted.is_set():
+            stop = end()
+            want = CHUNK if stop < 0 else min(CHUNK, stop - pos)
+            if want <= 0:
+                return
+            try:
+                n = self._resp.readinto(view[:want])
+            except _NETWORK as e:
+                if self._aborted.is_set():
+                    return
+                raise TransportError(f"{type(e).__name__}: {e}") from None
+            if not n:
+                return
+            self.received += n
+            _pwrite_all(fd, view[:n], pos)  # an OSError here is the disk's: not wrapped
+            pos += n
+            wrote(n)
+
+    def pause(self, seconds: float) -> None:
+        """Blocking: wait (a bandwidth limit's debt), cut short by `abort()`."""
+        self._aborted.wait(seconds)
+
+    def abort(self) -> None:
+        """From any thread: make a `pour()` in progress return at once."""
+        self._aborted.set()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def release(self) -> None:
+        """The connection goes back to the pool if its body was read to the end, else it is closed.
+        Call only when no `pour()` runs."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if not self._aborted.is_set() and self._resp.isclosed() and not self._resp.will_close:
+            self._transport._put_idle(self._key, conn)
+        else:
+            self._resp.close()
+            conn.close()
+
+
+class BodyTransport:
+    """Keep-alive connections per host for the bodies; blocking calls, made from worker threads."""
+
+    def __init__(self, *, user_agent: str, connect_timeout: float, read_timeout: float, max_idle: int) -> None:
+        self.user_agent = user_agent
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_idle = max_idle
+        self._idle: dict[_Key, list[http.client.HTTPConnection]] = {}
+        self._lock = threading.Lock()
+        self._ssl: ssl.SSLContext | None = None
+        self._closed = False
+
+    def open(self, url: str, headers: dict[str, str]) -> BodyResponse:
+        """Blocking: send a GET and read the head, following redirects; the body is left unread."""
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise TransportError(f"cannot fetch {url!r}")
+            key = _Key(parts.scheme, parts.netloc)
+            target = parts.path or "/"
+            if parts.query:
+                target += "?" + parts.query
+            conn, reused = self._take(key)
+            try:
+                sent = self._exchange(conn, target, headers)
+            except _NETWORK as e:
+                conn.close()
+                if not reused:
+                    raise TransportError(f"{type(e).__name__}: {e}") from None
+                # A kept-alive connection the server has closed meanwhile: once more on a new one.
+                conn = self._connect(key)
+                try:
+                    sent = self._exchange(conn, target, headers)
+                except _NETWORK as e2:
+                    conn.close()
+                    raise TransportError(f"{type(e2).__name__}: {e2}") from None
+            resp = sent[0]
+            location = resp.headers.get("Location")
+            if resp.status in _REDIRECTS and location:
+                resp.close()  # the redirect's own body is not wanted
+                conn.close()
+                url = urljoin(url, location)
+                continue
+            return BodyResponse(self, key, conn, sent)
+        raise TransportError(f"more than {MAX_REDIRECTS} redirects")
+
+    def _exchange(
+        self, conn: http.client.HTTPConnection, target: str, headers: dict[str, str]
+    ) -> tuple[http.client.HTTPResponse, socket.socket]:
+        if getattr(conn, "sock", None) is None:  # new, or closed by the server's "Connection: close"
+            conn.connect()
+            conn.sock.settimeout(self.read_timeout)  # the connect timeout was for connecting only
+        sock = conn.sock
+        conn.request("GET", target, headers={"User-Agent": self.user_agent, **headers})
+        return conn.getresponse(), sock
+
+    def _connect(self, key: _Key) -> http.client.HTTPConnection:
+        if key.scheme == "https":
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                key.netloc, timeout=self.connect_timeout, context=self._ssl
+            )
+        else:
+            conn = http.client.HTTPConnection(key.netloc, timeout=self.connect_timeout)
+        conn.response_class = _Response
+        return conn
+
+    def _take(self, key: _Key) -> tuple[http.client.HTTPConnection, bool]:
+        with self._lock:
+            idle = self._idle.get(key)
+            if idle:
+                return idle.pop(), True
+        return self._connect(key), False
+
+    def _put_idle(self, key: _Key, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if self._closed or len(idle) >= self.max_idle:
+                conn.close()
+            else:
+                idle.append(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for c in conns:
+            c.close()
+
+
+def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, pos)
+        pos += n
+        data = data[n:]
