@@ -97,15 +97,15 @@ class BodyResponse:
         self,
         fd: int,
         pos: int,
-        end: Callable[[], int],
-        wrote: Callable[[int], None],
+        end: Callable[[int], int],
+        wrote: Callable[[int, int], None],
     ) -> None:
-        """Blocking: write the body into `fd` from `pos` until `end()` (re-read before every read;
-        below 0: until the body ends) or until the body ends; `wrote(n)` after each write."""
+        """Blocking: write the body into `fd` from `pos` until `end(pos)` (asked before every read;
+        below 0: no bound) or until the body ends; `wrote(pos, n)` after each write."""
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         while not self._aborted.is_set():
-            stop = end()
+            stop = end(pos)
             want = CHUNK if stop < 0 else min(CHUNK, stop - pos)
             if want <= 0:
                 return
@@ -119,8 +119,8 @@ class BodyResponse:
                 return
             self.received += n
             _pwrite_all(fd, view[:n], pos)  # an OSError here is the disk's: not wrapped
+            wrote(pos, n)
             pos += n
-            wrote(n)
 
     def pause(self, seconds: float) -> None:
         """Blocking: wait (a bandwidth limit's debt), cut short by `abort()`."""

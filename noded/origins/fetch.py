@@ -6,12 +6,12 @@ guests), the `X-RateLimit-*`/`Retry-After` waits a host asked for, and a backoff
 failing, so a bad host is backed off as a whole instead of being hammered once per file.
 
 `download()` writes an item into its partial file in fixed-size segments fetched in parallel
-(Range + If-Range; each segment's body is received by a worker thread, see `bodies`), checkpoints which bytes are durably on disk into `<partial>.state` (fdatasync
-first, then an atomic JSON write), and on the next start resumes from there: a resource whose
-ETag/Last-Modified changed restarts cleanly from zero. The hashes follow the contiguous written
-prefix of the file, so each byte is hashed exactly once while the transfer runs (the bytes are read
-back from the page cache right after they were written; after a restart, the bytes kept on disk are
-hashed once at resume).
+(Range + If-Range; each body is received by a worker thread, see `bodies`), checkpoints which bytes
+are durably on disk into `<partial>.state` (fdatasync first, then an atomic JSON write), and on the
+next start resumes from there: a resource whose ETag/Last-Modified changed restarts cleanly from
+zero. The hashes follow the contiguous written prefix of the file, so each byte is hashed exactly
+once while the transfer runs (the bytes are read back from the page cache right after they were
+written; after a restart, the bytes kept on disk are hashed once at resume).
 """
 
 from __future__ import annotations
@@ -517,39 +517,34 @@ class _PartialFile:
     async def _fd_call(self, executor: Executor | None, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.wrap_future(self._track(executor, fn, *args))
 
-    async def _pour(self, resp: BodyResponse, seg: Segment, end: Callable[[], int], channel: str) -> None:
-        """The body into the segment's place from where the segment stands, received by a body thread,
-        until the body ends or `end()` (re-read as it goes) is reached; `seg.done` follows the writes.
+    async def _pour(
+        self,
+        resp: BodyResponse,
+        seg: Segment,
+        end: Callable[[int], int],
+        wrote: Callable[[int, int], None],
+    ) -> None:
+        """The body into the segment's place from where the segment stands, received by a body
+        thread; `end` and `wrote` are called in that thread (see `BodyResponse.pour`), and the node's
+        download bucket is taken there too.
 
         A cancelled pour aborts the connection and waits for its thread: when this returns or raises,
-        nothing touches the response any more."""
-        loop = asyncio.get_running_loop()
-        c = self.c
-        pending = 0  # written, not yet counted; touched by the body thread only while it runs
+        nothing touches the response or the segment any more."""
+        down = self.c.down
 
-        def wrote(n: int) -> None:  # in the body thread
-            nonlocal pending
-            seg.done += n
-            pending += n
-            if pending >= REPORT_BYTES:
-                c.traffic.add(channel, "in", pending)
-                pending = 0
-                loop.call_soon_threadsafe(self.progress.set)
-            wait = c.down.reserve(n)
+        def written(pos: int, n: int) -> None:
+            wrote(pos, n)
+            wait = down.reserve(n)
             if wait > 0:
                 resp.pause(wait)
 
-        fut = self._track(c.body_threads, resp.pour, self.fd, seg.start + seg.done, end, wrote)
+        fut = self._track(self.c.body_threads, resp.pour, self.fd, seg.start + seg.done, end, written)
         try:
             await asyncio.wrap_future(fut)
         except asyncio.CancelledError:
             resp.abort()
             await asyncio.wait([asyncio.wrap_future(fut)])
             raise
-        finally:
-            if pending:
-                c.traffic.add(channel, "in", pending)
-            self.progress.set()
 
     async def _checkpoint_loop(self) -> None:
         while True:
@@ -847,7 +842,25 @@ class _Pull(_PartialFile):
     async def _consume(self, seg: Segment, resp: BodyResponse) -> None:
         """Write the body into the segment's place; short bodies are retried from where they stopped."""
         unknown = seg.end < 0
-        await self._pour(resp, seg, lambda: seg.end, self.channel)
+        loop = asyncio.get_running_loop()
+        traffic, channel = self.c.traffic, self.channel
+        pending = 0  # written, not yet counted; touched by the body thread only while it runs
+
+        def wrote(pos: int, n: int) -> None:  # in the body thread
+            nonlocal pending
+            seg.done += n
+            pending += n
+            if pending >= REPORT_BYTES:
+                traffic.add(channel, "in", pending)
+                pending = 0
+                loop.call_soon_threadsafe(self.progress.set)
+
+        try:
+            await self._pour(resp, seg, lambda pos: seg.end, wrote)
+        finally:
+            if pending:
+                traffic.add(channel, "in", pending)
+            self.progress.set()
         if unknown:
             seg.end = seg.start + seg.done  # a body without length ends where the stream ends
             assert self.state is not None

@@ -28,17 +28,17 @@ import concurrent.futures
 import contextlib
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from noded.core.hashing import StreamHasher, feed_range
 from noded.core.logs import get_logger
 from noded.core.model import PIECE_LENGTH, HashResult
+from noded.origins.bodies import BodyResponse, TransportError
 from noded.origins.fetch import (
     CHUNK,
     RETRYABLE_STATUS,
@@ -225,6 +225,9 @@ class MultiPull(_PartialFile):
         self.repaired_pieces: list[int] = []
         self._fd_users: set[concurrent.futures.Future[Any]] = set()
         self._waits: list[HostWaiting] = []
+        # Body threads claim the range of their next read under this lock, and a split of a segment
+        # is decided under it: a cut never falls inside a read already under way.
+        self._claims = threading.Lock()
 
     # -- what others see -------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -365,13 +368,14 @@ class MultiPull(_PartialFile):
         w = best[1]
         seg = w.seg
         assert seg is not None
-        pos = max(seg.start + seg.done, w.inflight_end)
         stalled = w.stalled(now)
-        cut = max(pos, split_point(pos, seg.end, w.rate, mine, stalled))
-        if cut >= seg.end:
-            return None
-        tail = Segment(cut, seg.end)
-        seg.end = cut
+        with self._claims:
+            pos = max(seg.start + seg.done, w.inflight_end)
+            cut = max(pos, split_point(pos, seg.end, w.rate, mine, stalled))
+            if cut >= seg.end:
+                return None
+            tail = Segment(cut, seg.end)
+            seg.end = cut
         st = self.state
         st.segments.insert(bisect.bisect_left([s.start for s in st.segments], cut), tail)
         log.info(
@@ -512,7 +516,8 @@ class MultiPull(_PartialFile):
         started = time.monotonic()
         loc.requests += 1
         try:
-            async with self.c.session.get(loc.url, headers=headers) as resp:
+            resp = await self.c.open_body(loc.url, headers)
+            try:
                 self.c.traffic.add(loc.name, "in", requests=1)
                 self.c._note_headers(h, resp.headers)
                 if resp.status in RETRYABLE_STATUS:
@@ -528,45 +533,42 @@ class MultiPull(_PartialFile):
                 cr = _content_range(resp.headers.get("Content-Range"))
                 if cr is None or cr[0] != start or cr[2] != self.size:
                     raise _Changed(f"unexpected Content-Range {resp.headers.get('Content-Range')!r}")
-                try:
-                    await self._consume(w, seg, resp)
-                except BaseException:
-                    resp.close()  # the rest of the body is not wanted: the connection goes, not back to the pool
-                    raise
+                await self._consume(w, seg, resp)
                 h.succeeded(started)
-        except (aiohttp.ClientError, TimeoutError, Retryable) as e:
+            finally:
+                resp.release()  # a body not read to its end (its tail taken over) closes the connection
+        except (TransportError, Retryable) as e:
             raise self.c._classify(h, loc.name, e, loc.url) from None
 
-    async def _consume(self, w: Worker, seg: Segment, resp: aiohttp.ClientResponse) -> None:
-        loc = w.loc
-        async for chunk in resp.content.iter_chunked(CHUNK):
-            pos = seg.start + seg.done
-            if pos + len(chunk) > seg.end:
-                chunk = chunk[: max(0, seg.end - pos)]  # never past the segment (its tail may have been taken)
-            if chunk:
-                w.inflight_end = pos + len(chunk)
-                assert self.c._io is not None
-                fut = self._track(self.c._io, os.pwrite, self.fd, chunk, pos)
-                try:
-                    # A cancelled request still waits for its write: no byte lands after it is let go.
-                    await asyncio.shield(asyncio.wrap_future(fut))
-                finally:
-                    if not fut.done():
-                        await asyncio.wait({asyncio.wrap_future(fut)})
-                    if fut.exception() is None:
-                        seg.done += len(chunk)
-                        self._record(pos, pos + len(chunk), loc.label)
-                        now = time.monotonic()
-                        loc.count(len(chunk), now)
-                        w.count(len(chunk), now)
-                        self.c.traffic.add(loc.name, "in", len(chunk))
-                        self.progress.set()
-                    w.inflight_end = 0
-                await self.c.down.take(len(chunk))
-            if seg.complete:
-                return
+    async def _consume(self, w: Worker, seg: Segment, resp: BodyResponse) -> None:
+        loop = asyncio.get_running_loop()
+
+        def claim(pos: int) -> int:  # in the body thread, before each read
+            with self._claims:
+                stop = min(seg.end, pos + CHUNK)  # never past the segment (its tail may have been taken)
+                w.inflight_end = stop
+                return stop
+
+        def wrote(pos: int, n: int) -> None:  # in the body thread, after each write
+            seg.done += n
+            loop.call_soon_threadsafe(self._landed, w, pos, n)
+
+        try:
+            await self._pour(resp, seg, claim, wrote)
+        finally:
+            w.inflight_end = 0
         if not seg.complete:
             raise Retryable(f"body ended at {seg.start + seg.done} of {seg.end}")
+
+    def _landed(self, w: Worker, pos: int, n: int) -> None:
+        """Bytes a body thread has written: who brought them, at what rate."""
+        loc = w.loc
+        self._record(pos, pos + n, loc.label)
+        now = time.monotonic()
+        loc.count(n, now)
+        w.count(n, now)
+        self.c.traffic.add(loc.name, "in", n)
+        self.progress.set()
 
     def _record(self, start: int, end: int, name: str) -> None:
         ext = self.extents
