@@ -170,3 +170,52 @@ def test_untrusted_listing_keys_are_confined_and_bounded() -> None:
     assert len(capped) == 2 and "truncated" in why[-1]
     assert normalise_key(PREFIX + "a/b.c", PREFIX) == "a/b.c"
     assert normalise_key(PREFIX + "/abs", PREFIX) is None
+
+
+async def test_a_broken_r2_body_is_a_clear_error_and_a_cancel_during_a_stall_stops_at_once(
+    tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """R2's bodies are received by a thread: a body cut short fails the fetch with the byte counts,
+    and a fetch cancelled while the body stalls aborts the read instead of waiting for its timeout."""
+    import asyncio
+    import time
+
+    from tests.origin import Origin
+
+    data = payload(3 * MiB, seed=35)
+    origin = Origin()
+    origin.add(f"/{PREFIX}t.bin", data, fault=lambda b, r, n: "truncate:1000000" if n == 1 else "stall:1000000")
+    server = await aiohttp_server(origin.app())
+    public = str(server.make_url("/")).rstrip("/")
+    cfg = Config.model_validate(
+        base_config(tmp_path, name="amsterdam", r2=r2_config("http://127.0.0.1:9", public_url=public, read_timeout=120))
+    )
+    store = Store(cfg.paths.state_dir / "noded.sqlite3")
+    await store.open()
+    source = R2Source(cfg.r2, Traffic(), None)
+    try:
+        [entry], _ = entries_from_listing(
+            [{"Key": PREFIX + "t.bin", "Size": len(data)}],
+            prefix=PREFIX,
+            public_url=public,
+            max_items=9,
+            max_size=10**9,
+        )
+        item, _ = await store.run(store.upsert_entry, entry)
+        partial = tmp_path / "part"
+        with pytest.raises(FetchError, match="sent 1000000 of 3145728"):
+            await source.fetch(item, partial)
+        task = asyncio.create_task(source.fetch(item, partial))
+        for _ in range(250):
+            if len(origin.log) == 2 and origin.log[1].sent >= 1000000:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        task.cancel()
+        t0 = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        assert time.monotonic() - t0 < 10
+    finally:
+        await source.close()
+        await store.close()

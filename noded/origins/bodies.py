@@ -122,6 +122,27 @@ class BodyResponse:
             wrote(pos, n)
             pos += n
 
+    def hand_over(self, take: Callable[[memoryview], None], batch: int) -> None:
+        """Blocking: give the body to `take` in buffers of `batch` bytes (the last one shorter), each
+        a new buffer the taker may keep (a hasher holds on to what it was fed)."""
+        buf = bytearray(batch)
+        fill = 0
+        while not self._aborted.is_set():
+            try:
+                n = self._resp.readinto(memoryview(buf)[fill:])
+            except _NETWORK as e:
+                if self._aborted.is_set():
+                    return
+                raise TransportError(f"{type(e).__name__}: {e}") from None
+            self.received += n
+            fill += n
+            if fill == batch or (not n and fill):
+                del buf[fill:]
+                take(memoryview(buf))
+                buf, fill = bytearray(batch), 0
+            if not n:
+                return
+
     def pause(self, seconds: float) -> None:
         """Blocking: wait (a bandwidth limit's debt), cut short by `abort()`."""
         self._aborted.wait(seconds)

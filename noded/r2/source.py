@@ -24,6 +24,7 @@ from noded.core.counters import Traffic
 from noded.core.hashing import StreamHasher
 from noded.core.logs import get_logger
 from noded.core.model import PIECE_LENGTH, CatalogEntry, HashResult, Item
+from noded.origins.bodies import BodyTransport, TransportError
 from noded.origins.catalog.base import is_hex
 from noded.origins.sources import FetchError
 from noded.r2.client import CHANNEL, MissingCredentials, R2Client, load_credentials
@@ -159,7 +160,7 @@ class _HashingWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(self.path, "wb")  # noqa: SIM115 - closed in finish()/close()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         assert self.f is not None
         self.f.write(data)
         self.hasher.update_sync(data)
@@ -207,6 +208,11 @@ class R2Source:
         )
         self._session: aiohttp.ClientSession | None = None
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="r2-pull")
+        # The bodies: received, written and hashed in a thread (aiohttp would copy each byte on the loop).
+        self._bodies = BodyTransport(
+            user_agent="noded", connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout, max_idle=2
+        )
+        self._body_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="r2-body")
 
     @classmethod
     async def open(cls, cfg: R2Config, traffic: Traffic) -> R2Source | None:
@@ -241,6 +247,8 @@ class R2Source:
         if self._session is not None:
             await self._session.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._body_threads.shutdown(wait=False, cancel_futures=True)
+        self._bodies.close()
         if self._owns_client and self.client is not None:
             self.client.close()
 
@@ -262,38 +270,44 @@ class R2Source:
     async def fetch(self, item: Item, partial: Path) -> HashResult:
         loop = asyncio.get_running_loop()
         writer = _HashingWriter(partial)
+        traffic = self.traffic
+
+        def take(chunk: memoryview) -> None:  # in the body thread
+            writer.write(chunk)
+            traffic.add(CHANNEL, "in", len(chunk))
+
         try:
-            async with self._http().get(self._url(item.key, "GET")) as resp:
-                self.traffic.add(CHANNEL, "in", 0, requests=1, errors=int(resp.status >= 400))
-                _check_status(resp.status, item.key)
-                meta_sha256, meta_md5 = checksums_from_metadata(_amz_meta(resp.headers))
-                if item.sha256 and meta_sha256 and item.sha256.lower() != meta_sha256:
-                    raise FetchError(
-                        f"R2 holds another version of {item.key} (sha256 {meta_sha256}, wanted {item.sha256})",
-                        retryable=False,
-                    )
-                length = resp.content_length
-                if item.size is not None and length is not None and length != item.size:
-                    raise FetchError(
-                        f"R2 holds {length} bytes for {item.key}, the item has {item.size}", retryable=False
-                    )
-                await loop.run_in_executor(self._executor, writer.open)
-                buf = bytearray()
-                async for chunk in resp.content.iter_chunked(1024 * 1024):
-                    buf += chunk
-                    if len(buf) >= WRITE_BATCH:
-                        await loop.run_in_executor(self._executor, writer.write, bytes(buf))
-                        self.traffic.add(CHANNEL, "in", len(buf))
-                        buf.clear()
-                if buf:
-                    await loop.run_in_executor(self._executor, writer.write, bytes(buf))
-                    self.traffic.add(CHANNEL, "in", len(buf))
-                result = await loop.run_in_executor(self._executor, writer.finish)
-                etag_md5 = plain_md5(resp.headers.get("ETag"))
-        except (aiohttp.ClientError, TimeoutError) as e:
+            resp = await loop.run_in_executor(self._body_threads, self._bodies.open, self._url(item.key, "GET"), {})
+        except TransportError as e:
             self.traffic.add(CHANNEL, "in", 0, errors=1)
-            raise FetchError(f"R2 transfer of {item.key} failed: {type(e).__name__}: {e}") from None
+            raise FetchError(f"R2 transfer of {item.key} failed: {e}") from None
+        try:
+            self.traffic.add(CHANNEL, "in", 0, requests=1, errors=int(resp.status >= 400))
+            _check_status(resp.status, item.key)
+            meta_sha256, meta_md5 = checksums_from_metadata(_amz_meta(resp.headers))
+            if item.sha256 and meta_sha256 and item.sha256.lower() != meta_sha256:
+                raise FetchError(
+                    f"R2 holds another version of {item.key} (sha256 {meta_sha256}, wanted {item.sha256})",
+                    retryable=False,
+                )
+            length = resp.content_length
+            if item.size is not None and length is not None and length != item.size:
+                raise FetchError(f"R2 holds {length} bytes for {item.key}, the item has {item.size}", retryable=False)
+            await loop.run_in_executor(self._executor, writer.open)
+            body = self._body_threads.submit(resp.hand_over, take, WRITE_BATCH)
+            try:
+                await asyncio.wrap_future(body)
+            except asyncio.CancelledError:
+                resp.abort()  # the thread returns at once; it is waited for before the file is closed
+                await asyncio.wait([asyncio.wrap_future(body)])
+                raise
+            result = await loop.run_in_executor(self._executor, writer.finish)
+            etag_md5 = plain_md5(resp.headers.get("ETag"))
+        except TransportError as e:
+            self.traffic.add(CHANNEL, "in", 0, errors=1)
+            raise FetchError(f"R2 transfer of {item.key} failed: {e}") from None
         finally:
+            resp.release()
             await loop.run_in_executor(self._executor, writer.close)
         if length is not None and result.size != length:
             raise FetchError(f"R2 sent {result.size} of {length} bytes for {item.key}")
