@@ -438,3 +438,26 @@ async def test_the_download_bucket_limits_bodies_received_by_threads(aiohttp_ser
         await client.close()
     check(result, data)
     assert bucket.taken == {"fetch-body": len(data)}
+
+
+async def test_a_chunked_body_without_length_is_received_whole(aiohttp_server: Any, tmp_path: Path) -> None:
+    """A server that streams with chunked transfer encoding and no Content-Length (no ranges either)."""
+    from aiohttp import web
+
+    data = os.urandom(2 * MiB + 12345)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for i in range(0, len(data), 300_000):
+            await resp.write(data[i : i + 300_000])
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/c", handle)
+    server = await aiohttp_server(app)
+    result, traffic = await pull(server, "/c", tmp_path / "p")
+    check(result, data)
+    assert traffic.totals[("test", "in")].bytes == len(data)

@@ -33,26 +33,58 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _NETWORK = (OSError, http.client.HTTPException)
 
 
-class _OneReadFile:
-    """A response's buffered socket file whose `readinto` returns what one read brings (`readinto1`).
+class _SocketFile:
+    """A response's socket, unbuffered. A body read returns what one `recv_into` brings, straight into
+    the caller's buffer: no byte that arrived before a stall or a reset is held in a buffer that the
+    exception throws away, so a retry resumes after it. Heads and chunk-size lines are read a byte at
+    a time (a few hundred bytes per request). For a chunked body http.client expects reads that fill
+    the buffer, and gets them."""
 
-    A buffered `readinto` waits until the whole buffer is full: bytes that arrived before a stall or
-    a reset would be lost with the exception, and a resumed segment would fetch them again."""
-
-    def __init__(self, fp: Any) -> None:
-        self._fp = fp
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self.fill = False
 
     def readinto(self, b: Any) -> int:
-        return int(self._fp.readinto1(b))
+        return _read_full(self._raw, b) if self.fill else int(self._raw.readinto(b))
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._fp, name)
+    def read(self, amt: int | None = None) -> bytes:
+        if amt is None:
+            return bytes(self._raw.readall())
+        buf = bytearray(amt)
+        return bytes(buf[: _read_full(self._raw, buf)])
+
+    def readline(self, limit: int = -1) -> bytes:
+        return bytes(self._raw.readline(limit))
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def __getattr__(self, name: str) -> Any:  # flush, closed, fileno...: the socket file's own
+        return getattr(self._raw, name)
+
+
+def _read_full(raw: Any, b: Any) -> int:
+    """Read until `b` is full or the stream ends."""
+    view = memoryview(b).cast("B")
+    got = 0
+    while got < len(view):
+        n = raw.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 class _Response(http.client.HTTPResponse):
     def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
         super().__init__(sock, *args, **kwargs)
-        self.fp = cast(Any, _OneReadFile(self.fp))  # the typed attribute is a BufferedReader
+        self.fp.close()  # the buffered file made by the base class, before it has read anything
+        self.fp = cast(Any, _SocketFile(sock.makefile("rb", buffering=0)))  # the typed attribute is buffered
+
+    def begin(self) -> None:
+        super().begin()
+        if self.chunked and self.fp is not None:
+            cast(_SocketFile, self.fp).fill = True
 
 
 class TransportError(Exception):

@@ -668,8 +668,12 @@ class _Pull(_PartialFile):
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
             self.progress.set()
+            # Every byte is written: its flush to disk runs while the hashes catch up, so the fsync
+            # before publishing finds little left to write.
+            flushed = self._track(self.c._io, os.fdatasync, self.fd)
             await hash_task
             result = await hasher.finish()
+            await asyncio.wrap_future(flushed)
             if st.size is not None and result.size != st.size:
                 raise FetchError(f"{self.url}: got {result.size} bytes, expected {st.size}")
             if self.expected_size is not None and result.size != self.expected_size:
