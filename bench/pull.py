@@ -15,9 +15,11 @@ they set for a cached-and-verified copy:
   floor_s         = max(md5, (md5 + sha256 + sha1 + curl CPU) / cores)   (receiving as cheap as curl)
 as ratios to curl's time (`floor_digests_vs_curl`, `floor_vs_curl`), plus noded's CPU seconds.
 
-Run:  /work/venv/bin/python bench/pull.py [--size-mib 1024]
-The last line printed is one JSON object with ratio_vs_serial and ratio_vs_curl (noded / baseline)
-and ratio_vs_floor (noded / floor_s).
+Run:  python bench/pull.py [--size-mib 1024] [--rounds 3]
+With several rounds, curl and noded alternate (curl, noded, curl, noded, ...) and the figures are the
+medians of their rounds: on a virtual machine whose neighbours come and go, one round of either side
+varies by 2x. The last line printed is one JSON object with ratio_vs_serial and ratio_vs_curl (noded /
+baseline) and ratio_vs_floor (noded / floor_s), plus each round's times.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import os
 import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -129,6 +132,7 @@ def timed(cmd: str, cpu: list[float] | None = None) -> float:
 
 
 async def noded_pull(tmp: Path, url: str) -> tuple[float, str, float]:
+    tmp.mkdir(parents=True, exist_ok=True)
     configure("console", "warning")
     cfg_text = f"""
 [node]
@@ -168,6 +172,7 @@ bucket = "b"
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     size = args.size_mib * MiB
     tmp = Path(tempfile.mkdtemp(prefix="noded-bench-"))
@@ -198,16 +203,25 @@ def main() -> None:
         src = f"{url}/b/big.bin"
         subprocess.run(["cat", str(www / "b" / "big.bin")], stdout=subprocess.DEVNULL, check=True)  # warm cache
         out = tmp / "out.bin"
-        curl_cpu: list[float] = []
-        t_curl = timed(f"curl -sf -o {out} {src}", curl_cpu)
-        out.unlink()
         # The serial baseline, one step after the other (timed per step to show where time goes).
         steps = [f"curl -sf -o {out} {src}", f"md5sum {out} >/dev/null", f"sha256sum {out} >/dev/null"]
         parts = [timed(step) for step in steps]
         t_serial = sum(parts)
         out.unlink()
-        t_noded, got_md5, noded_cpu = asyncio.run(noded_pull(tmp, url))
-        assert got_md5 == md5
+        curl_runs: list[float] = []
+        curl_cpus: list[float] = []
+        noded_runs: list[tuple[float, float]] = []
+        for r in range(args.rounds):
+            curl_runs.append(timed(f"curl -sf -o {out} {src}", curl_cpus))
+            out.unlink()
+            t, got_md5, c = asyncio.run(noded_pull(tmp / f"round{r}", url))
+            assert got_md5 == md5
+            noded_runs.append((t, c))
+            shutil.rmtree(tmp / f"round{r}")
+        t_curl = statistics.median(curl_runs)
+        curl_cpu = [statistics.median(curl_cpus)]
+        t_noded = statistics.median(t for t, _ in noded_runs)
+        noded_cpu = statistics.median(c for _, c in noded_runs)
         costs = hash_costs(www / "b" / "big.bin")
         cores = os.cpu_count() or 1
         floor_digests = max(costs["md5"], sum(costs.values()) / cores)
@@ -232,6 +246,11 @@ def main() -> None:
             "floor_vs_curl": round(floor / t_curl, 3),
             # How close noded comes to the lower bound this machine sets for a verified copy.
             "ratio_vs_floor": round(t_noded / floor, 3),
+            "rounds": args.rounds,
+            "curl_runs_s": [round(t, 3) for t in curl_runs],
+            "curl_cpu_runs_s": [round(c, 3) for c in curl_cpus],
+            "noded_runs_s": [round(t, 3) for t, _ in noded_runs],
+            "noded_cpu_runs_s": [round(c, 2) for _, c in noded_runs],
         }
         print(f"curl -o:                 {t_curl:7.2f} s")
         print(f"curl && md5sum && sha256: {t_serial:7.2f} s  (curl, md5sum, sha256sum: {parts})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -192,6 +193,11 @@ class Daemon:
             await self._stop_all()
             return 1
         await self._record_instance()
+        # What start-up built (modules, botocore's models, the config) lives as long as the process:
+        # kept out of the collector, a full collection no longer walks it on the loop thread (here
+        # ~85 ms for the ~110,000 objects of a started daemon, an API answer that late).
+        gc.collect()
+        gc.freeze()
         self.node.ready = True
         self.notifier.ready(self.status_line())
         log.info("daemon.ready", node=self.cfg.node.name, components=[c.name for c in self._started])

@@ -461,3 +461,27 @@ async def test_a_chunked_body_without_length_is_received_whole(aiohttp_server: A
     result, traffic = await pull(server, "/c", tmp_path / "p")
     check(result, data)
     assert traffic.totals[("test", "in")].bytes == len(data)
+
+
+async def test_body_and_hash_threads_run_below_the_event_loop() -> None:
+    """Receiving and hashing yield the CPU to the loop thread (the API's answers), not the reverse."""
+    import threading
+
+    from noded.core.hashing import StreamHasher
+    from noded.core.priority import BULK_NICE
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    client = HttpClient(fcfg(), Traffic())
+    await client.start()
+    hasher = StreamHasher()
+    try:
+        body = await asyncio.wrap_future(client.body_threads.submit(nice))
+        md5 = hasher._a.submit(nice).result()
+        sha = hasher._b.submit(nice).result()
+    finally:
+        hasher.close()
+        await client.close()
+    assert body == md5 == sha == min(19, nice() + BULK_NICE)
+    assert nice() == os.getpriority(os.PRIO_PROCESS, 0)  # the loop thread kept the process's priority

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from noded.core.hashing import hash_file
-from noded.p2p.follow import FollowHasher, HashCancelled, lower_priority
+from noded.core.priority import idle_thread
+from noded.p2p.follow import FollowHasher, HashCancelled
 from noded.p2p.session import PieceFollower
 from tests.p2p_helpers import content
 
@@ -97,7 +98,7 @@ def test_idle_phase_stops_when_the_transfer_completes_and_the_tail_finishes_the_
     path.write_bytes(b"\0" * len(data))
     follower = PieceFollower(7)
     hasher = FollowHasher(path, PL, len(data), follower, threading.Event())
-    with ThreadPoolExecutor(1, initializer=lower_priority) as idle:
+    with ThreadPoolExecutor(1, initializer=idle_thread) as idle:
         early = idle.submit(hasher.run, until_transferred=True)
         with open(path, "r+b") as f:  # the first two pieces land while the transfer runs
             f.write(data[: 2 * PL])
@@ -132,13 +133,13 @@ def test_the_first_piece_may_be_announced_before_the_file_exists(tmp_path: Path)
     assert result.md5 == hashlib.md5(data).hexdigest()
 
 
-def test_lower_priority_is_per_thread(tmp_path: Path) -> None:
+def test_idle_priority_is_per_thread(tmp_path: Path) -> None:
     def policy() -> tuple[int, int]:
         tid = threading.get_native_id()
         return os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)
 
     def lowered() -> tuple[int, int]:
-        lower_priority()
+        idle_thread()
         return policy()
 
     with ThreadPoolExecutor(1) as pool:

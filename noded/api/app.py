@@ -6,11 +6,11 @@ without touching this file.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -73,25 +73,32 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(await build_status(node))
 
 
-def path_labels(node: Node) -> list[tuple[bytes, bytes]]:
+def path_labels(node: Node) -> tuple[tuple[bytes, bytes], ...]:
     """The machine's directories an answer may mention (in an error text), as they appear in JSON, each
     with the name it is shown by instead, longest first. Any web page may read the API (CORS); where the
     node keeps its database or its credentials is not for it to know."""
     cfg = node.cfg
-    named = {
-        "<cache_dir>": cfg.paths.cache_dir,
-        "<state_dir>": cfg.paths.state_dir,
-        "<inbox>": cfg.origins.inbox.dir,
-    }
-    cred = os.environ.get("CREDENTIALS_DIRECTORY")
-    if cred:
-        named["<credentials>"] = Path(cred)
+    return _labels(
+        (
+            ("<cache_dir>", str(cfg.paths.cache_dir)),
+            ("<state_dir>", str(cfg.paths.state_dir)),
+            ("<inbox>", str(cfg.origins.inbox.dir)),
+            ("<credentials>", os.environ.get("CREDENTIALS_DIRECTORY", "")),
+        )
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _labels(named: tuple[tuple[str, str], ...]) -> tuple[tuple[bytes, bytes], ...]:
+    # Cached: every JSON answer passes here, and resolving the paths costs an lstat per component.
     out: dict[bytes, bytes] = {}
-    for label, p in named.items():
-        for form in {str(p), os.path.realpath(p)}:
+    for label, p in named:
+        if not p:
+            continue
+        for form in {p, os.path.realpath(p)}:
             if len(form) > 1:
                 out[json.dumps(form)[1:-1].encode()] = label.encode()
-    return sorted(out.items(), key=lambda kv: -len(kv[0]))
+    return tuple(sorted(out.items(), key=lambda kv: -len(kv[0])))
 
 
 @web.middleware

@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from noded.core.model import PIECE_LENGTH, HashResult
+from noded.core.priority import bulk_thread
 from noded.core.safefs import open_regular
 
 BLOCK = 4 * 1024 * 1024  # read size for files; large buffers keep the GIL released while hashing
@@ -35,8 +36,8 @@ class StreamHasher:
         self._piece = hashlib.sha1(usedforsecurity=False)
         self._piece_fill = 0
         self._pieces = bytearray()
-        self._a = ThreadPoolExecutor(1, thread_name_prefix="hash-md5")
-        self._b = ThreadPoolExecutor(1, thread_name_prefix="hash-sha")
+        self._a = ThreadPoolExecutor(1, thread_name_prefix="hash-md5", initializer=bulk_thread)
+        self._b = ThreadPoolExecutor(1, thread_name_prefix="hash-sha", initializer=bulk_thread)
         self._pending: deque[tuple[Future[None], Future[None]]] = deque()
 
     # -- the two halves, each on its own thread ---------------------------------------------

@@ -42,6 +42,7 @@ from noded.core.counters import Traffic
 from noded.core.hashing import StreamHasher, feed_range
 from noded.core.logs import get_logger
 from noded.core.model import HashResult
+from noded.core.priority import bulk_thread
 from noded.origins.bodies import BodyResponse, BodyTransport, TransportError
 from noded.origins.catalog.base import HttpReply
 from noded.origins.schedule import TokenBucket
@@ -214,6 +215,7 @@ class HttpClient:
         self._body_threads = ThreadPoolExecutor(
             max_workers=min(256, 2 * cfg.max_concurrent_items * cfg.segments_per_item + 4),
             thread_name_prefix="fetch-body",
+            initializer=bulk_thread,
         )
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.cfg.connect_timeout, sock_read=self.cfg.read_timeout
@@ -896,7 +898,7 @@ def _default_executor() -> ThreadPoolExecutor:
     """Threads that read written bytes back into the hashers (one per concurrent pull is plenty)."""
     global _HASH_FEEDER
     if _HASH_FEEDER is None:
-        _HASH_FEEDER = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hash-feed")
+        _HASH_FEEDER = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hash-feed", initializer=bulk_thread)
     return _HASH_FEEDER
 
 

@@ -17,33 +17,22 @@ a shared executor.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
 from noded.core.model import HashResult
+from noded.core.priority import idle_thread
 from noded.p2p import torrent as T
 from noded.p2p.session import PieceFollower
 
-__all__ = ["FollowHasher", "HashCancelled", "lower_priority"]
+__all__ = ["FollowHasher", "HashCancelled"]
 
 
 class HashCancelled(Exception):
     pass
-
-
-def lower_priority() -> None:
-    """This thread only gets CPU the others leave free: SCHED_IDLE, else nice 19 (Linux: per thread)."""
-    tid = threading.get_native_id()
-    try:
-        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError):
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, tid, 19)
 
 
 class FollowHasher:
@@ -81,7 +70,7 @@ class FollowHasher:
         because the transfer finished (`until_transferred`, the idle phase: its md5 thread runs at idle
         priority too): the rest is for `finish`."""
         f: BinaryIO | None = None
-        init = lower_priority if until_transferred else None
+        init = idle_thread if until_transferred else None
         try:
             # md5 (~635 MB/s) is the slow one: it runs on a second thread while this one does sha256
             # and sha1 over the same buffer (hashlib releases the GIL on large buffers).

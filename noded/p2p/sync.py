@@ -31,12 +31,13 @@ from noded.core.component import Node, cancel_task, supervise
 from noded.core.httpread import BodyTooLarge, read_capped, response_json
 from noded.core.logs import get_logger
 from noded.core.model import CatalogEntry, HashResult, Item
+from noded.core.priority import idle_thread
 from noded.origins.catalog.base import is_hex
 from noded.origins.catalog.keys import normalise_key
 from noded.origins.sources import FetchError
 from noded.p2p import torrent as T
 from noded.p2p.engine import P2PEngine, keep_torrent, split_host_port
-from noded.p2p.follow import FollowHasher, lower_priority
+from noded.p2p.follow import FollowHasher
 from noded.p2p.session import PieceFollower
 
 log = get_logger("noded.p2p.sync")
@@ -436,7 +437,7 @@ class PeerSource:
         engine.session.followers[ih] = follower
         loop = asyncio.get_running_loop()
         hasher = FollowHasher(partial, meta.piece_length, meta.total_size, follower, cancel, meta.pieces)
-        idle = ThreadPoolExecutor(max_workers=1, thread_name_prefix="follow", initializer=lower_priority)
+        idle = ThreadPoolExecutor(max_workers=1, thread_name_prefix="follow", initializer=idle_thread)
         early = loop.run_in_executor(idle, functools.partial(hasher.run, until_transferred=True))
         ok = stopping = False
         t0 = time.monotonic()

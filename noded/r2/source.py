@@ -24,6 +24,7 @@ from noded.core.counters import Traffic
 from noded.core.hashing import StreamHasher
 from noded.core.logs import get_logger
 from noded.core.model import PIECE_LENGTH, CatalogEntry, HashResult, Item
+from noded.core.priority import bulk_thread
 from noded.origins.bodies import BodyTransport, TransportError
 from noded.origins.catalog.base import is_hex
 from noded.origins.sources import FetchError
@@ -212,7 +213,7 @@ class R2Source:
         self._bodies = BodyTransport(
             user_agent="noded", connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout, max_idle=2
         )
-        self._body_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="r2-body")
+        self._body_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="r2-body", initializer=bulk_thread)
 
     @classmethod
     async def open(cls, cfg: R2Config, traffic: Traffic) -> R2Source | None:
