@@ -194,8 +194,8 @@ class Daemon:
             return 1
         await self._record_instance()
         # What start-up built (modules, botocore's models, the config) lives as long as the process:
-        # kept out of the collector, a full collection no longer walks it on the loop thread (here
-        # ~85 ms for the ~110,000 objects of a started daemon, an API answer that late).
+        # kept out of the collector, a full collection no longer walks it on the loop thread (about
+        # 50 ms here for a started daemon's heap: an API answer that late).
         gc.collect()
         gc.freeze()
         self.node.ready = True
