@@ -485,3 +485,40 @@ async def test_body_and_hash_threads_run_below_the_event_loop() -> None:
         await client.close()
     assert body == md5 == sha == min(19, nice() + BULK_NICE)
     assert nice() == os.getpriority(os.PRIO_PROCESS, 0)  # the loop thread kept the process's priority
+
+
+async def test_a_pull_cancelled_while_the_host_withholds_the_head_closes_the_connection(aiohttp_server: Any) -> None:
+    """A host that accepted the request and never answers: cancelling the pull aborts the thread's
+    wait for the head (the socket is shut down) instead of leaving it for the read timeout."""
+    from aiohttp import web
+
+    seen: list[web.Request] = []
+
+    async def silent(request: web.Request) -> web.StreamResponse:
+        seen.append(request)
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_get("/a", silent)
+    server = await aiohttp_server(app)
+    client = HttpClient(fcfg(read_timeout=120), Traffic())
+    await client.start()
+    try:
+        task = asyncio.create_task(client.download(str(server.make_url("/a")), Path("/nonexistent/p"), channel="t"))
+        for _ in range(250):
+            if seen:
+                break
+            await asyncio.sleep(0.02)
+        assert seen
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        transport = seen[0].transport
+        for _ in range(250):
+            if transport is None or transport.is_closing():
+                break
+            await asyncio.sleep(0.02)
+        assert transport is None or transport.is_closing()  # closed by the client, not 120 s later
+    finally:
+        await client.close()

@@ -252,7 +252,13 @@ async def test_a_stalling_mirror_loses_its_segment_to_the_endgame_and_is_let_go(
     data = write_random(tmp_path / "src" / NAME, size)
     three.publish(data)
     cfg = parse_config(
-        to_toml(base_config(tmp_path / "n", origins=three.origins_config(), fetch={"segment_size": "4MiB"}))
+        to_toml(
+            base_config(
+                tmp_path / "n",
+                origins=three.origins_config(),
+                fetch={"segment_size": "4MiB", "read_timeout": 300},
+            )
+        )
     )
     store = Store(cfg.paths.state_dir / "noded.sqlite3")
     await store.open()
@@ -260,7 +266,8 @@ async def test_a_stalling_mirror_loses_its_segment_to_the_endgame_and_is_let_go(
     await o.open()
     try:
         await o.refresh_all()
-        await o.pull(await current(o, NAME))
+        # The endgame finishes the pull, not the stalled read's timeout (300 s, beyond this wait).
+        await asyncio.wait_for(o.pull(await current(o, NAME)), 120)
         item = await current(o, NAME)
         assert item.state.value == "cached" and o.layout.final_path(NAME).read_bytes() == data
         await asyncio.wait_for(closed.wait(), 10)  # the stalled connection was closed by the client

@@ -14,6 +14,8 @@ Only transport failures become `TransportError`; a failed write to the partial f
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import http.client
 import os
@@ -91,6 +93,34 @@ class TransportError(Exception):
     """The connection or the HTTP exchange failed; the request may be retried."""
 
 
+class Ticket:
+    """The abort handle of one request, from before it connects until its body is read: `abort()`
+    (from any thread) shuts its socket down, so a thread blocked in connect's aftermath, in reading
+    the head or in reading the body returns at once instead of at its timeout."""
+
+    def __init__(self) -> None:
+        self.aborted = threading.Event()
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def attach(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.aborted.is_set():
+                _shutdown(sock)
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted.set()
+            if self._sock is not None:
+                _shutdown(self._sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 @dataclass(frozen=True)
 class _Key:
     scheme: str
@@ -105,14 +135,16 @@ class BodyResponse:
         transport: BodyTransport,
         key: _Key,
         conn: http.client.HTTPConnection,
-        sent: tuple[http.client.HTTPResponse, socket.socket],
+        resp: http.client.HTTPResponse,
+        ticket: Ticket,
     ) -> None:
         self._transport = transport
         self._key = key
         self._conn: http.client.HTTPConnection | None = conn
         # The socket itself: with "Connection: close" the response, not the connection, holds it.
-        self._resp, self._sock = sent
-        self._aborted = threading.Event()
+        self._resp = resp
+        self._ticket = ticket
+        self._aborted = ticket.aborted
         self.status = self._resp.status
         self.headers = self._resp.headers  # case-insensitive, like aiohttp's
         self.received = 0  # body bytes read from the socket so far
@@ -131,9 +163,14 @@ class BodyResponse:
         pos: int,
         end: Callable[[int], int],
         wrote: Callable[[int, int], None],
+        admit: Callable[[int, int], int] | None = None,
     ) -> None:
         """Blocking: write the body into `fd` from `pos` until `end(pos)` (asked before every read;
-        below 0: no bound) or until the body ends; `wrote(pos, n)` after each write."""
+        below 0: no bound) or until the body ends; `wrote(pos, n)` after each write.
+
+        `admit(pos, n)`, asked after a read brought n bytes, says how many of them to write: fewer when
+        the end moved while the read waited (the rest is someone else's); the pour then stops. Only
+        the write is ever protected this way, never the wait for bytes that may not come."""
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         while not self._aborted.is_set():
@@ -150,9 +187,13 @@ class BodyResponse:
             if not n:
                 return
             self.received += n
-            _pwrite_all(fd, view[:n], pos)  # an OSError here is the disk's: not wrapped
-            wrote(pos, n)
-            pos += n
+            take = n if admit is None else admit(pos, n)
+            if take > 0:
+                _pwrite_all(fd, view[:take], pos)  # an OSError here is the disk's: not wrapped
+                wrote(pos, take)
+                pos += take
+            if take < n:
+                return
 
     def hand_over(self, take: Callable[[memoryview], None], batch: int) -> None:
         """Blocking: give the body to `take` in buffers of `batch` bytes (the last one shorter), each
@@ -181,9 +222,7 @@ class BodyResponse:
 
     def abort(self) -> None:
         """From any thread: make a `pour()` in progress return at once."""
-        self._aborted.set()
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
+        self._ticket.abort()
 
     def release(self) -> None:
         """The connection goes back to the pool if its body was read to the end, else it is closed.
@@ -211,9 +250,13 @@ class BodyTransport:
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
 
-    def open(self, url: str, headers: dict[str, str]) -> BodyResponse:
-        """Blocking: send a GET and read the head, following redirects; the body is left unread."""
+    def open(self, url: str, headers: dict[str, str], ticket: Ticket | None = None) -> BodyResponse:
+        """Blocking: send a GET and read the head, following redirects; the body is left unread.
+        `ticket.abort()` ends the wait for the head (TransportError) and, later, the body's reads."""
+        ticket = ticket or Ticket()
         for _ in range(MAX_REDIRECTS + 1):
+            if ticket.aborted.is_set():
+                raise TransportError("aborted")
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise TransportError(f"cannot fetch {url!r}")
@@ -223,37 +266,37 @@ class BodyTransport:
                 target += "?" + parts.query
             conn, reused = self._take(key)
             try:
-                sent = self._exchange(conn, target, headers)
+                resp = self._exchange(conn, target, headers, ticket)
             except _NETWORK as e:
                 conn.close()
-                if not reused:
+                if not reused or ticket.aborted.is_set():
                     raise TransportError(f"{type(e).__name__}: {e}") from None
                 # A kept-alive connection the server has closed meanwhile: once more on a new one.
                 conn = self._connect(key)
                 try:
-                    sent = self._exchange(conn, target, headers)
+                    resp = self._exchange(conn, target, headers, ticket)
                 except _NETWORK as e2:
                     conn.close()
                     raise TransportError(f"{type(e2).__name__}: {e2}") from None
-            resp = sent[0]
             location = resp.headers.get("Location")
             if resp.status in _REDIRECTS and location:
                 resp.close()  # the redirect's own body is not wanted
                 conn.close()
                 url = urljoin(url, location)
                 continue
-            return BodyResponse(self, key, conn, sent)
+            return BodyResponse(self, key, conn, resp, ticket)
         raise TransportError(f"more than {MAX_REDIRECTS} redirects")
 
     def _exchange(
-        self, conn: http.client.HTTPConnection, target: str, headers: dict[str, str]
-    ) -> tuple[http.client.HTTPResponse, socket.socket]:
+        self, conn: http.client.HTTPConnection, target: str, headers: dict[str, str], ticket: Ticket
+    ) -> http.client.HTTPResponse:
         if getattr(conn, "sock", None) is None:  # new, or closed by the server's "Connection: close"
             conn.connect()
             conn.sock.settimeout(self.read_timeout)  # the connect timeout was for connecting only
-        sock = conn.sock
+        # The socket itself: with "Connection: close" the response, not the connection, holds it.
+        ticket.attach(conn.sock)
         conn.request("GET", target, headers={"User-Agent": self.user_agent, **headers})
-        return conn.getresponse(), sock
+        return conn.getresponse()
 
     def _connect(self, key: _Key) -> http.client.HTTPConnection:
         if key.scheme == "https":
@@ -289,6 +332,27 @@ class BodyTransport:
             self._idle.clear()
         for c in conns:
             c.close()
+
+
+async def open_in(
+    threads: concurrent.futures.Executor, transport: BodyTransport, url: str, headers: dict[str, str]
+) -> BodyResponse:
+    """`transport.open` on one of `threads`, awaited without blocking the loop. Cancelled, it aborts
+    the request (a host that stopped answering does not hold the thread until its read timeout), and
+    a head that arrives after all is given back."""
+    ticket = Ticket()
+    fut = threads.submit(transport.open, url, headers, ticket)
+    try:
+        return await asyncio.wrap_future(fut)
+    except asyncio.CancelledError:
+        ticket.abort()
+        fut.add_done_callback(_release_unclaimed)
+        raise
+
+
+def _release_unclaimed(fut: concurrent.futures.Future[BodyResponse]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().release()
 
 
 def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:

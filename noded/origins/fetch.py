@@ -43,7 +43,7 @@ from noded.core.hashing import StreamHasher, feed_range
 from noded.core.logs import get_logger
 from noded.core.model import HashResult
 from noded.core.priority import bulk_thread
-from noded.origins.bodies import BodyResponse, BodyTransport, TransportError
+from noded.origins.bodies import BodyResponse, BodyTransport, TransportError, open_in
 from noded.origins.catalog.base import HttpReply
 from noded.origins.schedule import TokenBucket
 from noded.origins.sources import FetchError, HostWaiting
@@ -261,12 +261,7 @@ class HttpClient:
         Transport failures raise TransportError; the caller releases the response."""
         if self._bodies is None:
             raise RuntimeError("HttpClient is not started")
-        fut = self.body_threads.submit(self._bodies.open, url, {"Accept-Encoding": "identity", **headers})
-        try:
-            return await asyncio.wrap_future(fut)
-        except asyncio.CancelledError:
-            fut.add_done_callback(_release_unclaimed)  # a head that arrives after all is given back
-            raise
+        return await open_in(self.body_threads, self._bodies, url, {"Accept-Encoding": "identity", **headers})
 
     def pace_host(self, host_or_url: str, requests_per_minute: int) -> None:
         """Space request starts to a host (e.g. Zenodo's guest limit of 60/min)."""
@@ -466,11 +461,6 @@ class HttpClient:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
 
-def _release_unclaimed(fut: concurrent.futures.Future[BodyResponse]) -> None:
-    if not fut.cancelled() and fut.exception() is None:
-        fut.result().release()
-
-
 def _discard(partial: Path) -> None:
     for p in (partial, state_path(partial)):
         with contextlib.suppress(FileNotFoundError):
@@ -525,10 +515,11 @@ class _PartialFile:
         seg: Segment,
         end: Callable[[int], int],
         wrote: Callable[[int, int], None],
+        admit: Callable[[int, int], int] | None = None,
     ) -> None:
         """The body into the segment's place from where the segment stands, received by a body
-        thread; `end` and `wrote` are called in that thread (see `BodyResponse.pour`), and the node's
-        download bucket is taken there too.
+        thread; `end`, `wrote` and `admit` are called in that thread (see `BodyResponse.pour`), and
+        the node's download bucket is taken there too.
 
         A cancelled pour aborts the connection and waits for its thread: when this returns or raises,
         nothing touches the response or the segment any more."""
@@ -540,7 +531,7 @@ class _PartialFile:
             if wait > 0:
                 resp.pause(wait)
 
-        fut = self._track(self.c.body_threads, resp.pour, self.fd, seg.start + seg.done, end, written)
+        fut = self._track(self.c.body_threads, resp.pour, self.fd, seg.start + seg.done, end, written, admit)
         try:
             await asyncio.wrap_future(fut)
         except asyncio.CancelledError:

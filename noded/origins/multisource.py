@@ -225,8 +225,8 @@ class MultiPull(_PartialFile):
         self.repaired_pieces: list[int] = []
         self._fd_users: set[concurrent.futures.Future[Any]] = set()
         self._waits: list[HostWaiting] = []
-        # Body threads claim the range of their next read under this lock, and a split of a segment
-        # is decided under it: a cut never falls inside a read already under way.
+        # Body threads admit each read's bytes for writing under this lock, and a split of a segment is
+        # decided under it: a cut never falls inside a write under way (a read still waiting holds nothing).
         self._claims = threading.Lock()
 
     # -- what others see -------------------------------------------------------------------------
@@ -543,18 +543,20 @@ class MultiPull(_PartialFile):
     async def _consume(self, w: Worker, seg: Segment, resp: BodyResponse) -> None:
         loop = asyncio.get_running_loop()
 
-        def claim(pos: int) -> int:  # in the body thread, before each read
+        def admit(pos: int, n: int) -> int:  # in the body thread, after a read, before its write
             with self._claims:
-                stop = min(seg.end, pos + CHUNK)  # never past the segment (its tail may have been taken)
-                w.inflight_end = stop
-                return stop
+                take = max(0, min(n, seg.end - pos))  # never past the segment (its tail may have been taken)
+                w.inflight_end = pos + take if take else 0
+                return take
 
-        def wrote(pos: int, n: int) -> None:  # in the body thread, after each write
-            seg.done += n
+        def wrote(pos: int, n: int) -> None:  # in the body thread, after the write
+            with self._claims:
+                seg.done += n
+                w.inflight_end = 0
             loop.call_soon_threadsafe(self._landed, w, pos, n)
 
         try:
-            await self._pour(resp, seg, claim, wrote)
+            await self._pour(resp, seg, lambda pos: seg.end, wrote, admit)
         finally:
             w.inflight_end = 0
         if not seg.complete:

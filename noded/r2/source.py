@@ -25,7 +25,7 @@ from noded.core.hashing import StreamHasher
 from noded.core.logs import get_logger
 from noded.core.model import PIECE_LENGTH, CatalogEntry, HashResult, Item
 from noded.core.priority import bulk_thread
-from noded.origins.bodies import BodyTransport, TransportError
+from noded.origins.bodies import BodyTransport, TransportError, open_in
 from noded.origins.catalog.base import is_hex
 from noded.origins.sources import FetchError
 from noded.r2.client import CHANNEL, MissingCredentials, R2Client, load_credentials
@@ -278,7 +278,7 @@ class R2Source:
             traffic.add(CHANNEL, "in", len(chunk))
 
         try:
-            resp = await loop.run_in_executor(self._body_threads, self._bodies.open, self._url(item.key, "GET"), {})
+            resp = await open_in(self._body_threads, self._bodies, self._url(item.key, "GET"), {})
         except TransportError as e:
             self.traffic.add(CHANNEL, "in", 0, errors=1)
             raise FetchError(f"R2 transfer of {item.key} failed: {e}") from None
