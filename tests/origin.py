@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 Fault = Callable[["Blob", web.Request, int], str | None]
@@ -287,3 +288,19 @@ class ConnectionCountingProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+async def cancel_when(task: asyncio.Task[Any], reached: Callable[[], bool], within: float = 10) -> None:
+    """Once `reached()` (give up waiting after 5 s), cancel `task`: it must end within `within` seconds,
+    so a thread blocked in a read has to be aborted, not waited for until its read timeout."""
+    for _ in range(250):
+        if reached():
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)
+    task.cancel()
+    t0 = time.monotonic()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, within)  # TimeoutError, not CancelledError, if it took longer
+    assert time.monotonic() - t0 < within
+

@@ -155,7 +155,13 @@ def test_locate_ranking_follows_mirror_status_and_reports(noded_factory: Any) ->
         assert body["places"][0]["kind"] == "node" and body["places"][0]["reason"].startswith("this node holds")
         assert body["places"][0]["url"].endswith("/da.parquet")
         assert set(_order(node)[1:]) == {"sourcecoop", "zenodo"}
-        # The P2P engine seeds the cached copy and records the infohash of the torrent it built from it.
+        # The P2P engine seeds the cached copy and records the infohash of the torrent it built from it
+        # (until then, locate names the one the seeded row came with).
+        def built() -> dict[str, Any] | None:
+            b = node.get("/v1/locate/da.parquet")[1]
+            return b if not b["magnet"].startswith(f"magnet:?xt=urn:btih:{INFOHASH}") else None
+
+        body = wait_for(built, what="the engine's own torrent")
         ih = body["magnet"].removeprefix("magnet:?xt=urn:btih:")[:40]
         assert body["magnet"].startswith(f"magnet:?xt=urn:btih:{ih}&dn=da.parquet")
         assert body["torrent_url"].endswith(f"/v1/torrents/{ih}.torrent")

@@ -2,11 +2,11 @@
 in a worker thread.
 
 aiohttp's client parses and copies every byte of a body on the loop thread (about one CPU-second per
-GiB here), which both slows a verified pull and holds the loop that answers the API. A pull's
-segments therefore go through the standard library's `http.client` on a worker thread instead:
-`readinto` one reused buffer (recv_into, no object per chunk), `os.pwrite` it in place; both release
-the GIL. The loop still decides everything (host caps, pacing, Retry-After, validation of status and
-headers): it opens a request, looks at its head, then hands the body to a thread and awaits it.
+GiB here), and the loop that answers the API is held for it. A pull's segments therefore go through
+the standard library's `http.client` on a worker thread instead: `readinto` one reused buffer
+(recv_into, no object per chunk), `os.pwrite` it in place; both release the GIL. The loop still
+decides everything (host caps, pacing, Retry-After, validation of status and headers): it opens a
+request, looks at its head, then hands the body to a thread and awaits it.
 
 Only transport failures become `TransportError`; a failed write to the partial file stays an
 `OSError`, so a full disk is never retried as if the network had failed.
